@@ -1,0 +1,128 @@
+"""Per-epoch training checkpoints: one safetensors file, so a kill can never leave half of one.
+
+Tensors: the unwrapped model's state (`model.*`), the optimizer's per-parameter state
+(`optim.<index>.<name>`) and the RNG states (`rng.*`). The rest — epoch, step, history,
+optimizer hyper-parameters, grad-scaler state and the fingerprint of the params and
+data the run depends on — is JSON in the file's metadata. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .artifacts import load_tensors, save_tensors
+from .errors import UserError
+
+FORMAT = "stages.checkpoint/1"
+
+
+@dataclass
+class Checkpoint:
+    epoch: int  # epochs completed
+    step: int  # optimizer steps completed
+    history: list[dict]
+    fingerprint: dict
+    model_state: dict[str, torch.Tensor]
+    optim_state: dict
+    scaler_state: dict | None
+    rng: dict[str, torch.Tensor]
+
+
+def file_digest(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(path.name.encode())
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, scalars = {}, {}
+    for index, per_param in state["state"].items():
+        for name, value in per_param.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{index}.{name}"] = value
+            else:
+                scalars[f"{index}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    for key, value in meta["scalars"].items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def rng_states() -> dict[str, torch.Tensor]:
+    states = {"rng.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            states[f"rng.cuda.{i}"] = s
+    return states
+
+
+def restore_rng(rng: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(rng["rng.cpu"])
+    cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("rng.cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+
+
+def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scaler, epoch: int,
+                    step: int, history: list[dict], fingerprint: dict) -> None:
+    optim_tensors, optim_meta = _flatten_optimizer(optimizer.state_dict())
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors.update(optim_tensors)
+    tensors.update(rng_states())
+    meta = {
+        "format": FORMAT,
+        "epoch": epoch,
+        "step": step,
+        "history": history,
+        "fingerprint": fingerprint,
+        "optimizer": optim_meta,
+        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+    }
+    save_tensors(path, tensors, meta)
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    tensors, meta = load_tensors(path)
+    if meta.get("format") != FORMAT:
+        raise UserError(f"{path} is not a training checkpoint of this project (format {meta.get('format')!r})")
+    return Checkpoint(
+        epoch=meta["epoch"],
+        step=meta["step"],
+        history=meta["history"],
+        fingerprint=meta["fingerprint"],
+        model_state={k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")},
+        optim_state=_unflatten_optimizer(tensors, meta["optimizer"]),
+        scaler_state=meta["scaler"],
+        rng={k: v for k, v in tensors.items() if k.startswith("rng.")},
+    )
+
+
+def fingerprint_difference(old: dict, new: dict) -> str | None:
+    """The first thing that differs between two fingerprints, in words; None when they match."""
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            if isinstance(old.get(key), dict) and isinstance(new.get(key), dict):
+                inner = fingerprint_difference(old[key], new[key])
+                if inner:
+                    return f"{key}.{inner}"
+            return f"{key} was {old.get(key)!r}, now {new.get(key)!r}"
+    return None

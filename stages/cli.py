@@ -1,0 +1,110 @@
+"""The command line: `python -m stages <command>`, one command per DVC stage.
+
+Commands are thin: load and validate params, call the stage function. Heavy
+imports (torch, DVCLive, matplotlib) happen inside the commands, so `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .errors import UserError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Stages of the image-classification pipeline. Run them all with `dvc repro`.")
+
+ParamsOption = Annotated[Path, typer.Option("--params", help="The params file to read.")]
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code=2)
+
+
+def _run(fn, *args) -> None:
+    """Run a stage; a UserError becomes one line on stderr and exit code 2, never a traceback."""
+    try:
+        fn(*args)
+    except UserError as exc:
+        raise _fail(str(exc)) from None
+    except KeyboardInterrupt:
+        raise _fail("interrupted") from None
+
+
+@app.command("prepare-data")
+def prepare_data(
+    params: ParamsOption = Path("params.yaml"),
+    out: Annotated[Path, typer.Option(help="Folder for the prepared splits and info.json.")] = Path("data/prepared"),
+) -> None:
+    """Read the dataset named by data.dataset and write seeded train/val/test splits as uint8 safetensors."""
+
+    def stage() -> None:
+        from .params import load_params
+        from .prepare_data import prepare_data as run
+
+        info = run(load_params(params).data, out)
+        typer.echo(f"prepared {info['dataset']}: {info['counts']} images of shape {info['shape']}, "
+                   f"{info['num_classes']} classes -> {out}")
+
+    _run(stage)
+
+
+@app.command()
+def train(
+    params: ParamsOption = Path("params.yaml"),
+    data: Annotated[Path, typer.Option(help="Folder of prepared data.")] = Path("data/prepared"),
+    model: Annotated[Path, typer.Option(help="Where to write the weights.")] = Path("models/model.safetensors"),
+    metrics: Annotated[Path, typer.Option(help="DVCLive folder for metrics and curves.")] = Path("metrics/train"),
+    checkpoint: Annotated[Path, typer.Option(help="Per-epoch checkpoint, resumed after a kill.")] = Path("checkpoints/train.safetensors"),
+) -> None:
+    """Train the model on every visible GPU (DataParallel or DDP) or on the CPU; write weights and metrics."""
+
+    def stage() -> None:
+        from .params import load_params
+        from .train_stage import train_stage
+
+        train_stage(load_params(params), data, model, metrics, checkpoint, sys.argv[1:])
+
+    _run(stage)
+
+
+@app.command()
+def evaluate(
+    params: ParamsOption = Path("params.yaml"),
+    data: Annotated[Path, typer.Option(help="Folder of prepared data.")] = Path("data/prepared"),
+    model: Annotated[Path, typer.Option(help="The weights to evaluate.")] = Path("models/model.safetensors"),
+    out: Annotated[Path, typer.Option(help="Folder for test metrics and predictions.")] = Path("metrics/evaluate"),
+) -> None:
+    """Score the trained model on the test split: accuracy, loss, per-class scores, confusion data."""
+
+    def stage() -> None:
+        from .evaluate import evaluate_stage
+        from .params import load_params
+
+        evaluate_stage(model, data, out, load_params(params).evaluate.batch_size)
+
+    _run(stage)
+
+
+@app.command()
+def analyze(
+    params: ParamsOption = Path("params.yaml"),
+    data: Annotated[Path, typer.Option(help="Folder of prepared data.")] = Path("data/prepared"),
+    model: Annotated[Path, typer.Option(help="The trained weights.")] = Path("models/model.safetensors"),
+    train_metrics: Annotated[Path, typer.Option(help="The train stage's DVCLive folder.")] = Path("metrics/train"),
+    eval_metrics: Annotated[Path, typer.Option(help="The evaluate stage's folder.")] = Path("metrics/evaluate"),
+    out: Annotated[Path, typer.Option(help="Folder for the report and its figures.")] = Path("report"),
+) -> None:
+    """Write the report: how well the model did and how well the devices were used."""
+
+    def stage() -> None:
+        from .analyze import analyze_stage
+        from .params import load_params
+
+        analyze_stage(load_params(params), data, model, train_metrics, eval_metrics, out)
+
+    _run(stage)

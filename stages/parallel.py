@@ -1,0 +1,189 @@
+"""Device discovery, the DataParallel decision, DDP process groups and worker launch.
+
+`dp`: one process; `nn.DataParallel` scatters each global batch over the chosen
+CUDA devices and gathers the outputs on the first. `ddp`: one process per device;
+`python -m stages train` starts the workers itself (`launch_workers`) unless
+`torchrun` already did (RANK and WORLD_SIZE set), in which case it just joins.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    accelerator: str  # "cuda" or "cpu"
+    strategy: str  # "dp" or "ddp"
+    device_ids: list[int] = field(default_factory=list)  # CUDA ids used (dp), or [] on the CPU
+    world_size: int = 1  # processes (ddp) — 1 for dp
+
+    @property
+    def num_devices(self) -> int:
+        return max(len(self.device_ids), self.world_size) if self.accelerator == "cuda" else self.world_size
+
+    @property
+    def use_data_parallel(self) -> bool:
+        return self.strategy == "dp" and self.accelerator == "cuda" and len(self.device_ids) > 1
+
+
+def plan_devices(accelerator: str, devices, strategy: str) -> DevicePlan:
+    """Decide where training runs from train.accelerator / train.devices / train.strategy."""
+    cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if accelerator == "auto":
+        accelerator = "cuda" if cuda_count > 0 else "cpu"
+    if accelerator == "cuda":
+        if cuda_count == 0:
+            raise UserError("train.accelerator = 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
+        if devices == "all":
+            ids = list(range(cuda_count))
+        elif isinstance(devices, int):
+            if devices > cuda_count:
+                raise UserError(f"train.devices = {devices} but only {cuda_count} CUDA device(s) are visible")
+            ids = list(range(devices))
+        else:
+            bad = [i for i in devices if i >= cuda_count]
+            if bad:
+                raise UserError(f"train.devices = {devices} names device(s) {bad}; visible ids are 0..{cuda_count - 1}")
+            ids = list(devices)
+        world = len(ids) if strategy == "ddp" else 1
+        return DevicePlan("cuda", strategy, ids, world)
+    # CPU: one device for dp; `devices` worker processes for ddp (gloo).
+    if strategy == "ddp":
+        world = devices if isinstance(devices, int) else len(devices) if isinstance(devices, list) else 1
+        return DevicePlan("cpu", "ddp", [], world)
+    return DevicePlan("cpu", "dp", [], 1)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model under DataParallel / DistributedDataParallel / torch.compile wrappers."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+# --- DDP -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1 or torch.distributed.is_initialized()
+
+
+def under_launcher() -> bool:
+    """True when torchrun (or our own launcher) started this process as one DDP rank."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, so parallel experiments never share a rendezvous."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(accelerator: str) -> DistContext:
+    """Join the process group described by RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT."""
+    import torch.distributed as dist
+
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(free_port())
+    ctx = DistContext(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
+    if accelerator == "cuda":
+        torch.cuda.set_device(ctx.local_rank)
+    backend = "nccl" if accelerator == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, rank=ctx.rank, world_size=ctx.world_size)
+    return ctx
+
+
+def shutdown_distributed() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def launch_workers(argv: list[str], world_size: int) -> None:
+    """Start `world_size` copies of this command as DDP ranks on this machine and wait for them.
+
+    Same environment contract as torchrun, so the workers run exactly the code path a
+    multi-machine torchrun job runs. If one fails, the others are stopped.
+    """
+    port = free_port()
+    procs = []
+    for rank in range(world_size):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                   LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, "-m", "stages", *argv], env=env))
+    failed = None
+    try:
+        while any(p.poll() is None for p in procs) and failed is None:
+            for rank, p in enumerate(procs):
+                if p.poll() not in (None, 0):
+                    failed = (rank, p.returncode)
+            time.sleep(0.2)
+        for rank, p in enumerate(procs):
+            if failed is None and p.returncode not in (None, 0):
+                failed = (rank, p.returncode)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    if failed is not None:
+        raise UserError(f"ddp worker rank {failed[0]} failed with exit code {failed[1]}; see its output above")
+
+
+def all_reduce_sum(values: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """Sum a tensor across ranks (a no-op in one process)."""
+    if ctx.distributed:
+        import torch.distributed as dist
+
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def all_gather_floats(values: list[float], ctx: DistContext, device: torch.device) -> list[float]:
+    """Every rank's list of floats, concatenated in rank order (one list in one process)."""
+    if not ctx.distributed:
+        return list(values)
+    import torch.distributed as dist
+
+    mine = torch.tensor(values, dtype=torch.float64, device=device)
+    out = [torch.empty_like(mine) for _ in range(ctx.world_size)]
+    dist.all_gather(out, mine)
+    return [v for t in out for v in t.tolist()]
