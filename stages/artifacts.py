@@ -55,13 +55,28 @@ def read_json(path: str | Path) -> Any:
 
 
 def save_tensors(path: str | Path, tensors: dict, metadata: dict[str, Any] | None = None) -> None:
-    """Write tensors to a .safetensors file; metadata values are stored as JSON strings."""
-    from safetensors.torch import save_file
+    """Write tensors to a .safetensors file; metadata values are stored as JSON strings.
 
-    meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
+    The same tensors and metadata always give the same bytes: safetensors writes its
+    metadata map in hash order, so the header is rewritten with sorted keys.
+    """
+    from safetensors.torch import save
+
+    meta = {k: json.dumps(v, sort_keys=True) for k, v in (metadata or {}).items()}
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    blob = save(tensors, metadata=meta)
+    size = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + size])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    if len(text) > size:  # never expected (same content, other order); keep safetensors' own bytes
+        text = blob[8 : 8 + size]
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+        with open(tmp, "wb") as f:
+            f.write(blob[:8])
+            f.write(text.ljust(size, b" "))  # safetensors pads its header with spaces, too
+            f.write(memoryview(blob)[8 + size :])
 
 
 def load_tensors(path: str | Path, device: str = "cpu") -> tuple[dict, dict[str, Any]]:

@@ -117,12 +117,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
 
 
 def fingerprint_difference(old: dict, new: dict) -> str | None:
-    """The first thing that differs between two fingerprints, in words; None when they match."""
-    for key in sorted(set(old) | set(new)):
-        if old.get(key) != new.get(key):
-            if isinstance(old.get(key), dict) and isinstance(new.get(key), dict):
-                inner = fingerprint_difference(old[key], new[key])
-                if inner:
-                    return f"{key}.{inner}"
-            return f"{key} was {old.get(key)!r}, now {new.get(key)!r}"
-    return None
+    """What differs between two flat fingerprints, in words ("train.lr 0.002 -> 0.001"); None if nothing."""
+    changed = [f"{key} {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(set(old) | set(new))
+               if old.get(key) != new.get(key)]
+    return ", ".join(changed) if changed else None

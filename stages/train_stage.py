@@ -88,6 +88,9 @@ def train_stage(p: Params, data_dir: Path, model_path: Path, metrics_dir: Path, 
                 argv: list[str]) -> None:
     cfg = p.train
     plan = plan_devices(cfg.accelerator, cfg.devices, cfg.strategy)
+    if under_launcher() and plan.strategy != "ddp" and int(os.environ["WORLD_SIZE"]) > 1:
+        raise UserError(f"started by torchrun with WORLD_SIZE={os.environ['WORLD_SIZE']} but train.strategy = "
+                        f"{cfg.strategy!r}; set train.strategy: ddp")
     if plan.strategy == "ddp" and not under_launcher() and plan.world_size > 1:
         launch_workers(argv, plan.world_size)
         return
@@ -126,16 +129,17 @@ def _train(p: Params, plan: DevicePlan, ctx: DistContext, data_dir: Path, model_
     if plan.use_data_parallel and cfg.batch_size < n_dev:
         log(f"warning: train.batch_size = {cfg.batch_size} is smaller than the {n_dev} GPUs; some GPUs get no samples")
 
-    fingerprint = {
-        "params": {"model": p.section_dict("model"), "train": p.section_dict("train")},
-        "data": file_digest([data_dir / "info.json", data_dir / "train.safetensors", data_dir / "val.safetensors"]),
-    }
+    # What the weights depend on: a checkpoint is resumed only when all of it matches.
+    fingerprint = {f"{section}.{key}": value for section in ("model", "train")
+                   for key, value in p.section_dict(section).items()}
+    fingerprint["prepared data sha256"] = file_digest(
+        [data_dir / "info.json", data_dir / "train.safetensors", data_dir / "val.safetensors"])
     resume = None
     if checkpoint_path.exists():
         ck = load_checkpoint(checkpoint_path)
         why = fingerprint_difference(ck.fingerprint, fingerprint)
         if why is not None:
-            log(f"Not resuming from {checkpoint_path}: it was made with other params or data ({why})")
+            log(f"Not resuming from {checkpoint_path}: it was made with other params or data: {why}")
         elif ck.epoch >= cfg.epochs:
             log(f"Not resuming from {checkpoint_path}: that run completed all {ck.epoch} epochs; training afresh")
         else:

@@ -1,0 +1,18 @@
+"""Shared fixtures: a prepared copy of the digits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from .helpers import ROOT, run_stages, write_params  # noqa: F401  (re-exported for test modules)
+
+
+@pytest.fixture(scope="session")
+def prepared_digits(tmp_path_factory) -> Path:
+    """The digits, prepared once per test session with the default data params."""
+    out = tmp_path_factory.mktemp("prepared") / "data"
+    params = write_params(out.parent / "params.yaml")
+    run_stages("prepare-data", "--params", str(params), "--out", str(out))
+    return out

@@ -1,0 +1,31 @@
+"""Helpers for the tests: the project root, params files, running `python -m stages`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_params(path: Path, **sections) -> Path:
+    """params.yaml from the project's defaults with `sections` merged in, e.g. train={"epochs": 1}."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for name, values in sections.items():
+        params[name].update(values)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def run_stages(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """`python -m stages ...` in a subprocess, the way dvc runs it."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "stages", *args], cwd=cwd or ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"stages {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc

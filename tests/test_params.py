@@ -1,0 +1,105 @@
+"""params.yaml is validated before any work: one line naming the key, the value and what is allowed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from stages.cli import app
+from stages.errors import UserError
+from stages.params import load_params, validate
+
+from .helpers import ROOT, run_stages, write_params
+
+
+def test_defaults_load_and_match_the_schema():
+    p = load_params(ROOT / "params.yaml")
+    assert p.data.dataset == "digits"
+    assert p.model.name == "small-cnn"
+    assert (p.train.strategy, p.train.accelerator, p.train.devices) == ("dp", "auto", "all")
+    # every key in params.yaml is one the schema knows, and vice versa
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for section, values in raw.items():
+        assert set(values) == set(p.section_dict(section)), section
+
+
+@pytest.mark.parametrize(
+    "section, key, value, expected",
+    [
+        ("train", "epoch", 3, "unknown key 'train.epoch'"),
+        ("train", "lr", "fast", "train.lr = 'fast' is not allowed; expected a number in (0.0, 10.0]"),
+        ("train", "epochs", -1, "train.epochs = -1 is not allowed; expected an integer from 1 to 100000"),
+        ("train", "batch_size", 0, "train.batch_size = 0 is not allowed; expected an integer >= 1"),
+        ("data", "val_fraction", 1.5, "data.val_fraction = 1.5 is not allowed; expected a number in (0.0, 1.0)"),
+        ("train", "strategy", "fsdp", "train.strategy = 'fsdp' is not allowed; expected one of dp, ddp"),
+        ("train", "devices", "seven", "train.devices = 'seven' is not allowed; expected 'all', a device count"),
+        ("train", "devices", [0, 0], "train.devices = [0, 0] is not allowed"),
+        ("model", "name", "vgg", "model.name = 'vgg' is not allowed; expected one of small-cnn, resnet18, mlp"),
+        ("data", "dataset", "imagenet", "data.dataset = 'imagenet' is not allowed; expected one of digits, mnist"),
+        ("train", "compile", "yes", "train.compile = 'yes' is not allowed; expected true or false"),
+        ("train", "epochs", 2.5, "train.epochs = 2.5 is not allowed"),
+    ],
+)
+def test_bad_values_are_refused_by_name(section, key, value, expected):
+    with pytest.raises(UserError) as err:
+        validate({section: {key: value}})
+    message = str(err.value)
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_unknown_section_and_valid_values():
+    with pytest.raises(UserError, match="unknown section 'trian'"):
+        validate({"trian": {}})
+    p = validate({"train": {"devices": [0, 2], "lr": 1}, "data": {"channels": 1}})
+    assert p.train.devices == [0, 2]
+    assert p.train.lr == 1.0 and isinstance(p.train.lr, float)
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("train:\n  epochs: 3\n  lr: [0.1\n")
+    with pytest.raises(UserError) as err:
+        load_params(bad)
+    assert str(bad) in str(err.value) and "line" in str(err.value) and "not valid YAML" in str(err.value)
+
+
+def test_cli_refuses_bad_params_in_one_line_and_keeps_artifacts(tmp_path):
+    out = tmp_path / "prepared"
+    out.mkdir()
+    marker = out / "info.json"
+    marker.write_text('{"earlier": "artifact"}')
+    params = write_params(tmp_path / "params.yaml", train={"epochs": -1})
+    for command in (["prepare-data", "--out", str(out)], ["train", "--data", str(out)]):
+        result = CliRunner().invoke(app, [command[0], "--params", str(params), *command[1:]])
+        assert result.exit_code == 2
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert lines == ["error: params.yaml: train.epochs = -1 is not allowed; expected an integer from 1 to 100000"
+                         .replace("params.yaml", str(params))]
+    assert marker.read_text() == '{"earlier": "artifact"}'
+
+
+def test_real_process_exit_code_and_no_traceback(tmp_path):
+    params = write_params(tmp_path / "params.yaml", train={"strategy": "fsdp"})
+    proc = run_stages("train", "--params", str(params), check=False)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {params}: train.strategy = 'fsdp' is not allowed; expected one of dp, ddp"]
+
+
+def test_help_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, runpy; sys.argv=['stages','--help']\n"
+            "try: runpy.run_module('stages', run_name='__main__')\n"
+            "except SystemExit: pass\n"
+            "assert 'torch' not in sys.modules, 'torch imported by --help'\n"
+            "assert 'matplotlib' not in sys.modules and 'dvclive' not in sys.modules")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "prepare-data" in proc.stdout and "analyze" in proc.stdout

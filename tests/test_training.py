@@ -1,0 +1,224 @@
+"""The training core and the train stage: device plans, wrapping, weights files, DDP, resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+
+import stages
+from stages.artifacts import save_tensors
+from stages.errors import UserError
+from stages.models import build_model
+from stages.parallel import plan_devices, unwrap
+from stages.train_stage import model_metadata
+
+from .helpers import ROOT, run_stages, write_params
+
+INFO = {"num_classes": 10, "shape": [1, 8, 8], "class_names": [str(i) for i in range(10)],
+        "mean": [0.3], "std": [0.4], "dataset": "digits"}
+
+
+@pytest.mark.parametrize("name", ["small-cnn", "resnet18", "mlp"])
+@pytest.mark.parametrize("shape", [(1, 8), (1, 28), (3, 32)])
+def test_models_fit_the_data(name, shape):
+    c, s = shape
+    model = build_model(name, c, s, 7).eval()
+    assert model(torch.zeros(3, c, s, s)).shape == (3, 7)
+
+
+def test_unknown_model_lists_the_valid_names():
+    with pytest.raises(UserError, match="expected one of small-cnn, resnet18, mlp"):
+        build_model("vgg", 3, 32, 10)
+
+
+def test_data_parallel_decision_with_patched_device_count(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    plan = plan_devices("auto", "all", "dp")
+    assert (plan.accelerator, plan.device_ids, plan.use_data_parallel, plan.world_size) == ("cuda", [0, 1, 2, 3], True, 1)
+    assert plan_devices("cuda", 2, "dp").device_ids == [0, 1]
+    assert plan_devices("cuda", [1, 3], "dp").device_ids == [1, 3]
+    assert not plan_devices("cuda", 1, "dp").use_data_parallel  # one GPU: no wrapper
+    assert plan_devices("cuda", "all", "ddp").world_size == 4
+    assert not plan_devices("cuda", "all", "ddp").use_data_parallel
+    assert not plan_devices("cpu", "all", "dp").use_data_parallel
+    with pytest.raises(UserError, match="train.devices = 5 but only 4 CUDA device"):
+        plan_devices("cuda", 5, "dp")
+    with pytest.raises(UserError, match=r"names device\(s\) \[7\]"):
+        plan_devices("cuda", [0, 7], "dp")
+
+
+def test_cuda_requested_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="no CUDA device is visible"):
+        plan_devices("cuda", "all", "dp")
+    assert plan_devices("auto", "all", "dp").accelerator == "cpu"
+    assert plan_devices("cpu", 3, "ddp").world_size == 3
+
+
+def test_unwrap_removes_the_module_prefix(tmp_path):
+    model = build_model("small-cnn", 1, 8, 10)
+    wrapped = nn.DataParallel(model)
+    assert all(k.startswith("module.") for k in wrapped.state_dict())
+    assert unwrap(wrapped) is model
+    assert unwrap(nn.DataParallel(nn.DataParallel(model))) is model
+
+
+def test_load_model_round_trip_gives_identical_outputs(tmp_path):
+    torch.manual_seed(1)
+    model = build_model("small-cnn", 1, 8, 10)
+    with torch.no_grad():  # make BatchNorm running stats non-trivial so they must travel too
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+    model.eval()
+    path = tmp_path / "model.safetensors"
+    save_tensors(path, unwrap(nn.DataParallel(model)).state_dict(), model_metadata("small-cnn", INFO))
+    loaded = stages.load_model(path)
+    assert not loaded.training
+    assert loaded.stages_metadata["class_names"] == INFO["class_names"]
+    x = torch.randn(5, 1, 8, 8)
+    assert torch.equal(model(x), loaded(x))
+
+
+def _weights(path):
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+def _train(tmp_path, name, prepared, **train):
+    out = tmp_path / name
+    params = write_params(tmp_path / f"{name}.yaml", train=train, model=train.pop("model", {"name": "small-cnn"}))
+    proc = run_stages("train", "--params", str(params), "--data", str(prepared), "--model", str(out / "model.safetensors"),
+                      "--metrics", str(out / "metrics"), "--checkpoint", str(out / "ck.safetensors"))
+    return out, proc
+
+
+def test_train_stage_writes_weights_without_prefix_and_deterministic_metadata(tmp_path, prepared_digits):
+    out, proc = _train(tmp_path, "a", prepared_digits, epochs=2, accelerator="cpu")
+    assert "accelerator cpu (no CUDA device; training on the CPU)" in proc.stdout
+    assert "global batch 64, per-device batch 64" in proc.stdout
+    tensors, meta = _weights(out / "model.safetensors")
+    assert tensors and not any(k.startswith("module.") for k in tensors)
+    assert set(meta) == {"format", "model_name", "num_classes", "input_shape", "class_names", "mean", "std", "dataset"}
+    metrics = __import__("json").loads((out / "metrics" / "metrics.json").read_text())
+    assert metrics["samples_per_second"] > 0 and metrics["num_devices"] == 1 and metrics["world_size"] == 1
+    # the same params on the same machine give the same bytes
+    out_b, _ = _train(tmp_path, "b", prepared_digits, epochs=2, accelerator="cpu")
+    assert (out / "model.safetensors").read_bytes() == (out_b / "model.safetensors").read_bytes()
+
+
+def test_ddp_two_processes_match_one_process(tmp_path, prepared_digits):
+    """Two gloo ranks, each with half of every global batch, plain SGD and no BatchNorm or
+    dropout, end with the weights of one process that sees the whole batch."""
+    common = dict(model={"name": "mlp"}, epochs=2, batch_size=64, optimizer="sgd", momentum=0.0, weight_decay=0.0,
+                  lr=0.05, accelerator="cpu")
+    single, _ = _train(tmp_path, "single", prepared_digits, **dict(common, strategy="dp"))
+    ddp, proc = _train(tmp_path, "ddp", prepared_digits, **dict(common, strategy="ddp", devices=2))
+    assert "strategy ddp (2 processes)" in proc.stdout and "per-device batch 32" in proc.stdout
+    a, _ = _weights(single / "model.safetensors")
+    b, _ = _weights(ddp / "model.safetensors")
+    assert a.keys() == b.keys()
+    moved = max((a[k] - stages.load_model(single / "model.safetensors").state_dict()[k]).abs().max() for k in a)
+    assert moved == 0  # sanity: load_model gives back exactly what was saved
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    metrics = __import__("json").loads((ddp / "metrics" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2
+
+
+def test_killed_run_resumes_to_identical_weights(tmp_path, prepared_digits):
+    epochs = 40
+    reference, _ = _train(tmp_path, "reference", prepared_digits, epochs=epochs, accelerator="cpu")
+
+    out = tmp_path / "killed"
+    params = write_params(tmp_path / "killed.yaml", train={"epochs": epochs, "accelerator": "cpu"})
+    args = [sys.executable, "-m", "stages", "train", "--params", str(params), "--data", str(prepared_digits),
+            "--model", str(out / "model.safetensors"), "--metrics", str(out / "metrics"),
+            "--checkpoint", str(out / "ck.safetensors")]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if line.startswith("epoch 3/"):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "model.safetensors").exists()
+    assert not [p for p in out.rglob("*.tmp")], "a killed run must leave no half-written file"
+
+    resumed = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    resume_lines = [line for line in resumed.stdout.splitlines() if "Resuming" in line]
+    assert len(resume_lines) == 1 and f"of {epochs}" in resume_lines[0]
+    assert "epoch 1/" not in resumed.stdout
+    assert (out / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
+    # the learning curves hold every epoch once
+    tsv = (out / "metrics" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()
+    ref_tsv = (reference / "metrics" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()
+    assert tsv == ref_tsv and len(tsv) == epochs + 1
+
+
+def test_checkpoint_from_other_params_is_not_resumed(tmp_path, prepared_digits):
+    out, _ = _train(tmp_path, "x", prepared_digits, epochs=2, accelerator="cpu")
+    # a checkpoint of a complete 2-epoch run with lr 0.002 offered to a run with another lr
+    params = write_params(tmp_path / "other.yaml", train={"epochs": 3, "lr": 0.001, "accelerator": "cpu"})
+    proc = run_stages("train", "--params", str(params), "--data", str(prepared_digits),
+                      "--model", str(out / "model2.safetensors"), "--metrics", str(out / "metrics2"),
+                      "--checkpoint", str(out / "ck.safetensors"))
+    assert "Resuming" not in proc.stdout
+    assert "Not resuming" in proc.stdout and "train.lr 0.002 -> 0.001" in proc.stdout
+    assert "train.epochs 2 -> 3" in proc.stdout and "epoch 1/3" in proc.stdout
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garble"])
+def test_damaged_files_are_refused_by_name(tmp_path, prepared_digits, damage):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(prepared_digits, data)
+    out, _ = _train(tmp_path, "w", data, epochs=1, accelerator="cpu")
+    for path in (out / "model.safetensors", data / "test.safetensors"):
+        original = path.read_bytes()
+        path.write_bytes(original[: len(original) // 2] if damage == "truncate" else b"\x07" * 64 + original[64:])
+        proc = run_stages("evaluate", "--params", str(ROOT / "params.yaml"), "--data", str(data),
+                          "--model", str(out / "model.safetensors"), "--out", str(tmp_path / "eval"), check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert proc.stderr.startswith(f"error: {path} is damaged") and len(proc.stderr.strip().splitlines()) == 1
+        path.write_bytes(original)
+    ck = out / "ck.safetensors"
+    ck.write_bytes(ck.read_bytes()[:100])
+    params = write_params(tmp_path / "p.yaml", train={"epochs": 1, "accelerator": "cpu"})
+    proc = run_stages("train", "--params", str(params), "--data", str(data), "--model", str(out / "m.safetensors"),
+                      "--metrics", str(out / "m"), "--checkpoint", str(ck), check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: {ck} is damaged")
+
+
+def test_batch_larger_than_the_data_is_refused(tmp_path, prepared_digits):
+    params = write_params(tmp_path / "p.yaml", train={"batch_size": 100000, "accelerator": "cpu"})
+    proc = run_stages("train", "--params", str(params), "--data", str(prepared_digits), "--model",
+                      str(tmp_path / "m.safetensors"), "--metrics", str(tmp_path / "m"), "--checkpoint",
+                      str(tmp_path / "c.safetensors"), check=False)
+    assert proc.returncode == 2
+    assert "train.batch_size = 100000 is larger than the training split" in proc.stderr
+
+
+def test_out_of_memory_names_the_per_device_batch(monkeypatch, tmp_path):
+    import stages.train_stage as ts
+    from stages.params import validate
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(ts, "_train", oom)
+    p = validate({"train": {"batch_size": 512, "accelerator": "cpu"}})
+    with pytest.raises(UserError, match="per-device batch of 512 .* try train.batch_size = 256"):
+        ts.train_stage(p, tmp_path, tmp_path / "m", tmp_path / "x", tmp_path / "c", [])
