@@ -222,3 +222,32 @@ def test_out_of_memory_names_the_per_device_batch(monkeypatch, tmp_path):
     p = validate({"train": {"batch_size": 512, "accelerator": "cpu"}})
     with pytest.raises(UserError, match="per-device batch of 512 .* try train.batch_size = 256"):
         ts.train_stage(p, tmp_path, tmp_path / "m", tmp_path / "x", tmp_path / "c", [])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_dp_matches_single_device_on_cuda():
+    """nn.DataParallel over the visible GPUs (up to 2) and one GPU end with the same weights."""
+    from stages.parallel import DevicePlan, DistContext
+    from stages.params import TrainParams
+    from stages.train import build_loop_state, place_split, prepare_model, train_one_epoch
+
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (512, 1, 8, 8), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (512,))
+    cfg = TrainParams(epochs=1, batch_size=64, lr=0.05, optimizer="sgd", momentum=0.0, weight_decay=0.0,
+                      precision="fp32", accelerator="cuda")
+    device = torch.device("cuda", 0)
+    ids = list(range(min(2, torch.cuda.device_count())))
+    results = []
+    for plan in (DevicePlan("cuda", "dp", [0], 1), DevicePlan("cuda", "dp", ids, 1)):
+        torch.manual_seed(cfg.seed)
+        model = build_model("mlp", 1, 8, 10)
+        wrapped = prepare_model(model, cfg, plan, DistContext(), device)
+        if len(plan.device_ids) == 1:  # exercise the real wrapper even on a one-GPU machine
+            wrapped = nn.DataParallel(wrapped, device_ids=plan.device_ids)
+        st = build_loop_state(wrapped, cfg, DistContext(), device, INFO, len(labels))
+        train_one_epoch(wrapped, place_split(images, labels, device), 1, st)
+        results.append({k: v.detach().cpu() for k, v in unwrap(wrapped).state_dict().items()})
+    for k in results[0]:
+        torch.testing.assert_close(results[0][k], results[1][k], rtol=1e-4, atol=1e-5)
