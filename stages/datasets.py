@@ -6,7 +6,7 @@ source has an official test split); prepare_data carves out the rest.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -19,7 +19,6 @@ class Source:
     splits: dict[str, tuple[torch.Tensor, torch.Tensor]]  # name -> (uint8 images NCHW, int64 labels)
     class_names: list[str]
     skipped_bad_images: int = 0
-    notes: list[str] = field(default_factory=list)
 
 
 def load_digits_source() -> Source:

@@ -1,0 +1,401 @@
+"""Real on-disk formats -> prepare-data -> one epoch of training; and every bad-data error.
+
+The files are written here in the formats the datasets ship in: IDX for MNIST and
+Fashion-MNIST, CIFAR-10's python pickle batches, PNG and JPEG folders mixing grey,
+RGB and RGBA at odd sizes. Every image carries its label in its pixels, so the
+tests can check that images and labels still line up after decoding and splitting.
+"""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import socket
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from stages.cli import app
+from stages.imagefolder import decode_image
+from stages.prepare_data import load_prepared
+
+from .helpers import run_stages, write_params
+
+CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+LEVELS = {"dark": 40, "light": 220, "mid": 128}  # imagefolder classes: one grey level each
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Nothing here may touch the network: any connection attempt fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a test tried to open a network connection")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+# --- writing the real formats ---
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """An IDX file as MNIST ships it: 0x0000, type 0x08 (ubyte), ndim, big-endian int32 sizes, the bytes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}i", *array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def labelled_images(n: int, shape: tuple[int, ...], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Noise images whose first byte is 20 * label, labels cycling through 0..9."""
+    labels = np.arange(n) % 10
+    images = np.random.default_rng(seed).integers(0, 256, (n, *shape), dtype=np.uint8)
+    images.reshape(n, -1)[:, 0] = labels * 20
+    return images, labels
+
+
+def write_mnist_like(root: Path, folder: str, n_train: int = 50, n_test: int = 20) -> None:
+    for prefix, n, seed in (("train", n_train, 0), ("t10k", n_test, 1)):
+        images, labels = labelled_images(n, (28, 28), seed)
+        write_idx(root / folder / "raw" / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(root / folder / "raw" / f"{prefix}-labels-idx1-ubyte", labels)
+
+
+def write_cifar10(root: Path, per_batch: int = 10) -> None:
+    """CIFAR-10's python version: pickled dicts of (n, 3072) uint8 rows (R, G, B planes) and labels."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for seed, name in enumerate(names):
+        images, labels = labelled_images(per_batch, (3, 32, 32), seed)
+        rows = images.reshape(per_batch, 3072)
+        rows[:, 1024], rows[:, 2048] = labels * 20 + 1, labels * 20 + 2  # green and blue planes' first pixels
+        batch = {"batch_label": name, "labels": labels.tolist(), "data": rows,
+                 "filenames": [f"{name}_{i}.png" for i in range(per_batch)]}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+    meta = {"label_names": CIFAR_CLASSES, "num_cases_per_batch": per_batch, "num_vis": 3072}
+    (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+
+
+def grey_image(level: int, kind: str, size: tuple[int, int]) -> tuple[Image.Image, str]:
+    """A uniform grey picture stored in one of several modes and formats: (image, file extension)."""
+    w, h = size
+    if kind == "L.png":
+        return Image.new("L", size, level), ".png"
+    if kind == "RGB.png":
+        return Image.new("RGB", size, (level,) * 3), ".png"
+    if kind == "RGBA.png":  # opaque alpha: must look like the RGB one
+        return Image.new("RGBA", size, (level, level, level, 255)), ".png"
+    if kind == "RGB.jpg":
+        return Image.new("RGB", size, (level,) * 3), ".jpg"
+    if kind == "L.jpeg":
+        return Image.new("L", size, level), ".JPEG"  # upper-case extension on purpose
+    raise ValueError(kind)
+
+
+KINDS = ["L.png", "RGB.png", "RGBA.png", "RGB.jpg", "L.jpeg"]
+SIZES = [(37, 23), (10, 50), (64, 64), (8, 9), (120, 80)]
+
+
+def write_class(folder: Path, level: int, n: int, nested: bool = False) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        img, ext = grey_image(level, KINDS[i % len(KINDS)], SIZES[i % len(SIZES)])
+        where = folder / "sub" if nested and i % 2 else folder
+        where.mkdir(exist_ok=True)
+        img.save(where / f"img{i}{ext}")
+
+
+def write_junk(folder: Path) -> None:
+    """Files a real folder has that are not images: they must be ignored."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / ".DS_Store").write_bytes(b"\x00\x01junk")
+    (folder / "notes.txt").write_text("not an image")
+
+
+# --- running the CLI ---
+
+
+runner = CliRunner()
+
+
+def cli(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def prepare(tmp_path: Path, **data) -> tuple[Path, object]:
+    params = write_params(tmp_path / "params.yaml", data=data, train={"epochs": 1, "batch_size": 16, "accelerator": "cpu"})
+    out = tmp_path / "prepared"
+    return out, cli("prepare-data", "--params", str(params), "--out", str(out))
+
+
+def prepare_ok(tmp_path: Path, **data) -> Path:
+    out, result = prepare(tmp_path, **data)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def train_one_epoch(tmp_path: Path, prepared: Path) -> None:
+    result = cli("train", "--params", str(tmp_path / "params.yaml"), "--data", str(prepared),
+                 "--model", str(tmp_path / "model.safetensors"), "--metrics", str(tmp_path / "metrics"),
+                 "--checkpoint", str(tmp_path / "checkpoint.safetensors"))
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "model.safetensors").stat().st_size > 0
+    assert "epoch 1/1" in result.output
+
+
+def assert_user_error(result, *fragments: str) -> None:
+    """Exit 2, one line starting 'error:', containing each fragment, and no traceback."""
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit)  # handled by the CLI, not an uncaught exception
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def all_splits(prepared: Path) -> dict:
+    return {split: load_prepared(prepared, split) for split in ("train", "val", "test")}
+
+
+# --- torchvision datasets ---
+
+
+@pytest.mark.parametrize("dataset, folder, classes", [
+    ("mnist", "MNIST", ["0 - zero", "1 - one", "2 - two"]),
+    ("fashion-mnist", "FashionMNIST", ["T-shirt/top", "Trouser", "Pullover"]),
+])
+def test_mnist_family_from_idx_files(tmp_path, dataset, folder, classes):
+    write_mnist_like(tmp_path / "raw", folder)
+    prepared = prepare_ok(tmp_path, dataset=dataset, root=str(tmp_path / "raw"))
+    splits = all_splits(prepared)
+    info = splits["train"][2]
+    assert info["class_names"][:3] == classes and info["num_classes"] == 10
+    assert info["shape"] == [1, 28, 28]
+    # The official test split stays the test split; val is carved from train (one per class here).
+    assert info["counts"] == {"train": 40, "val": 10, "test": 20}
+    for images, labels, _ in splits.values():
+        assert tuple(images.shape[1:]) == (1, 28, 28)
+        assert (images[:, 0, 0, 0].long() == labels * 20).all()  # images and labels still line up
+    train_one_epoch(tmp_path, prepared)
+
+
+def test_cifar10_from_python_batches(tmp_path):
+    write_cifar10(tmp_path / "raw")
+    prepared = prepare_ok(tmp_path, dataset="cifar10", root=str(tmp_path / "raw"))
+    splits = all_splits(prepared)
+    info = splits["train"][2]
+    assert info["class_names"] == CIFAR_CLASSES and info["shape"] == [3, 32, 32]
+    assert info["counts"] == {"train": 40, "val": 10, "test": 10}
+    for images, labels, _ in splits.values():
+        # Each plane's top-left pixel was written as 20 * label + channel: channels stay in R, G, B order.
+        for channel in range(3):
+            assert (images[:, channel, 0, 0].long() == labels * 20 + channel).all()
+    train_one_epoch(tmp_path, prepared)
+
+
+def test_missing_torchvision_dataset_names_the_folder_and_download(tmp_path):
+    (tmp_path / "raw").mkdir()
+    _, result = prepare(tmp_path, dataset="mnist", root=str(tmp_path / "raw"))
+    assert_user_error(result, str(tmp_path / "raw" / "MNIST" / "raw"), "data.download: true")
+
+
+def test_gzipped_idx_files_are_pointed_out(tmp_path):
+    write_mnist_like(tmp_path / "raw", "MNIST")
+    for path in (tmp_path / "raw" / "MNIST" / "raw").iterdir():
+        path.with_name(path.name + ".gz").write_bytes(gzip.compress(path.read_bytes()))
+        path.unlink()
+    _, result = prepare(tmp_path, dataset="mnist", root=str(tmp_path / "raw"))
+    assert_user_error(result, "still gzipped", "gunzip")
+
+
+def test_missing_cifar_file_is_named(tmp_path):
+    write_cifar10(tmp_path / "raw")
+    (tmp_path / "raw" / "cifar-10-batches-py" / "data_batch_3").unlink()
+    _, result = prepare(tmp_path, dataset="cifar10", root=str(tmp_path / "raw"))
+    assert_user_error(result, "cifar-10-batches-py", "missing data_batch_3", "data.download: true")
+
+
+def test_missing_root_is_named(tmp_path):
+    for dataset in ("fashion-mnist", "imagefolder"):
+        _, result = prepare(tmp_path, dataset=dataset, root=str(tmp_path / "nowhere"))
+        assert_user_error(result, str(tmp_path / "nowhere"), "does not exist")
+
+
+def test_damaged_idx_file_names_the_folder(tmp_path):
+    write_mnist_like(tmp_path / "raw", "MNIST")
+    images = tmp_path / "raw" / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:1000])  # truncated download
+    _, result = prepare(tmp_path, dataset="mnist", root=str(tmp_path / "raw"))
+    assert_user_error(result, str(tmp_path / "raw" / "MNIST" / "raw"), "damaged")
+
+
+# --- image folders ---
+
+
+def check_grey_levels(splits: dict, class_names: list[str], tolerance: int = 4) -> None:
+    """Every image is its class's grey level, whatever mode and format it was stored in."""
+    for images, labels, _ in splits.values():
+        for image, label in zip(images, labels):
+            level = LEVELS[class_names[label]]
+            assert (image.int() - level).abs().max() <= tolerance, (class_names[label], image.float().mean())
+
+
+def test_imagefolder_with_train_and_test_folders(tmp_path):
+    root = tmp_path / "photos"
+    for name in ("dark", "mid", "light"):
+        write_class(root / "train" / name, LEVELS[name], 10)
+    for name in ("dark", "light"):  # no "mid" in test: fine
+        write_class(root / "Test" / name, LEVELS[name], 4)  # split folder names in any case
+    write_junk(root / "train" / "dark")
+    prepared = prepare_ok(tmp_path, dataset="imagefolder", root=str(root), image_size=16, channels=3)
+    splits = all_splits(prepared)
+    info = splits["train"][2]
+    assert info["class_names"] == ["dark", "light", "mid"]  # sorted folder names
+    assert info["shape"] == [3, 16, 16]
+    assert info["counts"] == {"train": 27, "val": 3, "test": 8}
+    assert info["class_counts"]["test"] == [4, 4, 0]
+    assert info["skipped_bad_images"] == 0
+    check_grey_levels(splits, info["class_names"])
+    train_one_epoch(tmp_path, prepared)
+
+
+def test_imagefolder_of_class_folders_only_is_split_by_fractions(tmp_path):
+    root = tmp_path / "photos"
+    for name in LEVELS:
+        write_class(root / name, LEVELS[name], 10, nested=True)  # images in a subfolder count too
+    prepared = prepare_ok(tmp_path, dataset="imagefolder", root=str(root), image_size=12, channels=1)
+    splits = all_splits(prepared)
+    info = splits["train"][2]
+    assert info["shape"] == [1, 12, 12]
+    assert info["counts"] == {"train": 21, "val": 3, "test": 6}  # 10 per class: 2 test, 1 val, 7 train
+    check_grey_levels(splits, info["class_names"])
+    train_one_epoch(tmp_path, prepared)
+
+
+def test_imagefolder_with_val_folder_keeps_it_and_carves_test(tmp_path):
+    root = tmp_path / "photos"
+    for name in ("dark", "light"):
+        write_class(root / "train" / name, LEVELS[name], 10)
+        write_class(root / "val" / name, LEVELS[name], 3)
+    prepared = prepare_ok(tmp_path, dataset="imagefolder", root=str(root), image_size=8)
+    info = load_prepared(prepared, "val")[2]
+    assert info["counts"] == {"train": 16, "val": 6, "test": 4}
+
+
+def test_decoding_flattens_transparency_on_white_and_scales_16_bit(tmp_path):
+    clear = Image.new("RGBA", (5, 7), (0, 0, 0, 0))  # transparent black -> white
+    clear.save(tmp_path / "clear.png")
+    half = Image.new("LA", (6, 6), (0, 128))  # half-transparent black -> mid grey
+    half.save(tmp_path / "half.png")
+    palette = Image.new("P", (4, 4), 0)
+    palette.putpalette([0, 0, 0] * 256)
+    palette.save(tmp_path / "palette.png", transparency=0)  # palette entry 0 is transparent
+    Image.fromarray(np.full((4, 4), 32768, np.uint16)).save(tmp_path / "deep.png")  # 16-bit grey, half way
+    assert (decode_image(str(tmp_path / "clear.png"), "RGB", 4) == 255).all()
+    assert (decode_image(str(tmp_path / "palette.png"), "L", 4) == 255).all()
+    assert abs(int(decode_image(str(tmp_path / "half.png"), "L", 4).mean()) - 127) <= 2
+    assert decode_image(str(tmp_path / "deep.png"), "L", 4).tolist() == np.full((1, 4, 4), 128).tolist()
+
+
+def test_decoding_keeps_colours_in_rgb_order(tmp_path):
+    Image.new("RGB", (30, 20), (200, 100, 50)).save(tmp_path / "orange.png")
+    assert decode_image(str(tmp_path / "orange.png"), "RGB", 4)[:, 0, 0].tolist() == [200, 100, 50]
+
+
+def test_decoding_follows_exif_orientation(tmp_path):
+    stored = np.zeros((20, 40), np.uint8)
+    stored[:, 20:] = 255  # stored: left half black, right half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    Image.fromarray(stored).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    shown = decode_image(str(tmp_path / "phone.jpg"), "L", 8)[0]
+    assert shown[:3].mean() < 30 and shown[-3:].mean() > 225  # displayed: black on top, white below
+
+
+# --- bad image folders ---
+
+
+def test_empty_root_has_no_class_folders(tmp_path):
+    (tmp_path / "photos").mkdir()
+    _, result = prepare(tmp_path, dataset="imagefolder", root=str(tmp_path / "photos"))
+    assert_user_error(result, f"no class folders in {tmp_path / 'photos'}")
+
+
+def test_class_folder_without_images_is_named(tmp_path):
+    root = tmp_path / "photos"
+    write_class(root / "dark", 40, 3)
+    write_junk(root / "light")
+    _, result = prepare(tmp_path, dataset="imagefolder", root=str(root))
+    assert_user_error(result, f"no images in {root / 'light'}")
+
+
+def test_test_class_unknown_to_train_is_refused(tmp_path):
+    root = tmp_path / "photos"
+    write_class(root / "train" / "dark", 40, 3)
+    write_class(root / "test" / "dark", 40, 1)
+    write_class(root / "test" / "light", 220, 1)
+    _, result = prepare(tmp_path, dataset="imagefolder", root=str(root))
+    assert_user_error(result, str(root / "test" / "light"), "train")
+
+
+def test_split_folders_without_train_are_refused(tmp_path):
+    root = tmp_path / "photos"
+    write_class(root / "test" / "dark", 40, 3)
+    _, result = prepare(tmp_path, dataset="imagefolder", root=str(root))
+    assert_user_error(result, "no train/ folder")
+
+
+def write_bad_images(folder: Path) -> list[Path]:
+    """An empty file, a text file posing as a PNG, and a truncated JPEG."""
+    folder.mkdir(parents=True, exist_ok=True)
+    empty, garbage, truncated = folder / "empty.png", folder / "garbage.png", folder / "cut.jpg"
+    empty.write_bytes(b"")
+    garbage.write_text("this is not a PNG")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    return [empty, garbage, truncated]
+
+
+@pytest.mark.parametrize("bad", ["empty.png", "garbage.png", "cut.jpg"])
+def test_unreadable_image_is_named(tmp_path, bad):
+    root = tmp_path / "photos"
+    write_class(root / "dark", 40, 5)
+    write_class(root / "light", 220, 5)
+    for path in write_bad_images(root / "light"):
+        if path.name != bad:
+            path.unlink()
+    _, result = prepare(tmp_path, dataset="imagefolder", root=str(root))
+    assert_user_error(result, f"cannot read image {root / 'light' / bad}", "data.skip_bad_images: true")
+
+
+def test_skip_bad_images_counts_and_warns(tmp_path):
+    root = tmp_path / "photos"
+    write_class(root / "dark", 40, 10)
+    write_class(root / "light", 220, 10)
+    bad = write_bad_images(root / "light")
+    prepared, result = prepare(tmp_path, dataset="imagefolder", root=str(root), image_size=8, skip_bad_images=True)
+    assert result.exit_code == 0, result.output
+    for path in bad:
+        assert f"warning: skipped unreadable image {path}" in result.stderr
+    splits = all_splits(prepared)
+    info = splits["train"][2]
+    assert info["skipped_bad_images"] == 3
+    assert sum(info["counts"].values()) == 20
+    check_grey_levels(splits, info["class_names"])
+
+
+def test_bad_image_through_python_m_stages_is_one_line_without_traceback(tmp_path):
+    root = tmp_path / "photos"
+    write_class(root / "dark", 40, 3)
+    write_bad_images(root / "dark")
+    params = write_params(tmp_path / "params.yaml", data={"dataset": "imagefolder", "root": str(root)})
+    proc = run_stages("prepare-data", "--params", str(params), "--out", str(tmp_path / "prepared"), check=False)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert proc.stderr.strip().count("\n") == 0 and "cannot read image" in proc.stderr
