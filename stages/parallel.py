@@ -92,7 +92,8 @@ class DistContext:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1 or torch.distributed.is_initialized()
+        """More than one rank: only then do gradients need DDP's all-reduce."""
+        return self.world_size > 1
 
 
 def under_launcher() -> bool:
@@ -133,30 +134,35 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def launch_workers(argv: list[str], world_size: int) -> None:
-    """Start `world_size` copies of this command as DDP ranks on this machine and wait for them.
+def launch_workers(argv: list[str], world_size: int, module: str = "stages", timeout_s: float | None = None) -> None:
+    """Start `world_size` copies of `python -m MODULE ARGV` as DDP ranks on this machine and wait.
 
     Same environment contract as torchrun, so the workers run exactly the code path a
-    multi-machine torchrun job runs. If one fails, the others are stopped.
+    multi-machine torchrun job runs. If one fails (or `timeout_s` passes), the others are
+    stopped and a UserError names the rank.
     """
-    port = free_port()
+    port = free_port()  # a fresh port per launch: parallel experiments never share a rendezvous
     procs = []
     for rank in range(world_size):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                    LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        procs.append(subprocess.Popen([sys.executable, "-m", "stages", *argv], env=env))
-    failed = None
+        procs.append(subprocess.Popen([sys.executable, "-m", module, *argv], env=env))
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    failure = None
     try:
-        while any(p.poll() is None for p in procs) and failed is None:
-            for rank, p in enumerate(procs):
-                if p.poll() not in (None, 0):
-                    failed = (rank, p.returncode)
-            time.sleep(0.2)
-        for rank, p in enumerate(procs):
-            if failed is None and p.returncode not in (None, 0):
-                failed = (rank, p.returncode)
+        while failure is None:
+            codes = [p.poll() for p in procs]
+            bad = [(rank, code) for rank, code in enumerate(codes) if code not in (None, 0)]
+            if bad:
+                failure = f"ddp worker rank {bad[0][0]} failed with exit code {bad[0][1]}"
+            elif all(code == 0 for code in codes):
+                return
+            elif deadline is not None and time.monotonic() > deadline:
+                failure = f"ddp workers did not finish within {timeout_s:.0f} s"
+            else:
+                time.sleep(0.05)
     finally:
-        for p in procs:
+        for p in procs:  # a rank left waiting at a collective after another one died
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
         for p in procs:
@@ -164,8 +170,7 @@ def launch_workers(argv: list[str], world_size: int) -> None:
                 p.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 p.kill()
-    if failed is not None:
-        raise UserError(f"ddp worker rank {failed[0]} failed with exit code {failed[1]}; see its output above")
+    raise UserError(f"{failure}; see its output above")
 
 
 def all_reduce_sum(values: torch.Tensor, ctx: DistContext) -> torch.Tensor:

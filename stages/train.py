@@ -1,28 +1,23 @@
-"""The training loop, written out: place data, wrap the model, train_one_epoch, fit, the stage.
+"""The training loop, written out: place data, wrap the model, train_one_epoch, fit.
 
-The core (`place_split`, `prepare_model`, `train_one_epoch`, `fit`) needs only torch, so it
-runs and is benchmarked on a bare GPU machine; DVC and DVCLive live in `train_stage`.
+This core needs only torch, so it runs and is benchmarked on a bare GPU machine;
+the stage around it (DVC, DVCLive, checkpoints, weights) lives in `train_stage.py`.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import resource
-import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UserError
 from .evaluate import autocast_context, evaluate, stats_tensors
-from .models import is_conv_net
-from .parallel import DevicePlan, DistContext, all_gather_floats, all_reduce_sum, unwrap
+from .parallel import DevicePlan, DistContext, all_reduce_sum, unwrap
 from .params import TrainParams
 from .transforms import FLIP_DATASETS, crop_padding, random_crop_flip, normalize
 
@@ -55,7 +50,7 @@ def place_split(images: torch.Tensor, labels: torch.Tensor, device: torch.device
 
 def gather_batch(split: Split, idx: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Index a batch out of the split and bring it to `device` (a no-op copy when it lives there)."""
-    if split.images.device == device:
+    if split.images.device.type == device.type:  # placed there by place_split: index in place
         return split.images[idx], split.labels[idx]
     idx = idx.cpu()
     x = torch.empty((len(idx), *split.images.shape[1:]), dtype=torch.uint8, pin_memory=device.type == "cuda")
@@ -75,9 +70,16 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
 
 
+def use_channels_last(model: nn.Module, device: torch.device) -> bool:
+    """channels_last pays for conv nets on CUDA; with one input channel the first conv's weight
+    has ambiguous strides and DDP warns about gradient layouts, so keep NCHW there."""
+    first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return device.type == "cuda" and first_conv is not None and first_conv.in_channels > 1
+
+
 def prepare_model(model: nn.Module, cfg: TrainParams, plan: DevicePlan, ctx: DistContext, device: torch.device) -> nn.Module:
     """Move to the device (channels_last for conv nets on CUDA) and wrap for dp / ddp / compile."""
-    channels_last = device.type == "cuda" and is_conv_net(model)
+    channels_last = use_channels_last(model, device)
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     if plan.use_data_parallel:
         model = nn.DataParallel(model, device_ids=plan.device_ids, output_device=plan.device_ids[0])
@@ -153,7 +155,8 @@ def train_one_epoch(model: nn.Module, split: Split, epoch: int, st: LoopState,
     aug_gen = None
     if st.augment_pad or st.augment_flip:
         aug_gen = torch.Generator(device=st.device).manual_seed(cfg.seed * 7919 + epoch * 131 + ctx.rank)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=st.device)
+    # Running sums stay on the device: no host sync per step, and only two extra kernels.
+    loss_sum = torch.zeros((), dtype=torch.float32, device=st.device)
     correct = torch.zeros((), dtype=torch.int64, device=st.device)
     if st.device.type == "cuda":
         torch.cuda.synchronize(st.device)
@@ -180,14 +183,14 @@ def train_one_epoch(model: nn.Module, split: Split, epoch: int, st: LoopState,
             loss.backward()
             st.optimizer.step()
         st.step += 1
-        loss_sum += loss.detach().double() * len(y)
+        loss_sum += loss.detach()
         correct += (logits.detach().argmax(dim=1) == y).sum()
         if progress is not None:
             progress(s + 1, steps, loss)
     if st.device.type == "cuda":
         torch.cuda.synchronize(st.device)
     seconds = time.perf_counter() - start
-    totals = all_reduce_sum(torch.stack([loss_sum, correct.double()]), ctx)
+    totals = all_reduce_sum(torch.stack([loss_sum.double() * local_batch, correct.double()]), ctx)
     samples = steps * global_batch
     return EpochStats(totals[0].item() / samples, totals[1].item() / samples, samples, seconds)
 
@@ -218,7 +221,7 @@ def build_loop_state(model: nn.Module, cfg: TrainParams, ctx: DistContext, devic
     return LoopState(
         optimizer=make_optimizer(model, cfg), cfg=cfg, ctx=ctx, device=device, mean=mean, std=std,
         amp_dtype=amp_dtype, scaler=scaler,
-        channels_last=device.type == "cuda" and is_conv_net(model),
+        channels_last=use_channels_last(model, device),
         augment_pad=crop_padding(size) if cfg.augment else 0,
         augment_flip=cfg.augment and info.get("dataset") in FLIP_DATASETS,
         total_steps=cfg.epochs * (n_train // cfg.batch_size),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ from .parallel import (DevicePlan, DistContext, all_gather_floats, init_distribu
                        shutdown_distributed, under_launcher, unwrap)
 from .params import Params
 from .prepare_data import load_prepared
-from .train import Split, build_loop_state, fit, peak_memory_mb, place_split, prepare_model
+from .train import build_loop_state, fit, peak_memory_mb, place_split, prepare_model
 
 
 def model_metadata(model_name: str, info: dict) -> dict:
@@ -38,6 +39,16 @@ def model_metadata(model_name: str, info: dict) -> dict:
     }
 
 
+def process_seconds() -> float | None:
+    """Wall time since this process started (imports included), from /proc; None elsewhere."""
+    try:
+        ticks = os.sysconf("SC_CLK_TCK")
+        start = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19]) / ticks
+        return float(Path("/proc/uptime").read_text().split()[0]) - start
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def configure_determinism(deterministic: bool) -> None:
     if deterministic:
         # cuBLAS needs a fixed workspace to be deterministic; must be set before CUDA starts.
@@ -46,6 +57,7 @@ def configure_determinism(deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
     else:
         torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True  # tensor cores for fp32 Linear layers, as cuDNN does for convs
 
 
 def describe_devices(plan: DevicePlan, ctx: DistContext, device: torch.device) -> tuple[list[str], str]:
@@ -86,6 +98,7 @@ class Progress:
 
 def train_stage(p: Params, data_dir: Path, model_path: Path, metrics_dir: Path, checkpoint_path: Path,
                 argv: list[str]) -> None:
+    started = time.perf_counter() - (process_seconds() or 0.0)  # count the process's start-up too
     cfg = p.train
     plan = plan_devices(cfg.accelerator, cfg.devices, cfg.strategy)
     if under_launcher() and plan.strategy != "ddp" and int(os.environ["WORLD_SIZE"]) > 1:
@@ -96,7 +109,7 @@ def train_stage(p: Params, data_dir: Path, model_path: Path, metrics_dir: Path, 
         return
     ctx = init_distributed(plan.accelerator) if plan.strategy == "ddp" else DistContext()
     try:
-        _train(p, plan, ctx, data_dir, model_path, metrics_dir, checkpoint_path)
+        _train(p, plan, ctx, data_dir, model_path, metrics_dir, checkpoint_path, started)
     except torch.OutOfMemoryError:
         per_device = cfg.batch_size // max(ctx.world_size, len(plan.device_ids), 1)
         raise UserError(f"CUDA ran out of memory with a per-device batch of {per_device} "
@@ -106,7 +119,7 @@ def train_stage(p: Params, data_dir: Path, model_path: Path, metrics_dir: Path, 
 
 
 def _train(p: Params, plan: DevicePlan, ctx: DistContext, data_dir: Path, model_path: Path, metrics_dir: Path,
-           checkpoint_path: Path) -> None:
+           checkpoint_path: Path, started: float) -> None:
     cfg = p.train
     configure_determinism(cfg.deterministic)
     if plan.accelerator == "cuda":
@@ -225,6 +238,10 @@ def _train(p: Params, plan: DevicePlan, ctx: DistContext, data_dir: Path, model_
         "epochs": cfg.epochs,
         "resumed_from_epoch": start_epoch or None,
         "epoch_seconds": [round(r["seconds"], 4) for r in history],
+        "stage_seconds": round(time.perf_counter() - started, 3),
+        "data_on_device": train_split.images.device.type == "cuda",
+        "torch_version": torch.__version__,
+        "train_params": p.section_dict("train"),
         "samples_per_second": round(throughput, 1),
         "peak_memory_mb": peaks,
         "peak_memory_kind": "cuda allocated per device" if device.type == "cuda" else "process max RSS per process",

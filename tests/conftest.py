@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import ROOT, run_stages, write_params  # noqa: F401  (re-exported for test modules)
+from .helpers import run_stages, write_params
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -185,7 +184,7 @@ def test_killed_training_resumes_under_dvc(project):
     for line in dvc.stdout:
         if line.startswith("epoch 3/30"):
             # SIGKILL the training process itself, as the OOM killer or a lost node would
-            subprocess.run(["pkill", "-9", "-f", f"stages train --params params.yaml --data data/prepared"], check=False)
+            subprocess.run(["pkill", "-9", "-f", "stages train --params params.yaml --data data/prepared"], check=False)
             break
     rest = dvc.stdout.read()
     dvc.wait(timeout=120)

@@ -1,0 +1,1 @@
+"""Benchmarks of the training core against a bare PyTorch loop and a DataLoader loop (see README.md)."""

@@ -1,0 +1,392 @@
+"""One-GPU check of the training core: wrappers give the same weights, and the loop is fast.
+
+    python benchmarks/gpu_check.py                    # on a CUDA machine, from the repo root; < 4 minutes
+    python benchmarks/gpu_check.py --json gpu.json    # also write the figures
+    python benchmarks/gpu_check.py --smoke            # tiny sizes; runs on a CPU-only machine too
+
+Sections (each runs on its own; a failure becomes an ERROR row and the rest still run):
+  (i)   nn.DataParallel on one GPU vs the plain model: max |weight difference| after a few SGD steps
+  (ii)  DDP with one process (in-process group) vs the plain model: weight difference and samples/s
+  (iii) bf16 vs fp32 samples/s of the core loop, small-cnn and resnet18, 3x32x32, channels_last
+  (iv)  data resident on the GPU (place_split) vs a per-sample DataLoader (pin_memory): samples/s
+  (v)   the core loop vs a bare PyTorch loop on the GPU, same model, data and precision
+
+Needs only torch (+ torchvision for resnet18) and the training core: no DVC, DVCLive or pydantic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the repo root, so `stages` imports without being installed
+
+import torch  # noqa: E402
+
+FORBIDDEN_MODULES = ("dvc", "dvclive", "pydantic")
+TARGET_CORE_VS_BARE = 0.9
+TARGET_CORE_VS_DATALOADER = 3.0
+SAME_WEIGHTS_TOLERANCE = 1e-6  # fp32, same kernels, same order: expect exactly 0
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How big each measurement is. The timed epochs are cut to about `target_seconds` of the
+    core loop, so the whole check stays within a few minutes whatever the GPU."""
+
+    shape: tuple[int, int, int] = (3, 32, 32)
+    pool_images: int = 50_000  # synthetic images made once; measurements take a prefix
+    equivalence_batch: int = 64
+    equivalence_steps: int = 5
+    batch_small_cnn: int = 512  # (iii)
+    batch_resnet: int = 256  # (iii), (v)
+    batch_resnet_large: int = 1024  # (iii): big enough that the GPU, not the CPU, sets the pace
+    loop_batch: int = 256  # (ii), (iv), (v)
+    warmup_steps: int = 10  # untimed steps: CUDA context, cuDNN autotuning, allocator
+    min_steps: int = 20
+    target_seconds: float = 1.5
+    repeats: int = 3
+    loader_workers: int = 4  # the extra DataLoader row; 0 workers is the target row
+
+
+SMOKE = Sizes(shape=(3, 8, 8), pool_images=256, equivalence_batch=16, equivalence_steps=3, batch_small_cnn=32,
+              batch_resnet=8, batch_resnet_large=16, loop_batch=32, warmup_steps=1, min_steps=2, target_seconds=0.1, repeats=1,
+              loader_workers=2)
+
+
+@dataclass
+class Row:
+    section: str
+    measurement: str
+    value: float | str | None = None
+    unit: str = ""
+    target: str = ""
+    ok: bool | None = None  # None: no target
+    peak_mib: float | None = None
+    error: str = ""
+
+    @property
+    def status(self) -> str:
+        if self.error:
+            return "SKIPPED" if self.error.startswith("skipped") else "ERROR"
+        return "" if self.ok is None else ("ok" if self.ok else "MISSED")
+
+
+@dataclass
+class Check:
+    """What every section needs: the device, the sizes, the data pool, and the rows so far."""
+
+    device: torch.device
+    sizes: Sizes
+    images: torch.Tensor | None = None  # uint8 pool on the CPU
+    labels: torch.Tensor | None = None
+    rows: list[Row] = field(default_factory=list)
+
+    def add(self, *args, **kwargs) -> None:
+        kwargs.setdefault("peak_mib", peak_mib(self.device))
+        self.rows.append(Row(*args, **kwargs))
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def peak_mib(device: torch.device) -> float | None:
+    return round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None
+
+
+def reset_peak(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def workload(c: Check, model_name: str, batch: int, precision: str, n: int | None = None, **kw):
+    from benchmarks.loops import Workload
+
+    n = len(c.labels) if n is None else n
+    return Workload(model_name, c.images[:n], c.labels[:n], 10, batch, kw.pop("lr", 0.002), c.device, precision, **kw)
+
+
+def sized(c: Check, w):
+    """The workload cut to about sizes.target_seconds of core-loop training, from a probe run."""
+    from benchmarks.loops import CoreLoop, timed
+
+    s = c.sizes
+    probe = CoreLoop(w.subset(s.min_steps * w.batch_size))
+    probe.warm_up(s.warmup_steps)
+    rate = probe.samples / timed(probe.run_epoch, c.device)
+    del probe
+    n = int(rate * s.target_seconds) // w.batch_size * w.batch_size
+    return w.subset(max(s.min_steps * w.batch_size, min(n, len(w.labels))))
+
+
+def precision_name(w) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[w.amp_dtype]
+
+
+def max_weight_difference(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    from stages.parallel import unwrap
+
+    sa, sb = unwrap(a).state_dict(), unwrap(b).state_dict()
+    return max((sa[k].float() - sb[k].float()).abs().max().item() for k in sa)
+
+
+def sgd_no_momentum() -> dict:
+    # Plain SGD: the update is a pure function of the gradient, so any wrapper difference shows.
+    return dict(optimizer="sgd", momentum=0.0, weight_decay=0.0)
+
+
+def same_weights_row(c: Check, section: str, what: str, diff: float) -> None:
+    c.add(section, f"max |w - w_plain|, {what}", diff, "", f"<= {SAME_WEIGHTS_TOLERANCE:g}",
+          diff <= SAME_WEIGHTS_TOLERANCE)
+
+
+# --- the sections ----------------------------------------------------------------------------
+
+
+def check_imports(c: Check) -> None:
+    loaded = sorted({m.split(".")[0] for m in sys.modules} & set(FORBIDDEN_MODULES))
+    c.add("setup", "dvc / dvclive / pydantic imported by the core", ", ".join(loaded) or "none", "", "none",
+          not loaded, peak_mib=None)
+
+
+def check_data_parallel(c: Check) -> None:
+    """(i) One GPU: prepare_model's dp path and a forced nn.DataParallel both train exactly like the plain model."""
+    from benchmarks.loops import CoreLoop
+    from stages.parallel import DevicePlan
+
+    s, sec = c.sizes, "(i) dp vs single"
+    w = workload(c, "mlp", s.equivalence_batch, "fp32", s.equivalence_steps * s.equivalence_batch, lr=0.05)
+    ids = [c.device.index or 0] if c.device.type == "cuda" else []
+    plain = CoreLoop(w, plan=DevicePlan(c.device.type, "dp", [], 1), **sgd_no_momentum())
+    start = {k: v.clone() for k, v in plain.model.state_dict().items()}
+    via_plan = CoreLoop(w, plan=DevicePlan(c.device.type, "dp", ids, 1), **sgd_no_momentum())
+    forced = CoreLoop(w, plan=DevicePlan(c.device.type, "dp", ids, 1), force_data_parallel=True, **sgd_no_momentum())
+    for loop in (plain, via_plan, forced):
+        loop.run_epoch()
+    moved = max((plain.model.state_dict()[k] - v).abs().max().item() for k, v in start.items())
+    c.add(sec, f"mlp, {w.steps} SGD steps: max |w - w_start| (must be > 0)", moved, "", "> 0", moved > 0)
+    c.add(sec, f"prepare_model(dp, device_ids {ids}) returns", type(via_plan.model).__name__)
+    same_weights_row(c, sec, "prepare_model(dp, 1 device)", max_weight_difference(via_plan.model, plain.model))
+    same_weights_row(c, sec, f"nn.DataParallel(device_ids={[c.device.index or 0]})",
+                     max_weight_difference(forced.model, plain.model))
+
+
+def check_ddp(c: Check) -> None:
+    """(ii) DDP in a one-process group (nccl on CUDA, gloo on the CPU), joined the way the train stage joins."""
+    import torch.distributed as dist
+
+    from benchmarks.loops import CoreLoop, race
+    from stages.parallel import DevicePlan, free_port, init_distributed, shutdown_distributed
+
+    s, sec = c.sizes, "(ii) ddp(1) vs single"
+    w_eq = workload(c, "mlp", s.equivalence_batch, "fp32", s.equivalence_steps * s.equivalence_batch, lr=0.05)
+    w_speed = sized(c, workload(c, "small-cnn", s.loop_batch, "auto"))
+    # Build the single-device loops before the group exists: DistContext().distributed is True
+    # whenever a process group is initialised, and prepare_model would then wrap them in DDP too.
+    plain_eq = CoreLoop(w_eq, **sgd_no_momentum())
+    plain_speed = CoreLoop(w_speed)
+    plain_speed.name = "single"
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        ctx = init_distributed(c.device.type)
+        ids = [c.device.index or 0] if c.device.type == "cuda" else []
+        plan = DevicePlan(c.device.type, "ddp", ids, 1)
+        ddp_eq = CoreLoop(w_eq, plan=plan, ctx=ctx, **sgd_no_momentum())
+        ddp_speed = CoreLoop(w_speed, plan=plan, ctx=ctx)
+        ddp_speed.name = "ddp"
+        c.add(sec, "backend / wrapper", f"{dist.get_backend()} / {type(ddp_eq.model).__name__}")
+        plain_eq.run_epoch()
+        ddp_eq.run_epoch()
+        same_weights_row(c, sec, f"DDP world size 1, mlp, {w_eq.steps} SGD steps",
+                         max_weight_difference(ddp_eq.model, plain_eq.model))
+        t = race([plain_speed, ddp_speed], s.repeats, s.warmup_steps, c.device)
+        label = f"small-cnn {precision_name(w_speed)} batch {w_speed.batch_size}"
+        c.add(sec, f"samples/s single, {label}", t["single"].best, "samples/s")
+        c.add(sec, f"samples/s ddp(1), {label}", t["ddp"].best, "samples/s")
+        c.add(sec, "ddp(1) / single", t["ddp"].best / t["single"].best, "x", "~1 (info)")
+    finally:
+        shutdown_distributed()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def check_precision(c: Check) -> None:
+    """(iii) What bf16 autocast buys over fp32 in the core loop (channels_last on CUDA for conv nets)."""
+    from benchmarks.loops import CoreLoop, race
+
+    s, sec = c.sizes, "(iii) bf16 vs fp32"
+    for model_name, batch in (("small-cnn", s.batch_small_cnn), ("resnet18", s.batch_resnet),
+                              ("resnet18", s.batch_resnet_large)):
+        rates = {}
+        for precision in ("fp32", "bf16"):
+            reset_peak(c.device)
+            w = sized(c, workload(c, model_name, batch, precision))
+            loop = CoreLoop(w)
+            rates[precision] = race([loop], s.repeats, s.warmup_steps, c.device)["core"].best
+            c.add(sec, f"core {model_name} {precision} batch {batch} ({batch / rates[precision] * 1e3:.2f} ms/step)",
+                  rates[precision], "samples/s")
+            del loop
+        c.add(sec, f"{model_name} batch {batch}: bf16 / fp32", rates["bf16"] / rates["fp32"], "x", "> 1 (info)")
+
+
+def check_loops_small_cnn(c: Check) -> None:
+    """(iv) and (v) for small-cnn: the core with data on the GPU vs a DataLoader and vs a bare loop."""
+    from benchmarks.loops import BareLoop, CoreLoop, DataLoaderLoop, race
+
+    s = c.sizes
+    w = sized(c, workload(c, "small-cnn", s.loop_batch, "auto"))
+    label = f"small-cnn {precision_name(w)} batch {w.batch_size}, {w.samples} samples/epoch"
+    t = race([CoreLoop(w), BareLoop(w), DataLoaderLoop(w)], s.repeats, s.warmup_steps, c.device)
+    core = t["core"].best
+    c.add("(iv) gpu-resident vs DataLoader", f"core (place_split on {c.device.type}), {label}", core, "samples/s")
+    c.add("(iv) gpu-resident vs DataLoader", "DataLoader, per-sample, 0 workers, pin_memory", t["dataloader"].best,
+          "samples/s")
+    c.add("(iv) gpu-resident vs DataLoader", "core / DataLoader", core / t["dataloader"].best, "x",
+          f">= {TARGET_CORE_VS_DATALOADER:g}", core / t["dataloader"].best >= TARGET_CORE_VS_DATALOADER)
+    c.add("(iv) gpu-resident vs DataLoader", "bare / DataLoader (the most an in-memory loop gains here)",
+          t["bare"].best / t["dataloader"].best, "x", "(info)")
+    c.add("(v) core vs bare", f"bare loop, {label}", t["bare"].best, "samples/s")
+    c.add("(v) core vs bare", "core / bare, small-cnn", core / t["bare"].best, "x", f">= {TARGET_CORE_VS_BARE:g}",
+          core / t["bare"].best >= TARGET_CORE_VS_BARE)
+    # Worker processes are how tutorials hide the per-sample cost: shown, not a target.
+    try:
+        loader = DataLoaderLoop(w, workers=s.loader_workers)
+        rate = race([loader], s.repeats, s.warmup_steps, c.device)[loader.name].best
+        c.add("(iv) gpu-resident vs DataLoader", f"core / DataLoader with {s.loader_workers} workers", core / rate, "x",
+              "(info)")
+    except Exception as exc:  # noqa: BLE001 - one row's failure must not hide the rows above
+        c.add("(iv) gpu-resident vs DataLoader", f"DataLoader with {s.loader_workers} workers", error=one_line(exc))
+
+
+def check_loops_resnet(c: Check) -> None:
+    """(v) for resnet18: heavier kernels, so the loop's own overhead should vanish."""
+    from benchmarks.loops import BareLoop, CoreLoop, race
+
+    s = c.sizes
+    w = sized(c, workload(c, "resnet18", s.batch_resnet, "auto"))
+    t = race([CoreLoop(w), BareLoop(w)], s.repeats, s.warmup_steps, c.device)
+    label = f"resnet18 {precision_name(w)} batch {w.batch_size}"
+    c.add("(v) core vs bare", f"core, {label}", t["core"].best, "samples/s")
+    c.add("(v) core vs bare", f"bare, {label}", t["bare"].best, "samples/s")
+    c.add("(v) core vs bare", "core / bare, resnet18", t["core"].best / t["bare"].best, "x",
+          f">= {TARGET_CORE_VS_BARE:g}", t["core"].best / t["bare"].best >= TARGET_CORE_VS_BARE)
+
+
+SECTIONS = [
+    ("(i) dp vs single", check_data_parallel),
+    ("(ii) ddp(1) vs single", check_ddp),
+    ("(iii) bf16 vs fp32", check_precision),
+    ("(iv)+(v) small-cnn loops", check_loops_small_cnn),
+    ("(v) resnet18 loops", check_loops_resnet),
+]
+
+
+# --- running and reporting --------------------------------------------------------------------
+
+
+def one_line(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def run_sections(c: Check, budget_s: float, started: float) -> None:
+    for name, fn in SECTIONS:
+        if time.perf_counter() - started > budget_s:
+            c.add(name, "section", error=f"skipped: over the {budget_s:.0f} s budget", peak_mib=None)
+            continue
+        reset_peak(c.device)
+        t0 = time.perf_counter()
+        try:
+            fn(c)
+        except Exception as exc:  # noqa: BLE001 - report and go on: one failure must not hide the rest
+            traceback.print_exc()
+            c.add(name, "section failed", error=one_line(exc))
+        print(f"  {name}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+
+
+def fmt_value(v) -> str:
+    if isinstance(v, float):
+        return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}" if v != 0 else "0"
+    return "" if v is None else str(v)
+
+
+def print_table(rows: list[Row]) -> None:
+    header = ("section", "measurement", "value", "unit", "target", "status", "peak MiB")
+    table = [header] + [(r.section, r.measurement, fmt_value(r.value), r.unit, r.target, r.status,
+                         "" if r.peak_mib is None else f"{r.peak_mib:,.0f}") for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    for i, line in enumerate(table):
+        print("  ".join(cell.ljust(w) if j < 2 else cell.rjust(w) if j == 2 else cell.ljust(w)
+                        for j, (cell, w) in enumerate(zip(line, widths))).rstrip())
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    for r in rows:
+        if r.error:
+            print(f"{r.status}: {r.section} / {r.measurement}: {r.error}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="tiny sizes (and the CPU when there is no GPU): checks it runs")
+    p.add_argument("--cpu", action="store_true", help="use the CPU even when CUDA is visible (with --smoke)")
+    p.add_argument("--budget", type=float, default=180.0, help="skip sections that would start after this many seconds")
+    p.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the table and machine to PATH")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    started = time.perf_counter()
+    args = parse_args(argv)
+    cuda = torch.cuda.is_available() and not args.cpu
+    if not cuda and not args.smoke:
+        print("gpu_check: no CUDA device visible; run with --smoke for a quick CPU run of the same code", file=sys.stderr)
+        return 2
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # as the train stage sets it when not deterministic
+    c = Check(device, SMOKE if args.smoke else Sizes())
+    try:
+        from benchmarks.loops import describe, machine, synthetic_images
+    except Exception as exc:  # noqa: BLE001 - the import chain itself is what broke: say so plainly
+        traceback.print_exc()
+        print(f"gpu_check: cannot import the training core: {one_line(exc)}")
+        return 1
+    info = machine(device)
+    c.images, c.labels = synthetic_images(c.sizes.pool_images, c.sizes.shape, 10)
+    print(f"gpu_check{' --smoke' if args.smoke else ''}: {c.sizes.pool_images} synthetic uint8 images "
+          f"{c.sizes.shape}; best of {c.sizes.repeats} timed epochs per loop", file=sys.stderr, flush=True)
+    run_sections(c, args.budget, started)
+    check_imports(c)  # after the sections, so lazy imports (torchvision, torch.distributed) count too
+    c.rows.insert(0, c.rows.pop())
+    peaks = [r.peak_mib for r in c.rows if r.peak_mib is not None]
+    if peaks:
+        c.add("total", "peak GPU memory of any section (allocated)", max(peaks), "MiB", peak_mib=None)
+    info["elapsed_s"] = round(time.perf_counter() - started, 1)
+    print()
+    print(describe(info) + f"\nelapsed {info['elapsed_s']} s{'  (SMOKE: tiny sizes; targets not meaningful)' if args.smoke else ''}")
+    print_table(c.rows)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        rows = [dict(vars(r), status=r.status) for r in c.rows]
+        args.json.write_text(json.dumps({"machine": info, "smoke": args.smoke, "rows": rows}, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 1 if any(r.status == "ERROR" for r in c.rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

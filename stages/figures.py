@@ -1,0 +1,183 @@
+"""The report's figures, as PNG files: matplotlib with the Agg backend, imported inside each function.
+
+Each function takes plain Python data (lists, dicts, uint8 tensors) and a path, writes one
+PNG and returns the path. Sizes grow with the number of classes or images so labels never
+collide; PNG metadata leaves out matplotlib's version so the same numbers give the same file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .artifacts import atomic_path
+
+DPI = 110
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never a window, works without a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight", metadata={"Software": None})
+    _pyplot().close(fig)
+    return path
+
+
+def _short(name: str, limit: int = 14) -> str:
+    return name if len(name) <= limit else name[: limit - 1] + "…"
+
+
+def learning_curves(curves: dict[str, dict[str, list[float]]], path: Path) -> Path:
+    """Train and validation loss (log scale: it falls by decades) and accuracy per epoch.
+
+    curves: {"loss": {"train": [...], "val": [...]}, "accuracy": {...}}, one value per epoch.
+    """
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, metric in zip(axes, ("loss", "accuracy")):
+        for split, style in (("train", "-o"), ("val", "--s")):
+            values = curves.get(metric, {}).get(split, [])
+            ax.plot(range(1, len(values) + 1), values, style, markersize=3, label=split)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(metric)
+        ax.set_title(f"{metric.capitalize()} per epoch")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if any(v > 0 for split in curves.get("loss", {}).values() for v in split):
+        axes[0].set_yscale("log")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def per_class_bars(per_class: dict[str, dict], path: Path) -> Path:
+    """Grouped precision / recall / F1 bars per class, on a 0..1 axis (the table has the exact values)."""
+    plt = _pyplot()
+    names = list(per_class)
+    n = len(names)
+    fig, ax = plt.subplots(figsize=(min(max(6.0, 0.55 * n + 2), 24), 4))
+    width = 0.27
+    for i, (score, color) in enumerate((("precision", "#4c72b0"), ("recall", "#dd8452"), ("f1", "#55a868"))):
+        xs = [c + (i - 1) * width for c in range(n)]
+        ax.bar(xs, [per_class[name][score] for name in names], width, label=score if score != "f1" else "F1", color=color)
+    slanted = n > 12 or max(map(len, names)) > 4  # many or long names would run into each other
+    ax.set_xticks(range(n), [_short(name) for name in names], rotation=45 if slanted else 0,
+                  ha="right" if slanted else "center")
+    ax.set_ylim(0, 1.12)
+    ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    ax.set_xlabel("class")
+    ax.set_ylabel("score")
+    ax.set_title("Per-class precision, recall and F1 on the test split")
+    ax.legend(ncol=3, loc="upper center", frameon=False)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def confusion_heatmap(matrix: list[list[int]], class_names: list[str], path: Path) -> Path:
+    """Counts of (true, predicted) pairs; every cell written when there are few enough classes."""
+    plt = _pyplot()
+    n = len(class_names)
+    side = min(max(4.5, 0.5 * n + 2), 24)
+    fig, ax = plt.subplots(figsize=(side + 1, side))
+    image = ax.imshow(matrix, cmap="Blues")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="test images")
+    labels = [_short(name) for name in class_names]
+    slanted = max(map(len, labels)) > 2  # long names would run into each other
+    ticks = {"fontsize": 6} if n > 30 else {}  # up to ~100 classes still get a readable name each
+    ax.set_xticks(range(n), labels, rotation=45 if slanted else 0, ha="right" if slanted else "center", **ticks)
+    ax.set_yticks(range(n), labels, **ticks)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("Confusion matrix (test split)")
+    if n <= 30:  # more cells than that and the numbers no longer fit
+        top = max((v for row in matrix for v in row), default=0)
+        for r in range(n):
+            for c in range(n):
+                count = matrix[r][c]
+                if count:
+                    ax.text(c, r, str(count), ha="center", va="center", fontsize=8 if n > 15 else 9,
+                            color="white" if count > top / 2 else "black")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def misclassified_grid(images, labels: list[tuple[str, str]], total_wrong: int, total: int, path: Path,
+                       columns: int = 8) -> Path:
+    """A grid of misclassified test images (uint8 (N, C, H, W)), each titled with its (true, predicted) label.
+
+    With none wrong it still writes a figure that says so, so the report's link never breaks.
+    """
+    plt = _pyplot()
+    n = len(labels)
+    if n == 0:
+        fig, ax = plt.subplots(figsize=(5, 1.6))
+        ax.axis("off")
+        ax.text(0.5, 0.5, f"No misclassified test images\n(0 of {total})", ha="center", va="center", fontsize=13)
+        return _save(fig, path)
+    cols = min(columns, n)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.9 * rows + 0.6), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i >= n:
+            continue
+        image = images[i]
+        if image.shape[0] == 1:
+            ax.imshow(image[0].numpy(), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        else:
+            ax.imshow(image.permute(1, 2, 0).numpy(), interpolation="nearest")
+        true, predicted = labels[i]
+        ax.set_title(f"true {_short(true, 12)}\npred {_short(predicted, 12)}", fontsize=8, color="#b22222")
+    shown = f" (the first {n} shown)" if n < total_wrong else ""
+    fig.suptitle(f"Misclassified test images: {total_wrong} of {total}{shown}", fontsize=11)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def scaling_plot(rows: list[dict], path: Path) -> Path:
+    """Throughput and efficiency against the device count, one line per strategy and scaling mode."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    series: dict[str, list[dict]] = {}
+    for row in rows:
+        if row["samples_per_second"]:
+            series.setdefault(f"{row['strategy']} {row['scaling']}", []).append(row)
+    for strategy in {row["strategy"] for row in rows}:  # one line where weak and strong are the same points
+        weak, strong = series.get(f"{strategy} weak"), series.get(f"{strategy} strong")
+        same = weak and strong and [(r["devices"], r["global_batch"]) for r in weak] == [
+            (r["devices"], r["global_batch"]) for r in strong]
+        if same:
+            series[f"{strategy} weak = strong"] = series.pop(f"{strategy} weak")
+            del series[f"{strategy} strong"]
+    counts = sorted({row["devices"] for line in series.values() for row in line}) or [1]
+    for label, line in series.items():
+        xs = [row["devices"] for row in line]
+        left.plot(xs, [row["samples_per_second"] for row in line], "-o", label=label)
+        right.plot(xs, [100 * (row["efficiency"] or 0) for row in line], "-o", label=label)
+    right.axhline(100, color="gray", linewidth=1, linestyle=":", label="ideal")
+    right.axhline(70, color="#b22222", linewidth=1, linestyle="--", label="70%")
+    for ax, ylabel, title in ((left, "samples/s", "Training throughput"), (right, "efficiency (%)", "Scaling efficiency")):
+        ax.set_xticks(counts)
+        ax.set_xlabel("devices")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    left.set_ylim(bottom=0)
+    left.yaxis.set_major_formatter(lambda value, _: f"{value:,.0f}")
+    right.set_ylim(0, 115)
+    if len(counts) == 1:
+        left.set_xlim(0.5, 1.5)
+        right.set_xlim(0.5, 1.5)
+        left.annotate("one device measured:\nno scaling curve", xy=(0.5, 0.2), xycoords="axes fraction",
+                      ha="center", fontsize=9, color="#555555")
+    fig.tight_layout()
+    return _save(fig, path)

@@ -1,0 +1,214 @@
+"""The analyze stage on a real (tiny) run: prepare-data, 2 epochs of train, evaluate, then analyze.
+
+The report's numbers are checked against the files they come from, each figure is checked to
+be a real, non-blank PNG, and the lessons logic is checked on synthetic measurements.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from stages.analyze import lessons
+from stages.cli import app
+from stages.probe import device_counts, planned_points
+
+FIGURES = ("learning_curves.png", "per_class.png", "confusion.png", "misclassified.png")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def write_params(path: Path, probe: bool) -> Path:
+    path.write_text(
+        "data: {dataset: digits}\n"
+        "model: {name: small-cnn}\n"
+        "train: {epochs: 2, batch_size: 64}\n"
+        f"analyze: {{probe: {str(probe).lower()}, probe_steps: 3}}\n"
+    )
+    return path
+
+
+def invoke(*args: str) -> str:
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def analyze(root: Path, params: Path, out: Path) -> str:
+    return invoke("analyze", "--params", str(params), "--data", str(root / "data"),
+                  "--model", str(root / "model.safetensors"), "--train-metrics", str(root / "train"),
+                  "--eval-metrics", str(root / "evaluate"), "--out", str(out))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """A finished pipeline in a temp dir, analyzed twice: probe on (report/) and probe off (report_off/)."""
+    root = tmp_path_factory.mktemp("pipeline")
+    params = write_params(root / "params.yaml", probe=True)
+    invoke("prepare-data", "--params", str(params), "--out", str(root / "data"))
+    invoke("train", "--params", str(params), "--data", str(root / "data"), "--model", str(root / "model.safetensors"),
+           "--metrics", str(root / "train"), "--checkpoint", str(root / "checkpoint.safetensors"))
+    invoke("evaluate", "--params", str(params), "--data", str(root / "data"), "--model", str(root / "model.safetensors"),
+           "--out", str(root / "evaluate"))
+    analyze(root, params, root / "report")
+    # A scaling figure left over from an earlier probe must not survive a run without the probe.
+    (root / "report_off" / "figures").mkdir(parents=True)
+    shutil.copy(root / "report" / "figures" / "scaling.png", root / "report_off" / "figures" / "scaling.png")
+    analyze(root, write_params(root / "params_off.yaml", probe=False), root / "report_off")
+    return root
+
+
+def section(report: str, title: str) -> str:
+    """The text of one '## title' section of the report."""
+    assert f"## {title}\n" in report, f"no section {title!r}"
+    return report.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def table_rows(text: str, first_cell: str) -> list[list[str]]:
+    return [[cell.strip() for cell in line.strip("|").split("|")]
+            for line in text.splitlines() if line.startswith(f"| {first_cell} |")]
+
+
+def test_report_numbers_match_the_inputs(run):
+    report = (run / "report" / "report.md").read_text()
+    test = json.loads((run / "evaluate" / "metrics.json").read_text())["test"]
+    info = json.loads((run / "data" / "info.json").read_text())
+    summary = json.loads((run / "train" / "run.json").read_text())
+    per_class = json.loads((run / "evaluate" / "per_class.json").read_text())
+    with (run / "evaluate" / "predictions.csv").open() as f:
+        wrong = sum(r["actual"] != r["predicted"] for r in csv.DictReader(f))
+
+    run_summary = section(report, "Run summary")
+    assert f"{summary['parameters']:,} parameters" in run_summary
+    assert f"{summary['samples_per_second']:,.0f} samples/s" in run_summary
+    assert f"global {summary['global_batch']}, per device {summary['per_device_batch']}" in run_summary
+    assert f"{info['counts']['train']} train / {info['counts']['val']} val / {info['counts']['test']} test" in run_summary
+    assert f"over {summary['epochs']} epochs" in run_summary
+
+    quality = section(report, "Quality")
+    assert f"test accuracy: {test['accuracy']} " in quality
+    assert f"test loss: {test['loss']}" in quality
+    assert f"misclassified: {wrong} of {info['counts']['test']}" in quality
+    for name, scores in per_class.items():
+        [row] = table_rows(quality, name)
+        expected = [scores["precision"], scores["recall"], scores["f1"]]
+        assert [float(v) for v in row[1:4]] == pytest.approx(expected, abs=5e-5)
+        assert int(row[4]) == scores["support"]
+    assert "train loss" in quality and "val loss" in quality  # the learning-curve summary line
+
+    lessons_text = section(report, "Lessons")
+    assert lessons_text.count("\n- ") >= 1 and f"{summary['per_device_batch']} samples per device" in lessons_text
+
+
+def test_figures_are_real_pngs_linked_from_the_report(run):
+    from PIL import Image
+
+    report = (run / "report" / "report.md").read_text()
+    for name in (*FIGURES, "scaling.png"):
+        path = run / "report" / "figures" / name
+        assert path.read_bytes()[:8] == PNG_SIGNATURE, name
+        with Image.open(path) as image:
+            image.load()
+            low_high = image.convert("L").getextrema()
+        assert low_high[0] < low_high[1], f"{name} is one flat colour"
+        assert f"(figures/{name})" in report
+
+
+def test_probe_table_has_one_row_per_device_count(run):
+    import torch
+
+    report = (run / "report" / "report.md").read_text()
+    probe = section(report, "Scaling probe")
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    weak_rows = [r for r in table_rows(probe, "dp") if "weak" in r[1]]
+    assert [int(r[2]) for r in weak_rows] == device_counts(max(visible, 1))
+    assert all(float(r[5].replace(",", "")) > 0 for r in weak_rows)  # samples/s
+    scaling = json.loads((run / "report" / "scaling.json").read_text())
+    assert scaling["steps"] == 3 and scaling["points"][0]["samples_per_second"] > 0
+    assert "The probe took" in probe
+    if visible < 2:
+        assert "Not measured:" in probe  # says what it could not time, and why
+
+
+def test_probe_off_is_skipped_and_said(run):
+    report = (run / "report_off" / "report.md").read_text()
+    assert "Not run: `analyze.probe` is false" in section(report, "Scaling probe")
+    assert json.loads((run / "report_off" / "scaling.json").read_text())["probe"] == "off"
+    figures = sorted(p.name for p in (run / "report_off" / "figures").glob("*.png"))
+    assert figures == sorted(FIGURES)  # the stale scaling.png is gone
+    assert section(report, "Lessons").count("\n- ") >= 1
+
+
+# --- the lessons logic on synthetic measurements -----------------------------------
+
+
+def gpu_run(per_device_batch: int, devices: int = 2, strategy: str = "dp") -> dict:
+    return {"accelerator": "cuda", "num_devices": devices, "per_device_batch": per_device_batch,
+            "global_batch": per_device_batch * devices, "samples_per_second": 20000.0, "strategy": strategy}
+
+
+def row(strategy: str, devices: int, speedup: float, scaling: str = "weak") -> dict:
+    return {"strategy": strategy, "scaling": scaling, "devices": devices, "global_batch": 64 * devices,
+            "per_device_batch": 64, "samples_per_second": 10000.0 * speedup, "speedup": speedup,
+            "efficiency": speedup / devices, "peak_memory_mb": [], "note": ""}
+
+
+H100 = {"name": "NVIDIA H100", "memory_gib": 79.1, "multiprocessors": 132}
+
+
+def test_low_dataparallel_efficiency_recommends_ddp():
+    lines = lessons(gpu_run(64), [row("dp", 1, 1.0), row("dp", 2, 1.0)], [{"id": 0, **H100}, {"id": 1, **H100}], True, True)
+    [ddp] = [line for line in lines if "train.strategy: ddp" in line]
+    assert "50% efficiency on 2 GPUs" in ddp
+
+
+def test_small_per_device_batch_warns_about_batchnorm_only_with_batchnorm():
+    assert any("BatchNorm" in line and " 8 samples" in line for line in lessons(gpu_run(8), [], [], True, True))
+    assert not any("BatchNorm" in line for line in lessons(gpu_run(8), [], [], False, True))
+
+
+def test_unequal_gpus_and_flat_throughput_are_flagged():
+    small = {"id": 1, "name": "Tesla T4", "memory_gib": 14.6, "multiprocessors": 40}
+    lines = lessons(gpu_run(64), [row("dp", 1, 1.0), row("dp", 4, 1.1)], [{"id": 0, **H100}, small], True, False)
+    assert any("GPUs differ" in line and "14.6 GiB" in line for line in lines)
+    assert any("flat" in line and "1.10× on 4 devices" in line and "host memory" in line for line in lines)
+
+
+def test_healthy_scaling_gives_only_the_measured_line():
+    lines = lessons(gpu_run(64), [row("dp", 1, 1.0), row("dp", 2, 1.9)], [{"id": 0, **H100}, {"id": 1, **H100}], True, True)
+    assert len(lines) == 1 and "20,000 samples/s" in lines[0]
+
+
+def test_slow_first_epoch_is_explained():
+    run = {**gpu_run(64, devices=1), "samples_per_second": 5504.0, "epoch_seconds": [0.86, 0.07, 0.08, 0.08, 0.08]}
+    [line] = [line for line in lessons(run, [], [], True, True) if "first epoch" in line]
+    assert "0.86 s against 0.08 s" in line and "16,099 samples/s" in line
+
+
+def test_cpu_run_says_multi_gpu_lessons_need_gpus():
+    cpu = {"accelerator": "cpu", "num_devices": 1, "per_device_batch": 64, "global_batch": 64,
+           "samples_per_second": 9000.0, "strategy": "dp"}
+    lines = lessons(cpu, [row("dp", 1, 1.0)], [], True, None)
+    assert any("need a machine with 2 or more GPUs" in line and "10,000 samples/s" in line for line in lines)
+
+
+def test_planned_points_cover_weak_and_strong_scaling():
+    assert device_counts(1) == [1] and device_counts(6) == [1, 2, 4, 6]
+    points = planned_points(["dp", "ddp"], [1, 2, 4], per_device_batch=16, global_batch=64)
+    assert ("dp", 1, 16) in points and ("dp", 1, 64) in points  # weak and strong baselines
+    assert ("dp", 4, 64) in points and points.count(("dp", 4, 64)) == 1  # where weak meets strong
+    assert not any(s == "ddp" and k == 1 for s, k, _ in points)
+
+
+def test_ddp_probe_point_runs_two_cpu_processes(run):
+    """The DDP worker path (`python -m stages.probe`) on the CPU with gloo, as the tests of train do."""
+    from stages.params import TrainParams
+    from stages.probe import time_ddp_point
+
+    point = time_ddp_point(run / "model.safetensors", run / "data", TrainParams(batch_size=32), "cpu",
+                           world_size=2, global_batch=32, steps=2)
+    assert point.note == "" and point.samples_per_second > 0 and len(point.peak_memory_mb) == 2
