@@ -35,6 +35,29 @@ def _run(fn, *args) -> None:
         raise _fail("interrupted") from None
 
 
+@app.command("check-params")
+def check_params(
+    params: ParamsOption = Path("params.yaml"),
+    out: Annotated[Path, typer.Option(help="Marker file written when the params are valid.")] = Path("data/params.ok"),
+) -> None:
+    """Validate every section of the params file; the first stage of the pipeline.
+
+    DVC deletes a stage's old outputs just before it runs the stage, so a bad value must be
+    refused here, before any other stage starts, for the last good artifacts to survive.
+    """
+
+    def stage() -> None:
+        from .artifacts import write_text
+        from .params import load_params
+
+        load_params(params)
+        # Constant content: a valid change of params does not look like a change to later stages.
+        write_text(out, "ok\n")
+        typer.echo(f"{params}: ok")
+
+    _run(stage)
+
+
 @app.command("prepare-data")
 def prepare_data(
     params: ParamsOption = Path("params.yaml"),

@@ -217,7 +217,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     import yaml  # imported here so that `--help` stays light
 
     path = Path(path)
-    if not path.is_file():
+    if not path.exists() or path.is_dir():
         raise UserError(f"params file not found: {path}")
     try:
         raw = yaml.safe_load(path.read_text())

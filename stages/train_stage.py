@@ -146,7 +146,7 @@ def _train(p: Params, plan: DevicePlan, ctx: DistContext, data_dir: Path, model_
     fingerprint = {f"{section}.{key}": value for section in ("model", "train")
                    for key, value in p.section_dict(section).items()}
     fingerprint["prepared data sha256"] = file_digest(
-        [data_dir / "info.json", data_dir / "train.safetensors", data_dir / "val.safetensors"])
+        [data_dir / "info.json", data_dir / "train.safetensors", data_dir / "val.safetensors"])[:16]
     resume = None
     if checkpoint_path.exists():
         ck = load_checkpoint(checkpoint_path)

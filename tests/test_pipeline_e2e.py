@@ -86,14 +86,14 @@ def project(tmp_path_factory):
 
 def test_repro_runs_every_stage_and_learns(project):
     repo = project["repo"]
-    assert ran(project["first_output"]) == ["prepare-data", "train", "evaluate", "analyze"]
+    assert ran(project["first_output"]) == ["check-params", "prepare-data", "train", "evaluate", "analyze"]
     m = metrics(repo)
     test = m["metrics/evaluate/metrics.json"]["test"]
     assert test["accuracy"] >= 0.97 and 0 < test["loss"] < 0.2
     train = m["metrics/train/metrics.json"]
     assert train["samples_per_second"] > 0 and train["num_devices"] == 1 and train["world_size"] == 1
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"prepare-data", "train", "evaluate", "analyze"}
+    assert set(lock["stages"]) == {"check-params", "prepare-data", "train", "evaluate", "analyze"}
     assert set(lock["stages"]["prepare-data"]["params"]["params.yaml"]) == {"data"}
     artifacts = yaml.safe_load((repo / "dvc.yaml").read_text())["artifacts"]
     assert any(a["type"] == "model" and a["path"] == "models/model.safetensors" for a in artifacts.values())
@@ -103,14 +103,14 @@ def test_repro_runs_every_stage_and_learns(project):
 def test_second_repro_runs_nothing(project):
     out = sh(project["repo"], "dvc", "repro").stdout
     assert ran(out) == []
-    assert out.count("didn't change, skipping") == 4
+    assert out.count("didn't change, skipping") == 5
 
 
 def test_epochs_change_reruns_train_not_prepare(project):
     repo = project["repo"]
     set_param(repo, "train", "epochs", 8)
     out = sh(repo, "dvc", "repro").stdout
-    assert ran(out) == ["train", "evaluate", "analyze"]
+    assert ran(out) == ["check-params", "train", "evaluate", "analyze"]
     assert "Stage 'prepare-data' didn't change, skipping" in out
     commit(repo, "8 epochs")
 
@@ -128,9 +128,29 @@ def test_metrics_params_and_plots_diff_across_commits(project, tmp_path):
     out = tmp_path / "plots"
     sh(repo, "dvc", "plots", "diff", "HEAD~1", "-o", str(out))
     html = (out / "index.html").read_text()
-    for name in ("Loss", "Accuracy", "predictions.csv"):
+    for name in ("Loss", "Accuracy", "predictions.csv", "confusion.png", "learning_curves.png", "scaling.png"):
         assert name in html
     assert "HEAD~1" in html and "workspace" in html
+
+
+def test_bad_params_keep_the_last_good_artifacts(project):
+    repo = project["repo"]
+    outputs = ["models/model.safetensors", "metrics/train/metrics.json", "metrics/evaluate/metrics.json",
+               "report/report.md", "data/prepared/train.safetensors"]
+    before = {name: (repo / name).read_bytes() for name in outputs}
+    cases = [("train.epoch", 3, "repro"), ("data.val_fraction", 1.5, "repro"), ("train.lr", "fast", "exp")]
+    for key, value, how in cases:
+        if how == "repro":  # a typo or bad value typed into params.yaml
+            set_param(repo, *key.split("."), value)
+            proc = sh(repo, "dvc", "repro", check=False)
+        else:
+            proc = sh(repo, "dvc", "exp", "run", "-S", f"{key}={value}", check=False)
+        assert proc.returncode != 0
+        errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and key in errors[0] and "Traceback" not in proc.stdout + proc.stderr
+        sh(repo, "git", "checkout", "HEAD", "--", "params.yaml")
+        assert {name: (repo / name).read_bytes() for name in outputs} == before
+    assert ran(sh(repo, "dvc", "repro").stdout) == ["check-params"]
 
 
 def test_experiment_run_and_show(project):
@@ -206,7 +226,7 @@ def test_clean_copy_reproduces_weights_and_metrics(project, tmp_path):
 
 def test_ddp_experiment_on_two_cpu_processes(project):
     repo = project["repo"]
-    sh(repo, "git", "checkout", "-q", "--", "params.yaml")
+    sh(repo, "git", "checkout", "-q", "HEAD", "--", "params.yaml")
     out = sh(repo, "dvc", "exp", "run", "-S", "train.strategy=ddp", "-S", "train.accelerator=cpu",
              "-S", "train.devices=2").stdout
     assert "strategy ddp (2 processes)" in out

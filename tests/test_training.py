@@ -251,3 +251,30 @@ def test_dp_matches_single_device_on_cuda():
         results.append({k: v.detach().cpu() for k, v in unwrap(wrapped).state_dict().items()})
     for k in results[0]:
         torch.testing.assert_close(results[0][k], results[1][k], rtol=1e-4, atol=1e-5)
+
+
+def test_random_crop_flip_shifts_and_mirrors_each_image():
+    from stages.transforms import random_crop_flip
+
+    n, c, h, w, pad = 64, 3, 6, 6, 2
+    x = torch.randn(n, c, h, w)
+    gen = torch.Generator().manual_seed(0)
+    out = random_crop_flip(x, pad, flip=True, generator=gen)
+    assert out.shape == x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    shifts, flips = set(), 0
+    for i in range(n):
+        matches = [(dy, dx, f) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1) for f in (False, True)
+                   if torch.equal(out[i], (lambda crop: crop.flip(2) if f else crop)(padded[i, :, dy:dy + h, dx:dx + w]))]
+        assert matches, f"image {i} is not a crop of its padded self"
+        shifts.add(matches[0][:2])
+        flips += matches[0][2]
+    assert len(shifts) > 5 and 10 < flips < 54  # offsets and flips really vary across the batch
+    again = random_crop_flip(x, pad, flip=True, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)  # seeded: a resumed epoch augments exactly as before
+
+
+def test_augmented_training_runs_on_the_stage(tmp_path, prepared_digits):
+    out, proc = _train(tmp_path, "aug", prepared_digits, epochs=2, accelerator="cpu", augment=True)
+    plain, _ = _train(tmp_path, "plain", prepared_digits, epochs=2, accelerator="cpu")
+    assert (out / "model.safetensors").read_bytes() != (plain / "model.safetensors").read_bytes()
