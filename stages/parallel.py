@@ -30,10 +30,6 @@ class DevicePlan:
     world_size: int = 1  # processes (ddp) — 1 for dp
 
     @property
-    def num_devices(self) -> int:
-        return max(len(self.device_ids), self.world_size) if self.accelerator == "cuda" else self.world_size
-
-    @property
     def use_data_parallel(self) -> bool:
         return self.strategy == "dp" and self.accelerator == "cuda" and len(self.device_ids) > 1
 

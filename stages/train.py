@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -196,12 +196,6 @@ def train_one_epoch(model: nn.Module, split: Split, epoch: int, st: LoopState,
 
 
 # --- the run ------------------------------------------------------------------------
-
-
-@dataclass
-class FitResult:
-    history: list[dict]
-    peak_memory_mb: list[float] = field(default_factory=list)
 
 
 def peak_memory_mb(plan: DevicePlan, device: torch.device) -> list[float]:
