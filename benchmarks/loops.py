@@ -160,7 +160,26 @@ class CoreLoop:
         train_one_epoch(self.model, self.split, self.epoch, self.state)
 
 
-class BareLoop:
+class PlainLoop:
+    """What the two reference loops share: a plain model and optimizer, and one bare step."""
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(self.w):
+            loss = F.cross_entropy(self.model(x), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+    def warm_up(self, steps: int) -> None:
+        self._steps(min(steps, self.w.steps))
+
+    def run_epoch(self) -> None:
+        self._steps(self.w.steps)
+
+
+class BareLoop(PlainLoop):
     """The floor: nothing but what a training step needs, data already on the device."""
 
     name = "bare"
@@ -179,20 +198,7 @@ class BareLoop:
         perm = torch.randperm(len(self.labels), device=self.w.device)
         for s in range(steps):
             idx = perm[s * b:(s + 1) * b]
-            x = (self.images[idx].float() / 255.0 - self.mean) / self.std
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(self.w):
-                loss = F.cross_entropy(self.model(x), self.labels[idx])
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-
-    def warm_up(self, steps: int) -> None:
-        self._steps(min(steps, self.w.steps))
-
-    def run_epoch(self) -> None:
-        self._steps(self.w.steps)
+            self.step((self.images[idx].float() / 255.0 - self.mean) / self.std, self.labels[idx])
 
 
 class PerSampleImages(Dataset):
@@ -208,7 +214,7 @@ class PerSampleImages(Dataset):
         return (self.images[i].float() / 255.0 - self.mean) / self.std, self.labels[i]
 
 
-class DataLoaderLoop:
+class DataLoaderLoop(PlainLoop):
     """The tutorial loop: DataLoader batches built on the CPU, each copied to the device."""
 
     def __init__(self, w: Workload, workers: int = 0):
@@ -227,20 +233,7 @@ class DataLoaderLoop:
         for s, (x, y) in enumerate(self.loader):
             if s == steps:
                 break
-            x, y = x.to(self.w.device, non_blocking=True), y.to(self.w.device, non_blocking=True)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(self.w):
-                loss = F.cross_entropy(self.model(x), y)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-
-    def warm_up(self, steps: int) -> None:
-        self._steps(min(steps, self.w.steps))
-
-    def run_epoch(self) -> None:
-        self._steps(self.w.steps)
+            self.step(x.to(self.w.device, non_blocking=True), y.to(self.w.device, non_blocking=True))
 
 
 # --- timing ----------------------------------------------------------------------------

@@ -315,13 +315,13 @@ def remove_stale_figures(figures_dir: Path, keep: list[Path]) -> None:
             png.unlink()
 
 
-def probe_scaling(p: Params, model_path: Path, data_dir: Path, run: dict, train_params: dict):
+def probe_scaling(p: Params, model_path: Path, data_dir: Path, run: dict):
     from .params import TrainParams
     from .probe import gpu_inventory, probe_json, run_probe
 
     if not p.analyze.probe:
         return None, [], gpu_inventory()
-    result = run_probe(model_path, data_dir, TrainParams(**train_params), run["per_device_batch"],
+    result = run_probe(model_path, data_dir, TrainParams(**run["train_params"]), run["per_device_batch"],
                        run["global_batch"], p.analyze.probe_steps, p.analyze.probe_ddp)
     data = probe_json(result)
     return data, data["rows"], gpu_inventory()
@@ -335,17 +335,16 @@ def analyze_stage(p: Params, data_dir: Path, model_path: Path, train_dir: Path, 
     per_class = read_json(eval_dir / "per_class.json")
     predictions = read_predictions(eval_dir / "predictions.csv")
     curves = read_curves(train_dir)
-    # The train section of params.yaml is a dep of this stage; run.json's copy wins once it has one.
+    # The probe times steps with the params training used, which run.json records (a dep).
     train_params = run["train_params"]
 
-    probe, rows, gpus = probe_scaling(p, model_path, data_dir, run, train_params)
+    probe, rows, gpus = probe_scaling(p, model_path, data_dir, run)
     figures_dir = out_dir / FIGURES_DIR
     written = write_figures(figures_dir, curves, per_class, predictions, info["class_names"], data_dir,
                             rows if probe is not None else None)
     remove_stale_figures(figures_dir, written)
 
-    # The train stage's wall time once run.json records it; until then the epochs' compute time.
-    train_seconds = run["stage_seconds"]
+    train_seconds = run["stage_seconds"]  # the train process's wall time, start-up included
     skipped = "`analyze.probe` is false, so no training steps were timed; set it to true to measure scaling."
     write_json(out_dir / "scaling.json", probe if probe is not None else {"probe": "off", "reason": skipped, "rows": []})
     report = [

@@ -130,6 +130,17 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
+def process_device(plan: DevicePlan, ctx: DistContext) -> torch.device:
+    """The device this process trains on: its local rank's GPU under ddp, the first planned GPU
+    under dp, else the CPU, whose cores are shared out between the ranks on this machine."""
+    if plan.accelerator == "cuda":
+        return torch.device("cuda", ctx.local_rank if plan.strategy == "ddp" else plan.device_ids[0])
+    if ctx.world_size > 1:
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    return torch.device("cpu")
+
+
 def launch_workers(argv: list[str], world_size: int, module: str = "stages", timeout_s: float | None = None) -> None:
     """Start `world_size` copies of `python -m MODULE ARGV` as DDP ranks on this machine and wait.
 

@@ -16,7 +16,6 @@ what it could not measure.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import tempfile
 import time
@@ -28,7 +27,7 @@ import torch
 from . import load_model
 from .artifacts import read_json, write_json
 from .errors import UserError
-from .parallel import (DevicePlan, DistContext, all_gather_floats, init_distributed, launch_workers,
+from .parallel import (DevicePlan, DistContext, all_gather_floats, init_distributed, launch_workers, process_device,
                        shutdown_distributed)
 from .params import TrainParams
 from .prepare_data import load_prepared
@@ -195,15 +194,11 @@ def ddp_worker(request: dict) -> None:
     accelerator = request["accelerator"]
     ctx = init_distributed(accelerator)
     try:
-        if accelerator == "cuda":
-            device = torch.device("cuda", ctx.local_rank)
-            ids = list(range(ctx.world_size))
-        else:
-            device, ids = torch.device("cpu"), []
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.world_size))  # share the cores
+        ids = list(range(ctx.world_size)) if accelerator == "cuda" else []
+        plan = DevicePlan(accelerator, "ddp", ids, ctx.world_size)
+        device = process_device(plan, ctx)
         cfg = TrainParams(**request["train"])
         steps = request["steps"]
-        plan = DevicePlan(accelerator, "ddp", ids, ctx.world_size)
         images, labels, info = load_prepared(request["data"], "train")
         split = place_split(*probe_samples(images, labels, max(steps, WARMUP_STEPS) * cfg.batch_size), device)
         if accelerator == "cuda":

@@ -19,6 +19,7 @@ from .checkpoint import file_digest, fingerprint_difference, load_checkpoint, re
 from .errors import UserError
 from .models import build_model, count_parameters
 from .parallel import (DevicePlan, DistContext, all_gather_floats, init_distributed, launch_workers, plan_devices,
+                       process_device,
                        shutdown_distributed, under_launcher, unwrap)
 from .params import Params
 from .prepare_data import load_prepared
@@ -122,13 +123,7 @@ def _train(p: Params, plan: DevicePlan, ctx: DistContext, data_dir: Path, model_
            checkpoint_path: Path, started: float) -> None:
     cfg = p.train
     configure_determinism(cfg.deterministic)
-    if plan.accelerator == "cuda":
-        device = torch.device("cuda", ctx.local_rank if plan.strategy == "ddp" else plan.device_ids[0])
-    else:
-        device = torch.device("cpu")
-        if ctx.world_size > 1:  # share the cores between the worker processes
-            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    device = process_device(plan, ctx)
     log = print if ctx.is_main else (lambda *a, **k: None)
 
     train_images, train_labels, info = load_prepared(data_dir, "train")
