@@ -21,8 +21,7 @@ sys.path.insert(0, str(ROOT))  # run from anywhere, with or without `pip install
 
 import torch  # noqa: E402
 
-from benchmarks.loops import (BareLoop, CoreLoop, DataLoaderLoop, Workload, describe, machine, race,  # noqa: E402
-                              synthetic_images)
+from benchmarks.loops import BareLoop, CoreLoop, DataLoaderLoop, Workload, describe, machine, race, synthetic_images  # noqa: E402
 
 TARGET_CORE_VS_BARE = 0.95
 TARGET_CORE_VS_DATALOADER = 1.25
@@ -93,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.benchmark = True  # as the train stage sets it (not deterministic)
     info = machine(device)
     print(describe(info))
-    print(f"data: {args.images} synthetic uint8 images {tuple(args.shape)}, {args.classes} classes; batch {args.batch}, "
+    print(f"data: {args.images} synthetic uint8 images {tuple(args.shape)}, {args.classes} classes; "
+          f"batch {args.batch}, "
           f"AdamW lr {args.lr}, precision {args.precision}; {args.warmup_steps} warm-up steps, "
           f"best of {args.repeats} epochs, loops interleaved")
     images, labels = synthetic_images(args.images, tuple(args.shape), args.classes)

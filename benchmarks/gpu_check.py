@@ -31,6 +31,8 @@ sys.path.insert(0, str(ROOT))  # the repo root, so `stages` imports without bein
 
 import torch  # noqa: E402
 
+from stages.core.precision import precision_name  # noqa: E402
+
 FORBIDDEN_MODULES = ("dvc", "dvclive", "pydantic")
 TARGET_CORE_VS_BARE = 0.9
 TARGET_CORE_VS_DATALOADER = 3.0
@@ -58,8 +60,8 @@ class Sizes:
 
 
 SMOKE = Sizes(shape=(3, 8, 8), pool_images=256, equivalence_batch=16, equivalence_steps=3, batch_small_cnn=32,
-              batch_resnet=8, batch_resnet_large=16, loop_batch=32, warmup_steps=1, min_steps=2, target_seconds=0.1, repeats=1,
-              loader_workers=2)
+              batch_resnet=8, batch_resnet_large=16, loop_batch=32, warmup_steps=1, min_steps=2, target_seconds=0.1,
+              repeats=1, loader_workers=2)
 
 
 @dataclass
@@ -129,12 +131,8 @@ def sized(c: Check, w):
     return w.subset(max(s.min_steps * w.batch_size, min(n, len(w.labels))))
 
 
-def precision_name(w) -> str:
-    return {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[w.amp_dtype]
-
-
 def max_weight_difference(a: torch.nn.Module, b: torch.nn.Module) -> float:
-    from stages.parallel import unwrap
+    from stages.core.loop import unwrap
 
     sa, sb = unwrap(a).state_dict(), unwrap(b).state_dict()
     return max((sa[k].float() - sb[k].float()).abs().max().item() for k in sa)
@@ -162,7 +160,7 @@ def check_imports(c: Check) -> None:
 def check_data_parallel(c: Check) -> None:
     """(i) One GPU: prepare_model's dp path and a forced nn.DataParallel both train exactly like the plain model."""
     from benchmarks.loops import CoreLoop
-    from stages.parallel import DevicePlan
+    from stages.core.devices import DevicePlan
 
     s, sec = c.sizes, "(i) dp vs single"
     w = workload(c, "mlp", s.equivalence_batch, "fp32", s.equivalence_steps * s.equivalence_batch, lr=0.05)
@@ -186,7 +184,8 @@ def check_ddp(c: Check) -> None:
     import torch.distributed as dist
 
     from benchmarks.loops import CoreLoop, race
-    from stages.parallel import DevicePlan, free_port, init_distributed, shutdown_distributed
+    from stages.core.devices import DevicePlan
+    from stages.core.distributed import free_port, init_distributed, shutdown_distributed
 
     s, sec = c.sizes, "(ii) ddp(1) vs single"
     w_eq = workload(c, "mlp", s.equivalence_batch, "fp32", s.equivalence_steps * s.equivalence_batch, lr=0.05)
@@ -196,7 +195,8 @@ def check_ddp(c: Check) -> None:
     plain_eq = CoreLoop(w_eq, **sgd_no_momentum())
     plain_speed = CoreLoop(w_speed)
     plain_speed.name = "single"
-    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -212,7 +212,7 @@ def check_ddp(c: Check) -> None:
         same_weights_row(c, sec, f"DDP world size 1, mlp, {w_eq.steps} SGD steps",
                          max_weight_difference(ddp_eq.model, plain_eq.model))
         t = race([plain_speed, ddp_speed], s.repeats, s.warmup_steps, c.device)
-        label = f"small-cnn {precision_name(w_speed)} batch {w_speed.batch_size}"
+        label = f"small-cnn {precision_name(w_speed.amp_dtype)} batch {w_speed.batch_size}"
         c.add(sec, f"samples/s single, {label}", t["single"].best, "samples/s")
         c.add(sec, f"samples/s ddp(1), {label}", t["ddp"].best, "samples/s")
         c.add(sec, "ddp(1) / single", t["ddp"].best / t["single"].best, "x", "~1 (info)")
@@ -250,7 +250,7 @@ def check_loops_small_cnn(c: Check) -> None:
 
     s = c.sizes
     w = sized(c, workload(c, "small-cnn", s.loop_batch, "auto"))
-    label = f"small-cnn {precision_name(w)} batch {w.batch_size}, {w.samples} samples/epoch"
+    label = f"small-cnn {precision_name(w.amp_dtype)} batch {w.batch_size}, {w.samples} samples/epoch"
     t = race([CoreLoop(w), BareLoop(w), DataLoaderLoop(w)], s.repeats, s.warmup_steps, c.device)
     core = t["core"].best
     c.add("(iv) gpu-resident vs DataLoader", f"core (place_split on {c.device.type}), {label}", core, "samples/s")
@@ -280,7 +280,7 @@ def check_loops_resnet(c: Check) -> None:
     s = c.sizes
     w = sized(c, workload(c, "resnet18", s.batch_resnet, "auto"))
     t = race([CoreLoop(w), BareLoop(w)], s.repeats, s.warmup_steps, c.device)
-    label = f"resnet18 {precision_name(w)} batch {w.batch_size}"
+    label = f"resnet18 {precision_name(w.amp_dtype)} batch {w.batch_size}"
     c.add("(v) core vs bare", f"core, {label}", t["core"].best, "samples/s")
     c.add("(v) core vs bare", f"bare, {label}", t["bare"].best, "samples/s")
     c.add("(v) core vs bare", "core / bare, resnet18", t["core"].best / t["bare"].best, "x",
@@ -354,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cuda = torch.cuda.is_available() and not args.cpu
     if not cuda and not args.smoke:
-        print("gpu_check: no CUDA device visible; run with --smoke for a quick CPU run of the same code", file=sys.stderr)
+        print("gpu_check: no CUDA device visible; run with --smoke for a quick CPU run of the same code",
+              file=sys.stderr)
         return 2
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     if cuda:
@@ -378,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
         c.add("total", "peak GPU memory of any section (allocated)", max(peaks), "MiB", peak_mib=None)
     info["elapsed_s"] = round(time.perf_counter() - started, 1)
     print()
-    print(describe(info) + f"\nelapsed {info['elapsed_s']} s{'  (SMOKE: tiny sizes; targets not meaningful)' if args.smoke else ''}")
+    smoke = "  (SMOKE: tiny sizes; targets not meaningful)" if args.smoke else ""
+    print(describe(info) + f"\nelapsed {info['elapsed_s']} s{smoke}")
     print_table(c.rows)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """The training loops the benchmarks race against each other, and the helpers to time them fairly.
 
-  core        stages.train exactly as the train stage drives it:
+  core        stages.core exactly as the train stage drives it:
               place_split -> prepare_model -> build_loop_state -> train_one_epoch
   bare        the least a PyTorch loop can do with in-memory uint8 tensors: index by a
               permutation, normalise, forward, cross-entropy, backward, step
@@ -27,16 +27,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from stages.models import build_model, is_conv_net
-from stages.parallel import DevicePlan, DistContext, plan_devices
+from stages.core.batches import place_split
+from stages.core.devices import DevicePlan, plan_devices
+from stages.core.distributed import DistContext
+from stages.core.loop import build_loop_state, prepare_model, train_one_epoch, use_channels_last
+from stages.core.models import build_model
+from stages.core.precision import resolve_precision
 from stages.params import TrainParams
-from stages.train import build_loop_state, place_split, prepare_model, resolve_precision, train_one_epoch
-
-try:  # the core's own rule, so the other loops use the same memory format as the core
-    from stages.train import use_channels_last
-except ImportError:  # a core without the helper: channels_last for every conv net on CUDA
-    def use_channels_last(model: nn.Module, device: torch.device) -> bool:
-        return device.type == "cuda" and is_conv_net(model)
 
 # The core's cosine schedule runs over cfg.epochs; a long nominal run keeps its lr near
 # the peak through a benchmark, as the bare loop's constant lr is.
@@ -82,7 +79,7 @@ class Workload:
     def amp_dtype(self) -> torch.dtype | None:
         return resolve_precision(self.precision, self.device)
 
-    def subset(self, n: int) -> "Workload":
+    def subset(self, n: int) -> Workload:
         return replace(self, images=self.images[:n], labels=self.labels[:n])
 
     def info(self) -> dict:
@@ -128,7 +125,7 @@ def adamw(model: nn.Module, lr: float) -> torch.optim.Optimizer:
 
 
 class CoreLoop:
-    """The training core, called the way stages/train_stage.py calls it."""
+    """The training core, called the way the train stage (stages/train.py) calls it."""
 
     name = "core"
 

@@ -47,7 +47,7 @@ def check_params(
     """
 
     def stage() -> None:
-        from .artifacts import write_text
+        from .io import write_text
         from .params import load_params
 
         load_params(params)
@@ -56,6 +56,14 @@ def check_params(
         typer.echo(f"{params}: ok")
 
     _run(stage)
+
+
+@app.command("params")
+def show_params() -> None:
+    """Print every params.yaml key at its default, with what it does: the repo's params.yaml is this."""
+    from .params import default_params_yaml
+
+    typer.echo(default_params_yaml(), nl=False)
 
 
 @app.command("prepare-data")
@@ -82,13 +90,14 @@ def train(
     data: Annotated[Path, typer.Option(help="Folder of prepared data.")] = Path("data/prepared"),
     model: Annotated[Path, typer.Option(help="Where to write the weights.")] = Path("models/model.safetensors"),
     metrics: Annotated[Path, typer.Option(help="DVCLive folder for metrics and curves.")] = Path("metrics/train"),
-    checkpoint: Annotated[Path, typer.Option(help="Per-epoch checkpoint, resumed after a kill.")] = Path("checkpoints/train.safetensors"),
+    checkpoint: Annotated[Path, typer.Option(help="Per-epoch checkpoint, resumed after a kill.")] = Path(
+        "checkpoints/train.safetensors"),
 ) -> None:
     """Train the model on every visible GPU (DataParallel or DDP) or on the CPU; write weights and metrics."""
 
     def stage() -> None:
         from .params import load_params
-        from .train_stage import train_stage
+        from .train import train_stage
 
         train_stage(load_params(params), data, model, metrics, checkpoint, sys.argv[1:])
 
@@ -125,7 +134,7 @@ def analyze(
     """Write the report: how well the model did and how well the devices were used."""
 
     def stage() -> None:
-        from .analyze import analyze_stage
+        from .analyze.stage import analyze_stage
         from .params import load_params
 
         analyze_stage(load_params(params), data, model, train_metrics, eval_metrics, out)

@@ -1,165 +1,169 @@
-"""The typed schema of params.yaml: load, validate, refuse bad values by name.
+"""The schema of params.yaml: load, validate, refuse bad values by name.
 
-Every key is declared once here, with its type and what is allowed. Validation
-runs before any work starts, so a typo never costs a training run, and each error
-is one line naming the key, the value and what is allowed.
+Every key is declared once, in the section dataclasses below: its type and default (the
+field), what is allowed and its help (the field's metadata, through `param`). Validation,
+the error messages and the commented default params.yaml (`python -m stages params`) are
+all derived from that one declaration. Validation runs before any work starts, so a typo
+never costs a training run, and each error is one line naming the key, the value and what
+is allowed.
+
+(A library such as pydantic could validate too; plain dataclasses keep this module free of
+dependencies, so the torch-only core that imports it runs on a bare GPU machine.)
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .errors import UserError
 
+# --- what a value may be: each kind says whether a value is allowed, and what is --------
+
+
+@dataclass(frozen=True)
+class Int:
+    lo: int | None = None
+    hi: int | None = None
+
+    def allows(self, v: Any) -> bool:
+        return (isinstance(v, int) and not isinstance(v, bool) and (self.lo is None or v >= self.lo)
+                and (self.hi is None or v <= self.hi))
+
+    def __str__(self) -> str:
+        if self.hi is None:
+            return "an integer" + (f" >= {self.lo}" if self.lo is not None else "")
+        return f"an integer from {self.lo} to {self.hi}"
+
+
+@dataclass(frozen=True)
+class Float:
+    lo: float
+    hi: float
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def allows(self, v: Any) -> bool:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return False
+        return not (v < self.lo or (self.lo_open and v == self.lo) or v > self.hi or (self.hi_open and v == self.hi))
+
+    def __str__(self) -> str:
+        return f"a number in {'(' if self.lo_open else '['}{self.lo}, {self.hi}{')' if self.hi_open else ']'}"
+
+
+@dataclass(frozen=True)
+class OneOf:
+    options: tuple
+
+    def allows(self, v: Any) -> bool:
+        return isinstance(v, (str, int)) and not isinstance(v, bool) and v in self.options
+
+    def __str__(self) -> str:
+        return "one of " + ", ".join(str(o) for o in self.options)
+
+
+@dataclass(frozen=True)
+class Bool:
+    def allows(self, v: Any) -> bool:
+        return isinstance(v, bool)
+
+    def __str__(self) -> str:
+        return "true or false"
+
+
+@dataclass(frozen=True)
+class Text:
+    def allows(self, v: Any) -> bool:
+        return isinstance(v, str) and bool(v.strip())
+
+    def __str__(self) -> str:
+        return "a non-empty string"
+
+
+@dataclass(frozen=True)
+class Devices:
+    def allows(self, v: Any) -> bool:
+        if v == "all":
+            return True
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v >= 1
+        return (isinstance(v, list) and bool(v) and len(set(v)) == len(v)
+                and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v))
+
+    def __str__(self) -> str:
+        return "'all', a device count >= 1, or a list of distinct device ids >= 0"
+
+
+def param(default: Any, allowed: Any, help: str) -> Any:
+    """Declare one key: its default, what is allowed, and the comment params.yaml shows for it."""
+    return field(default=default, metadata={"allowed": allowed, "help": help})
+
+
+# --- the schema: one dataclass per section of params.yaml ---------------------------------
+
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "imagefolder")
 MODELS = ("small-cnn", "resnet18", "mlp")
-ACCELERATORS = ("auto", "cuda", "cpu")
-STRATEGIES = ("dp", "ddp")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-OPTIMIZERS = ("adamw", "sgd")
-
-
-# --- value checks: each returns None when the value is allowed, else what is allowed ---
-
-
-def _int(lo: int | None = None, hi: int | None = None) -> Callable[[Any], str | None]:
-    if hi is None:
-        allowed = "an integer" + (f" >= {lo}" if lo is not None else "")
-    else:
-        allowed = f"an integer from {lo} to {hi}"
-
-    def check(v: Any) -> str | None:
-        ok = isinstance(v, int) and not isinstance(v, bool)
-        ok = ok and (lo is None or v >= lo) and (hi is None or v <= hi)
-        return None if ok else allowed
-
-    return check
-
-
-def _float(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> Callable[[Any], str | None]:
-    left, right = ("(" if lo_open else "["), (")" if hi_open else "]")
-    allowed = f"a number in {left}{lo}, {hi}{right}"
-
-    def check(v: Any) -> str | None:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            return allowed
-        if v < lo or (lo_open and v == lo) or v > hi or (hi_open and v == hi):
-            return allowed
-        return None
-
-    return check
-
-
-def _choice(options: tuple) -> Callable[[Any], str | None]:
-    allowed = "one of " + ", ".join(str(o) for o in options)
-    return lambda v: None if isinstance(v, (str, int)) and not isinstance(v, bool) and v in options else allowed
-
-
-def _bool(v: Any) -> str | None:
-    return None if isinstance(v, bool) else "true or false"
-
-
-def _str(v: Any) -> str | None:
-    return None if isinstance(v, str) and v.strip() else "a non-empty string"
-
-
-def _devices(v: Any) -> str | None:
-    allowed = "'all', a device count >= 1, or a list of distinct device ids >= 0"
-    if v == "all":
-        return None
-    if isinstance(v, int) and not isinstance(v, bool):
-        return None if v >= 1 else allowed
-    if isinstance(v, list) and v and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v):
-        return None if len(set(v)) == len(v) else allowed
-    return allowed
-
-
-# --- the schema: one dataclass per section; the check for each field sits beside it ---
 
 
 @dataclass(frozen=True)
 class DataParams:
-    dataset: str = "digits"
-    root: str = "data/raw"
-    download: bool = False
-    val_fraction: float = 0.1
-    test_fraction: float = 0.2
-    split_seed: int = 0
-    image_size: int = 32
-    channels: int = 3
-    skip_bad_images: bool = False
+    dataset: str = param("digits", OneOf(DATASETS),
+                         "digits (embedded, offline) | mnist | fashion-mnist | cifar10 | imagefolder")
+    root: str = param("data/raw", Text(), "where torchvision datasets and image folders live (a dep of prepare-data)")
+    download: bool = param(False, Bool(), "let torchvision fetch mnist / fashion-mnist / cifar10 into root")
+    val_fraction: float = param(0.1, Float(0.0, 1.0, lo_open=True, hi_open=True),
+                                "share of the training images held out for validation (stratified)")
+    test_fraction: float = param(0.2, Float(0.0, 1.0, lo_open=True, hi_open=True),
+                                 "share held out for testing when the source has no test split (digits, imagefolder)")
+    split_seed: int = param(0, Int(0), "seed of the train/val/test split")
+    image_size: int = param(32, Int(4, 1024), "imagefolder only: images are resized to image_size x image_size")
+    channels: int = param(3, OneOf((1, 3)), "imagefolder only: 1 (grayscale) or 3 (RGB)")
+    skip_bad_images: bool = param(False, Bool(),
+                                  "imagefolder only: skip unreadable images with a warning instead of failing")
 
 
 @dataclass(frozen=True)
 class ModelParams:
-    name: str = "small-cnn"
+    name: str = param("small-cnn", OneOf(MODELS), "small-cnn | resnet18 | mlp")
 
 
 @dataclass(frozen=True)
 class TrainParams:
-    epochs: int = 15
-    batch_size: int = 64
-    lr: float = 0.002
-    optimizer: str = "adamw"
-    momentum: float = 0.9
-    weight_decay: float = 0.0005
-    seed: int = 0
-    accelerator: str = "auto"
-    devices: Any = "all"
-    strategy: str = "dp"
-    precision: str = "auto"
-    compile: bool = False
-    augment: bool = False
-    deterministic: bool = False
+    epochs: int = param(15, Int(1, 100_000), "passes over the training split")
+    batch_size: int = param(64, Int(1), "the global batch, split across GPUs / processes")
+    lr: float = param(0.002, Float(0.0, 10.0, lo_open=True), "peak learning rate, decayed to 0 on a cosine")
+    optimizer: str = param("adamw", OneOf(("adamw", "sgd")), "adamw | sgd")
+    momentum: float = param(0.9, Float(0.0, 1.0, hi_open=True), "sgd only")
+    weight_decay: float = param(0.0005, Float(0.0, 1.0), "decoupled (adamw) or L2 (sgd)")
+    seed: int = param(0, Int(0), "model init, batch order and augmentation")
+    accelerator: str = param("auto", OneOf(("auto", "cuda", "cpu")),
+                             "auto (cuda when visible, else cpu) | cuda | cpu")
+    devices: Any = param("all", Devices(),
+                         "all | a count | a list of CUDA ids; with ddp on the cpu: the process count")
+    strategy: str = param("dp", OneOf(("dp", "ddp")),
+                          "dp = nn.DataParallel in one process | ddp = one process per device")
+    precision: str = param("auto", OneOf(PRECISIONS),
+                           "auto (bf16 on GPUs that support it, fp32 on the cpu) | bf16 | fp16 | fp32")
+    compile: bool = param(False, Bool(), "torch.compile the model")
+    augment: bool = param(False, Bool(), "random crop with padding (+ horizontal flip for photos), on the device")
+    deterministic: bool = param(False, Bool(), "deterministic GPU kernels (slower); CPU runs are deterministic anyway")
 
 
 @dataclass(frozen=True)
 class EvaluateParams:
-    batch_size: int = 512
+    batch_size: int = param(512, Int(1), "batch for the test pass")
 
 
 @dataclass(frozen=True)
 class AnalyzeParams:
-    probe: bool = True
-    probe_steps: int = 10
-    probe_ddp: bool = False
+    probe: bool = param(True, Bool(), "time training steps at 1, 2, 4, ... devices (the scaling probe)")
+    probe_steps: int = param(10, Int(1, 10_000), "timed steps per probe point")
+    probe_ddp: bool = param(False, Bool(), "also probe DDP (one process per device)")
 
-
-CHECKS: dict[str, dict[str, Callable[[Any], str | None]]] = {
-    "data": {
-        "dataset": _choice(DATASETS),
-        "root": _str,
-        "download": _bool,
-        "val_fraction": _float(0.0, 1.0, lo_open=True, hi_open=True),
-        "test_fraction": _float(0.0, 1.0, lo_open=True, hi_open=True),
-        "split_seed": _int(0),
-        "image_size": _int(4, 1024),
-        "channels": _choice((1, 3)),
-        "skip_bad_images": _bool,
-    },
-    "model": {"name": _choice(MODELS)},
-    "train": {
-        "epochs": _int(1, 100_000),
-        "batch_size": _int(1),
-        "lr": _float(0.0, 10.0, lo_open=True),
-        "optimizer": _choice(OPTIMIZERS),
-        "momentum": _float(0.0, 1.0, hi_open=True),
-        "weight_decay": _float(0.0, 1.0),
-        "seed": _int(0),
-        "accelerator": _choice(ACCELERATORS),
-        "devices": _devices,
-        "strategy": _choice(STRATEGIES),
-        "precision": _choice(PRECISIONS),
-        "compile": _bool,
-        "augment": _bool,
-        "deterministic": _bool,
-    },
-    "evaluate": {"batch_size": _int(1)},
-    "analyze": {"probe": _bool, "probe_steps": _int(1, 10_000), "probe_ddp": _bool},
-}
 
 SECTIONS = {
     "data": DataParams,
@@ -183,8 +187,18 @@ class Params:
         return {f.name: getattr(section, f.name) for f in fields(section)}
 
 
-def _show(value: Any) -> str:
-    return repr(value) if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else str(value)
+def show_value(value: Any) -> str:
+    """A value as params.yaml spells it: true/false, not True/False; strings quoted where YAML needs it."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return value if value.replace("-", "").replace("_", "").replace("/", "").replace(".", "").isalnum() \
+            else repr(value)
+    return str(value)
+
+
+def _show_in_error(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else show_value(value)
 
 
 def validate(raw: Any, source: str = "params.yaml") -> Params:
@@ -200,15 +214,18 @@ def validate(raw: Any, source: str = "params.yaml") -> Params:
     for name, cls in SECTIONS.items():
         values = raw.get(name) or {}
         if not isinstance(values, dict):
-            raise UserError(f"{source}: section '{name}' must be a mapping of keys, got {_show(values)}")
+            raise UserError(f"{source}: section '{name}' must be a mapping of keys, got {_show_in_error(values)}")
+        declared = {f.name: f for f in fields(cls)}
         for key, value in values.items():
-            if key not in CHECKS[name]:
-                allowed = ", ".join(f"{name}.{k}" for k in CHECKS[name])
+            if key not in declared:
+                allowed = ", ".join(f"{name}.{k}" for k in declared)
                 raise UserError(f"{source}: unknown key '{name}.{key}'; allowed keys: {allowed}")
-            problem = CHECKS[name][key](value)
-            if problem:
-                raise UserError(f"{source}: {name}.{key} = {_show(value)} is not allowed; expected {problem}")
-        built[name] = cls(**{k: (float(v) if isinstance(getattr(cls, k, None), float) and isinstance(v, int) else v) for k, v in values.items()})
+            allowed = declared[key].metadata["allowed"]
+            if not allowed.allows(value):
+                raise UserError(f"{source}: {name}.{key} = {_show_in_error(value)} is not allowed; expected {allowed}")
+        # An integer where a float is declared (lr: 1) is that float: the same value, one type.
+        built[name] = cls(**{k: float(v) if declared[k].type == "float" and isinstance(v, int) else v
+                             for k, v in values.items()})
     return Params(**built)
 
 
@@ -227,3 +244,14 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise UserError(f"{path}:{where} is not valid YAML: {problem}") from None
     return validate(raw, source=str(path))
+
+
+def default_params_yaml() -> str:
+    """params.yaml with every key at its default and its help as the comment: the repo's params.yaml
+    is exactly this (a test keeps it so), and `python -m stages params` prints it."""
+    sections = {name: [(f"  {f.name}: {show_value(f.default)}", f.metadata["help"]) for f in fields(cls)]
+                for name, cls in SECTIONS.items()}
+    width = max(len(text) for entries in sections.values() for text, _ in entries)
+    blocks = ["\n".join([f"{name}:", *(f"{text.ljust(width)}  # {help}" for text, help in entries)])
+              for name, entries in sections.items()]
+    return "\n\n".join(blocks) + "\n"

@@ -1,8 +1,8 @@
 """The prepare-data stage: a source -> seeded, stratified train/val/test splits on disk.
 
-Writes one safetensors file per split (uint8 `images` (N, C, H, W), int64 `labels`)
-and `info.json` with class names, shape, the train split's per-channel mean/std
-(in [0, 1] units) and counts.
+Reads the dataset that `data.dataset` names (`sources/`), carves the splits the source does
+not have, and writes the prepared folder (`prepared.py`): one safetensors file per split and
+`info.json` with class names, shape, the train split's per-channel mean/std and counts.
 """
 
 from __future__ import annotations
@@ -11,12 +11,10 @@ from pathlib import Path
 
 import torch
 
-from .artifacts import load_tensors, read_json, save_tensors, write_json
-from .datasets import Source, load_source
 from .errors import UserError
 from .params import DataParams
-
-SPLITS = ("train", "val", "test")
+from .prepared import SPLITS, write_info, write_split
+from .sources import Source, load_source
 
 
 def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,6 +48,7 @@ def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[list[float],
 
 
 def make_splits(source: Source, p: DataParams) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The source's splits, with test and then val carved out of train where the source has none."""
     splits = dict(source.splits)
     if "train" not in splits:
         raise UserError(f"data.dataset = {p.dataset!r} gave no training images")
@@ -63,21 +62,20 @@ def make_splits(source: Source, p: DataParams) -> dict[str, tuple[torch.Tensor, 
         splits["train"], splits["val"] = (images[keep], labels[keep]), (images[take], labels[take])
     for name in SPLITS:
         if len(splits[name][1]) == 0:
-            raise UserError(f"the {name} split is empty; use more images or change data.val_fraction / data.test_fraction")
+            raise UserError(f"the {name} split is empty; use more images or change data.val_fraction / "
+                            "data.test_fraction")
     return splits
 
 
 def prepare_data(p: DataParams, out_dir: str | Path) -> dict:
     """Run the stage: read the source, split, write the splits and info.json; return the info."""
-    out_dir = Path(out_dir)
     source = load_source(p)
     splits = make_splits(source, p)
     train_images = splits["train"][0]
     mean, std = channel_stats(train_images)
     num_classes = len(source.class_names)
     for name in SPLITS:
-        images, labels = splits[name]
-        save_tensors(out_dir / f"{name}.safetensors", {"images": images, "labels": labels})
+        write_split(out_dir, name, *splits[name])
     info = {
         "dataset": p.dataset,
         "class_names": source.class_names,
@@ -86,22 +84,8 @@ def prepare_data(p: DataParams, out_dir: str | Path) -> dict:
         "mean": mean,
         "std": std,
         "counts": {name: len(splits[name][1]) for name in SPLITS},
-        "class_counts": {
-            name: torch.bincount(splits[name][1], minlength=num_classes).tolist() for name in SPLITS
-        },
+        "class_counts": {name: torch.bincount(splits[name][1], minlength=num_classes).tolist() for name in SPLITS},
         "skipped_bad_images": source.skipped_bad_images,
     }
-    write_json(out_dir / "info.json", info)
+    write_info(out_dir, info)
     return info
-
-
-def load_prepared(data_dir: str | Path, split: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """One prepared split: (uint8 images, int64 labels, info). Damaged files are named in the error."""
-    data_dir = Path(data_dir)
-    info = read_json(data_dir / "info.json")
-    path = data_dir / f"{split}.safetensors"
-    tensors, _ = load_tensors(path)
-    images, labels = tensors.get("images"), tensors.get("labels")
-    if images is None or labels is None or images.dtype != torch.uint8 or images.ndim != 4 or len(images) != len(labels):
-        raise UserError(f"{path} is damaged: expected uint8 'images' (N, C, H, W) and 'labels' of the same length")
-    return images, labels, info

@@ -1,243 +1,264 @@
-"""The training loop, written out: place data, wrap the model, train_one_epoch, fit.
+"""The train stage: check the params against the data, decide on resume, build, train epoch by
+epoch, write the outputs. The training core (`stages/core/`) does the work; this shell adds
+DVCLive logging, the per-epoch checkpoint, the weights file and the run summary.
 
-This core needs only torch, so it runs and is benchmarked on a bare GPU machine;
-the stage around it (DVC, DVCLive, checkpoints, weights) lives in `train_stage.py`.
+Only rank 0 logs and writes. Outputs (paths from dvc.yaml via the CLI):
+  model weights (.safetensors), DVCLive metrics + per-epoch plots, run.json
+  (devices, batches, timings, peak memory), and the per-epoch checkpoint (persist).
 """
 
 from __future__ import annotations
 
-import math
-import resource
+import os
+import sys
 import time
-from dataclasses import dataclass
-from typing import Callable
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from .evaluate import autocast_context, evaluate, stats_tensors
-from .parallel import DevicePlan, DistContext, all_reduce_sum, unwrap
-from .params import TrainParams
-from .transforms import FLIP_DATASETS, crop_padding, random_crop_flip, normalize
-
-
-# --- data placement -----------------------------------------------------------------
-
-
-@dataclass
-class Split:
-    """One split's uint8 images (N, C, H, W) and int64 labels, on `device` or pinned on the CPU."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-
-def place_split(images: torch.Tensor, labels: torch.Tensor, device: torch.device, max_fraction: float = 0.4) -> Split:
-    """Put a whole split on the GPU once when it fits in `max_fraction` of free memory
-    (batches are then built by indexing on the device); otherwise pin it on the CPU so
-    batch copies can be non-blocking."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        if images.numel() + labels.numel() * 8 < max_fraction * free:
-            return Split(images.to(device), labels.to(device))
-        return Split(images.pin_memory(), labels.pin_memory())
-    return Split(images, labels)
+from .core.batches import place_split
+from .core.checkpoint import (
+    Checkpoint,
+    file_digest,
+    fingerprint_difference,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
+from .core.devices import DevicePlan, configure_determinism, device_names, peak_memory_mb, plan_devices, process_device
+from .core.distributed import (
+    DistContext,
+    all_gather_floats,
+    init_distributed,
+    launch_workers,
+    shutdown_distributed,
+    under_launcher,
+)
+from .core.loop import build_loop_state, evaluate, prepare_model, train_one_epoch, unwrap
+from .core.models import build_model, count_parameters
+from .core.precision import precision_name
+from .core.weights import model_metadata, save_model
+from .errors import UserError
+from .io import write_json
+from .params import Params
+from .prepared import load_prepared
 
 
-def gather_batch(split: Split, idx: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Index a batch out of the split and bring it to `device` (a no-op copy when it lives there)."""
-    if split.images.device.type == device.type:  # placed there by place_split: index in place
-        return split.images[idx], split.labels[idx]
-    idx = idx.cpu()
-    x = torch.empty((len(idx), *split.images.shape[1:]), dtype=torch.uint8, pin_memory=device.type == "cuda")
-    torch.index_select(split.images, 0, idx, out=x)
-    return x.to(device, non_blocking=True), split.labels[idx].to(device, non_blocking=True)
+def train_stage(p: Params, data_dir: Path, model_path: Path, metrics_dir: Path, checkpoint_path: Path,
+                argv: list[str]) -> None:
+    """Plan the devices; start the DDP workers or join their group; train; turn OOM into advice."""
+    started = time.perf_counter() - (process_seconds() or 0.0)  # count the process's start-up too
+    cfg = p.train
+    plan = plan_devices(cfg.accelerator, cfg.devices, cfg.strategy)
+    if under_launcher() and plan.strategy != "ddp" and int(os.environ["WORLD_SIZE"]) > 1:
+        raise UserError(f"started by torchrun with WORLD_SIZE={os.environ['WORLD_SIZE']} but train.strategy = "
+                        f"{cfg.strategy!r}; set train.strategy: ddp")
+    if plan.strategy == "ddp" and not under_launcher() and plan.world_size > 1:
+        launch_workers(argv, plan.world_size)  # each worker reruns this command as one rank
+        return
+    ctx = init_distributed(plan.accelerator) if plan.strategy == "ddp" else DistContext()
+    try:
+        train(p, plan, ctx, data_dir, model_path, metrics_dir, checkpoint_path, started)
+    except torch.OutOfMemoryError:
+        per_device = plan.per_device_batch(cfg.batch_size, ctx)
+        raise UserError(f"CUDA ran out of memory with a per-device batch of {per_device} (train.batch_size = "
+                        f"{cfg.batch_size}); try train.batch_size = {max(1, cfg.batch_size // 2)}") from None
+    finally:
+        shutdown_distributed()
 
 
-# --- precision, wrapping, optimizer -------------------------------------------------
+def train(p: Params, plan: DevicePlan, ctx: DistContext, data_dir: Path, model_path: Path, metrics_dir: Path,
+          checkpoint_path: Path, started: float) -> None:
+    cfg = p.train
+    configure_determinism(cfg.deterministic)
+    device = process_device(plan, ctx)
+    log = print if ctx.is_main else (lambda *a, **k: None)
 
+    # The data, and the params checked against it.
+    train_images, train_labels, info = load_prepared(data_dir, "train")
+    val_images, val_labels, _ = load_prepared(data_dir, "val")
+    check_batch_size(cfg.batch_size, len(train_labels), plan, ctx, log)
 
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """auto: bf16 on GPUs that support it, fp32 elsewhere. None means plain fp32."""
-    if precision == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+    # Resume only from a checkpoint of this very run: same params, same data, not yet complete.
+    fingerprint = run_fingerprint(p, data_dir)
+    resume = resumable_checkpoint(checkpoint_path, fingerprint, cfg.epochs, log)
 
+    # Build: the model (seeded, so every rank starts from the same weights), wrappers, optimizer.
+    torch.manual_seed(cfg.seed)
+    c, h, _ = info["shape"]
+    model = build_model(p.model.name, c, h, info["num_classes"])
+    if resume is not None:
+        model.load_state_dict(resume.model_state)
+    wrapped = prepare_model(model, cfg, plan, ctx, device)
+    st = build_loop_state(wrapped, cfg, ctx, device, info, len(train_labels))
+    history: list[dict] = []
+    start_epoch = 0
+    if resume is not None:
+        st.optimizer.load_state_dict(resume.optim_state)
+        if st.scaler is not None and resume.scaler_state:
+            st.scaler.load_state_dict(resume.scaler_state)
+        restore_rng(resume.rng)
+        st.step, history, start_epoch = resume.step, resume.history, resume.epoch
+        log(f"Resuming from {checkpoint_path} after epoch {start_epoch} of {cfg.epochs}")
+    per_device = plan.per_device_batch(cfg.batch_size, ctx)
+    strategy = {"dp": "dp (nn.DataParallel)" if plan.use_data_parallel else "dp (single device)",
+                "ddp": f"ddp ({ctx.world_size} processes)"}[plan.strategy]
+    where = f"cuda {plan.used_device_ids(ctx)}" if device.type == "cuda" else \
+        "cpu" + (f" x{ctx.world_size} processes" if ctx.world_size > 1 else "")
+    log(f"train: accelerator {device.type}{'' if device.type == 'cuda' else ' (no CUDA device; training on the CPU)'}, "
+        f"devices {where}, strategy {strategy}, global batch {cfg.batch_size}, per-device batch {per_device}, "
+        f"precision {precision_name(st.amp_dtype)}, model {p.model.name} ({count_parameters(model):,} parameters)")
 
-def use_channels_last(model: nn.Module, device: torch.device) -> bool:
-    """channels_last pays for conv nets on CUDA; with one input channel the first conv's weight
-    has ambiguous strides and DDP warns about gradient layouts, so keep NCHW there."""
-    first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    return device.type == "cuda" and first_conv is not None and first_conv.in_channels > 1
+    train_split = place_split(train_images, train_labels, device)
+    val_split = place_split(val_images, val_labels, device)
+    live = open_live(metrics_dir, history) if ctx.is_main else None
 
-
-def prepare_model(model: nn.Module, cfg: TrainParams, plan: DevicePlan, ctx: DistContext, device: torch.device) -> nn.Module:
-    """Move to the device (channels_last for conv nets on CUDA) and wrap for dp / ddp / compile."""
-    channels_last = use_channels_last(model, device)
-    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
-    if plan.use_data_parallel:
-        model = nn.DataParallel(model, device_ids=plan.device_ids, output_device=plan.device_ids[0])
-    elif ctx.distributed:
-        ids = [device.index] if device.type == "cuda" else None
-        model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    if cfg.compile:
-        model = torch.compile(model)
-    return model
-
-
-def make_optimizer(model: nn.Module, cfg: TrainParams) -> torch.optim.Optimizer:
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def cosine_lr(base_lr: float, step: int, total_steps: int) -> float:
-    """Cosine decay from base_lr to 0 over the whole run, per optimizer step."""
-    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
-
-
-def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The same permutation on every rank (and after a resume): derived from (seed, epoch) only."""
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=gen)
-
-
-# --- one epoch ----------------------------------------------------------------------
-
-
-@dataclass
-class EpochStats:
-    loss: float
-    accuracy: float
-    samples: int
-    seconds: float
-
-    @property
-    def samples_per_second(self) -> float:
-        return self.samples / max(self.seconds, 1e-9)
-
-
-@dataclass
-class LoopState:
-    """Everything one epoch needs beyond the model: built once per run by `fit`."""
-
-    optimizer: torch.optim.Optimizer
-    cfg: TrainParams
-    ctx: DistContext
-    device: torch.device
-    mean: torch.Tensor
-    std: torch.Tensor
-    amp_dtype: torch.dtype | None
-    scaler: torch.amp.GradScaler | None
-    channels_last: bool
-    augment_pad: int  # 0 = no crop
-    augment_flip: bool
-    total_steps: int
-    step: int = 0
-
-
-def train_one_epoch(model: nn.Module, split: Split, epoch: int, st: LoopState,
-                    progress: Callable[[int, int, torch.Tensor], None] | None = None) -> EpochStats:
-    """One pass over a fresh permutation of the split. Each rank takes its slice of every
-    global batch; the last incomplete global batch is dropped so all ranks step together."""
-    cfg, ctx = st.cfg, st.ctx
-    model.train()
-    global_batch = cfg.batch_size
-    local_batch = global_batch // ctx.world_size
-    steps = len(split) // global_batch
-    perm = epoch_permutation(len(split), cfg.seed, epoch).to(split.images.device)
-    aug_gen = None
-    if st.augment_pad or st.augment_flip:
-        aug_gen = torch.Generator(device=st.device).manual_seed(cfg.seed * 7919 + epoch * 131 + ctx.rank)
-    # Running sums stay on the device: no host sync per step, and only two extra kernels.
-    loss_sum = torch.zeros((), dtype=torch.float32, device=st.device)
-    correct = torch.zeros((), dtype=torch.int64, device=st.device)
-    if st.device.type == "cuda":
-        torch.cuda.synchronize(st.device)
-    start = time.perf_counter()
-    for s in range(steps):
-        idx = perm[s * global_batch + ctx.rank * local_batch : s * global_batch + (ctx.rank + 1) * local_batch]
-        x_u8, y = gather_batch(split, idx, st.device)
-        x = normalize(x_u8, st.mean, st.std)  # (b, C, H, W) float32
-        if aug_gen is not None:
-            x = random_crop_flip(x, st.augment_pad, st.augment_flip, aug_gen)
-        if st.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        for group in st.optimizer.param_groups:
-            group["lr"] = cosine_lr(cfg.lr, st.step, st.total_steps)
-        with autocast_context(st.device, st.amp_dtype):
-            logits = model(x)
-        loss = F.cross_entropy(logits.float(), y)
-        st.optimizer.zero_grad(set_to_none=True)
-        if st.scaler is not None:
-            st.scaler.scale(loss).backward()
-            st.scaler.step(st.optimizer)
-            st.scaler.update()
-        else:
-            loss.backward()
-            st.optimizer.step()
-        st.step += 1
-        loss_sum += loss.detach()
-        correct += (logits.detach().argmax(dim=1) == y).sum()
-        if progress is not None:
-            progress(s + 1, steps, loss)
-    if st.device.type == "cuda":
-        torch.cuda.synchronize(st.device)
-    seconds = time.perf_counter() - start
-    totals = all_reduce_sum(torch.stack([loss_sum.double() * local_batch, correct.double()]), ctx)
-    samples = steps * global_batch
-    return EpochStats(totals[0].item() / samples, totals[1].item() / samples, samples, seconds)
-
-
-# --- the run ------------------------------------------------------------------------
-
-
-def peak_memory_mb(plan: DevicePlan, device: torch.device) -> list[float]:
-    """Peak memory per device used by this process (CUDA) or of the process itself (CPU)."""
-    if device.type == "cuda":
-        ids = plan.device_ids if plan.use_data_parallel else [device.index]
-        return [round(torch.cuda.max_memory_allocated(i) / 2**20, 1) for i in ids]
-    return [round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)]
-
-
-def build_loop_state(model: nn.Module, cfg: TrainParams, ctx: DistContext, device: torch.device, info: dict,
-                     n_train: int) -> LoopState:
-    amp_dtype = resolve_precision(cfg.precision, device)
-    mean, std = stats_tensors(info, device)
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 and device.type == "cuda" else None
-    size = info["shape"][-1]
-    return LoopState(
-        optimizer=make_optimizer(model, cfg), cfg=cfg, ctx=ctx, device=device, mean=mean, std=std,
-        amp_dtype=amp_dtype, scaler=scaler,
-        channels_last=use_channels_last(model, device),
-        augment_pad=crop_padding(size) if cfg.augment else 0,
-        augment_flip=cfg.augment and info.get("dataset") in FLIP_DATASETS,
-        total_steps=cfg.epochs * (n_train // cfg.batch_size),
-    )
-
-
-def fit(model: nn.Module, train: Split, val: Split, st: LoopState, eval_batch_size: int, start_epoch: int = 0,
-        history: list[dict] | None = None, on_epoch: Callable[[int, list[dict]], None] | None = None,
-        progress_factory: Callable[[int], Callable] | None = None) -> list[dict]:
-    """Train epochs start_epoch+1 .. cfg.epochs; after each, validate (rank 0) and call on_epoch."""
-    history = list(history or [])
-    for epoch in range(start_epoch + 1, st.cfg.epochs + 1):
-        progress = progress_factory(epoch) if progress_factory else None
-        stats = train_one_epoch(model, train, epoch, st, progress)
+    # The epochs: train, validate (rank 0), log, checkpoint.
+    progress = Progress(ctx.is_main, cfg.epochs, cfg.batch_size)
+    for epoch in range(start_epoch + 1, cfg.epochs + 1):
+        stats = train_one_epoch(wrapped, train_split, epoch, st, progress.for_epoch(epoch))
         record = {"epoch": epoch, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
                   "seconds": stats.seconds, "samples": stats.samples,
                   "samples_per_second": stats.samples_per_second}
-        if st.ctx.is_main:
-            val_loss, val_acc, _ = evaluate(unwrap(model), val.images, val.labels, st.mean, st.std,
-                                            eval_batch_size, st.device, st.amp_dtype, st.channels_last)
-            record.update(val_loss=val_loss, val_accuracy=val_acc)
         history.append(record)
-        if on_epoch is not None:
-            on_epoch(epoch, history)
-    return history
+        if not ctx.is_main:
+            continue
+        val_loss, val_acc, _ = evaluate(unwrap(wrapped), val_split.images, val_split.labels, st.mean, st.std,
+                                        p.evaluate.batch_size, device, st.amp_dtype, st.channels_last)
+        record.update(val_loss=val_loss, val_accuracy=val_acc)
+        log_epoch(live, record)
+        save_checkpoint(checkpoint_path, unwrap(wrapped), st.optimizer, st.scaler, epoch, st.step, history,
+                        fingerprint)
+        log(f"epoch {epoch}/{cfg.epochs}  train loss {stats.loss:.4f} acc {stats.accuracy:.4f}  "
+            f"val loss {val_loss:.4f} acc {val_acc:.4f}  "
+            f"{stats.samples_per_second:,.0f} samples/s  {stats.seconds:.2f}s", flush=True)
+
+    # The outputs: rank 0 writes the weights, the metrics and the run summary.
+    peaks = all_gather_floats(peak_memory_mb(plan, device), ctx, device)
+    if not ctx.is_main:
+        return
+    save_model(model_path, unwrap(wrapped), model_metadata(p.model.name, info))
+    throughput = sum(r["samples"] for r in history) / max(sum(r["seconds"] for r in history), 1e-9)
+    for name, value in (("samples_per_second", round(throughput, 1)), ("num_devices", plan.num_devices(ctx)),
+                        ("world_size", ctx.world_size)):
+        live.log_metric(name, value, plot=False)
+    live.end()
+    write_json(metrics_dir / "run.json", {
+        "accelerator": device.type,
+        "strategy": plan.strategy,
+        "data_parallel": plan.use_data_parallel,
+        "device_ids": plan.used_device_ids(ctx),
+        "device_names": device_names(plan, ctx, device),
+        "num_devices": plan.num_devices(ctx),
+        "world_size": ctx.world_size,
+        "global_batch": cfg.batch_size,
+        "per_device_batch": per_device,
+        "precision": precision_name(st.amp_dtype),
+        "model": p.model.name,
+        "parameters": count_parameters(model),
+        "dataset": info["dataset"],
+        "epochs": cfg.epochs,
+        "resumed_from_epoch": start_epoch or None,
+        "epoch_seconds": [round(r["seconds"], 4) for r in history],
+        "stage_seconds": round(time.perf_counter() - started, 3),
+        "data_on_device": train_split.images.device.type == "cuda",
+        "torch_version": torch.__version__,
+        "train_params": p.section_dict("train"),
+        "samples_per_second": round(throughput, 1),
+        "peak_memory_mb": peaks,
+        "peak_memory_kind": "cuda allocated per device" if device.type == "cuda" else "process max RSS per process",
+    })
+    log(f"saved {model_path}  ({throughput:,.0f} samples/s over {len(history)} epochs)")
+
+
+# --- the steps above, spelled out ---------------------------------------------------------
+
+
+def check_batch_size(batch_size: int, n_train: int, plan: DevicePlan, ctx: DistContext, log) -> None:
+    if batch_size > n_train:
+        raise UserError(f"train.batch_size = {batch_size} is larger than the training split ({n_train} images)")
+    if batch_size % ctx.world_size:
+        raise UserError(f"train.batch_size = {batch_size} must be divisible by the {ctx.world_size} ddp processes")
+    if plan.use_data_parallel and batch_size < plan.num_devices(ctx):
+        log(f"warning: train.batch_size = {batch_size} is smaller than the {plan.num_devices(ctx)} GPUs; "
+            f"some GPUs get no samples")
+
+
+def run_fingerprint(p: Params, data_dir: Path) -> dict:
+    """What the weights depend on: the model and train params, and the prepared training data."""
+    fingerprint = {f"{section}.{key}": value for section in ("model", "train")
+                   for key, value in p.section_dict(section).items()}
+    fingerprint["prepared data sha256"] = file_digest(
+        [data_dir / "info.json", data_dir / "train.safetensors", data_dir / "val.safetensors"])[:16]
+    return fingerprint
+
+
+def resumable_checkpoint(path: Path, fingerprint: dict, epochs: int, log) -> Checkpoint | None:
+    """The checkpoint at `path` if it belongs to this run and has epochs left; says why not otherwise."""
+    if not path.exists():
+        return None
+    ck = load_checkpoint(path)
+    why = fingerprint_difference(ck.fingerprint, fingerprint)
+    if why is not None:
+        log(f"Not resuming from {path}: it was made with other params or data: {why}")
+        return None
+    if ck.epoch >= epochs:
+        log(f"Not resuming from {path}: that run completed all {ck.epoch} epochs; training afresh")
+        return None
+    return ck
+
+
+def open_live(metrics_dir: Path, history: list[dict]):
+    """DVCLive in `metrics_dir`; a resumed run replays the epochs it kept, so the curves are whole."""
+    from dvclive import Live
+
+    live = Live(dir=str(metrics_dir), save_dvc_exp=False, dvcyaml=None, report=None)
+    for record in history:
+        log_epoch(live, record)
+    return live
+
+
+def log_epoch(live, record: dict) -> None:
+    live.log_metric("train/loss", round(record["train_loss"], 6))
+    live.log_metric("train/accuracy", round(record["train_accuracy"], 6))
+    live.log_metric("val/loss", round(record["val_loss"], 6))
+    live.log_metric("val/accuracy", round(record["val_accuracy"], 6))
+    live.next_step()
+
+
+def process_seconds() -> float | None:
+    """Wall time since this process started (imports included), from /proc; None elsewhere."""
+    try:
+        ticks = os.sysconf("SC_CLK_TCK")
+        start = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19]) / ticks
+        return float(Path("/proc/uptime").read_text().split()[0]) - start
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class Progress:
+    """A tqdm bar per epoch in a terminal; nothing per step otherwise (the epoch line says it all)."""
+
+    def __init__(self, enabled: bool, epochs: int, samples_per_step: int):
+        self.enabled = enabled and sys.stderr.isatty()
+        self.epochs, self.samples_per_step = epochs, samples_per_step
+
+    def for_epoch(self, epoch: int):
+        if not self.enabled:
+            return None
+        from tqdm import tqdm
+
+        bar = None
+
+        def update(step: int, steps: int, loss: torch.Tensor) -> None:
+            nonlocal bar
+            if bar is None:
+                bar = tqdm(total=steps, desc=f"epoch {epoch}/{self.epochs}", leave=False, unit="step")
+            bar.update(1)
+            if step % 10 == 0 or step == steps:  # .item() syncs the GPU: not every step
+                rate = bar.format_dict["rate"] or 0.0
+                bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{rate * self.samples_per_step:,.0f}")
+            if step == steps:
+                bar.close()
+
+        return update

@@ -29,3 +29,33 @@ def run_stages(*args: str, cwd: Path | None = None, check: bool = True) -> subpr
     if check and proc.returncode != 0:
         raise AssertionError(f"stages {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def descendants(pid: int) -> list[int]:
+    """The ids of every process below `pid` (children, grandchildren, ...), read from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # the process ended while we looked
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def command_line(pid: int) -> list[str]:
+    """A process's argv ([] once it has ended)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")[:-1]
+    except OSError:
+        return []
+
+
+def stage_processes(pid: int, command: str) -> list[int]:
+    """The `python -m stages <command>` processes started below `pid` (not the shell that started them)."""
+    return [p for p in descendants(pid) if command_line(p)[1:4] == ["-m", "stages", command]]

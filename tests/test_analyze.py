@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from stages.analyze import lessons
+from stages.analyze.probe import device_counts, planned_points
+from stages.analyze.report import lessons
 from stages.cli import app
-from stages.probe import device_counts, planned_points
 
 FIGURES = ("learning_curves.png", "per_class.png", "confusion.png", "misclassified.png")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -52,8 +52,8 @@ def run(tmp_path_factory) -> Path:
     invoke("prepare-data", "--params", str(params), "--out", str(root / "data"))
     invoke("train", "--params", str(params), "--data", str(root / "data"), "--model", str(root / "model.safetensors"),
            "--metrics", str(root / "train"), "--checkpoint", str(root / "checkpoint.safetensors"))
-    invoke("evaluate", "--params", str(params), "--data", str(root / "data"), "--model", str(root / "model.safetensors"),
-           "--out", str(root / "evaluate"))
+    invoke("evaluate", "--params", str(params), "--data", str(root / "data"),
+           "--model", str(root / "model.safetensors"), "--out", str(root / "evaluate"))
     analyze(root, params, root / "report")
     # A scaling figure left over from an earlier probe must not survive a run without the probe.
     (root / "report_off" / "figures").mkdir(parents=True)
@@ -86,7 +86,8 @@ def test_report_numbers_match_the_inputs(run):
     assert f"{summary['parameters']:,} parameters" in run_summary
     assert f"{summary['samples_per_second']:,.0f} samples/s" in run_summary
     assert f"global {summary['global_batch']}, per device {summary['per_device_batch']}" in run_summary
-    assert f"{info['counts']['train']} train / {info['counts']['val']} val / {info['counts']['test']} test" in run_summary
+    counts = info["counts"]
+    assert f"{counts['train']} train / {counts['val']} val / {counts['test']} test" in run_summary
     assert f"over {summary['epochs']} epochs" in run_summary
 
     quality = section(report, "Quality")
@@ -161,7 +162,8 @@ H100 = {"name": "NVIDIA H100", "memory_gib": 79.1, "multiprocessors": 132}
 
 
 def test_low_dataparallel_efficiency_recommends_ddp():
-    lines = lessons(gpu_run(64), [row("dp", 1, 1.0), row("dp", 2, 1.0)], [{"id": 0, **H100}, {"id": 1, **H100}], True, True)
+    two_h100 = [{"id": 0, **H100}, {"id": 1, **H100}]
+    lines = lessons(gpu_run(64), [row("dp", 1, 1.0), row("dp", 2, 1.0)], two_h100, True, True)
     [ddp] = [line for line in lines if "train.strategy: ddp" in line]
     assert "50% efficiency on 2 GPUs" in ddp
 
@@ -179,7 +181,8 @@ def test_unequal_gpus_and_flat_throughput_are_flagged():
 
 
 def test_healthy_scaling_gives_only_the_measured_line():
-    lines = lessons(gpu_run(64), [row("dp", 1, 1.0), row("dp", 2, 1.9)], [{"id": 0, **H100}, {"id": 1, **H100}], True, True)
+    two_h100 = [{"id": 0, **H100}, {"id": 1, **H100}]
+    lines = lessons(gpu_run(64), [row("dp", 1, 1.0), row("dp", 2, 1.9)], two_h100, True, True)
     assert len(lines) == 1 and "20,000 samples/s" in lines[0]
 
 
@@ -205,9 +208,9 @@ def test_planned_points_cover_weak_and_strong_scaling():
 
 
 def test_ddp_probe_point_runs_two_cpu_processes(run):
-    """The DDP worker path (`python -m stages.probe`) on the CPU with gloo, as the tests of train do."""
+    """The DDP worker path (`python -m stages.analyze.probe`) on the CPU with gloo, as the tests of train do."""
+    from stages.analyze.probe import time_ddp_point
     from stages.params import TrainParams
-    from stages.probe import time_ddp_point
 
     point = time_ddp_point(run / "model.safetensors", run / "data", TrainParams(batch_size=32), "cpu",
                            world_size=2, global_batch=32, steps=2)

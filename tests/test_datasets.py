@@ -20,8 +20,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from stages.cli import app
-from stages.imagefolder import decode_image
-from stages.prepare_data import load_prepared
+from stages.prepared import load_prepared
+from stages.sources.imagefolder import decode_image
 
 from .helpers import run_stages, write_params
 
@@ -128,7 +128,8 @@ def cli(*args: str):
 
 
 def prepare(tmp_path: Path, **data) -> tuple[Path, object]:
-    params = write_params(tmp_path / "params.yaml", data=data, train={"epochs": 1, "batch_size": 16, "accelerator": "cpu"})
+    params = write_params(tmp_path / "params.yaml", data=data,
+                          train={"epochs": 1, "batch_size": 16, "accelerator": "cpu"})
     out = tmp_path / "prepared"
     return out, cli("prepare-data", "--params", str(params), "--out", str(out))
 

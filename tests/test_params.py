@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from stages.cli import app
 from stages.errors import UserError
-from stages.params import load_params, validate
+from stages.params import default_params_yaml, load_params, validate
 
 from .helpers import ROOT, run_stages, write_params
 
@@ -22,6 +22,16 @@ def test_defaults_load_and_match_the_schema():
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     for section, values in raw.items():
         assert set(values) == set(p.section_dict(section)), section
+
+
+def test_params_yaml_is_the_schema_rendered():
+    """Each key is declared once, in stages/params.py: the repo's params.yaml (values and comments) is
+    exactly what `python -m stages params` prints, and it parses back to the schema's defaults."""
+    text = default_params_yaml()
+    assert (ROOT / "params.yaml").read_text() == text, "regenerate it: python -m stages params > params.yaml"
+    assert validate(yaml.safe_load(text)) == validate({})
+    assert CliRunner().invoke(app, ["params"]).output == text
+    assert "  lr: 0.002" in text and "# peak learning rate, decayed to 0 on a cosine" in text
 
 
 @pytest.mark.parametrize(

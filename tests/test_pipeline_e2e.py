@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -17,11 +18,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .helpers import ROOT
+from .helpers import ROOT, stage_processes
+from .test_layout import command_modules, stage_command
 
 pytestmark = pytest.mark.e2e
 
-COPY = ["stages", "dvc.yaml", "params.yaml", ".gitignore", "data/raw/.gitkeep"]
+COPY = ["stages", "dvc.yaml", "params.yaml", ".gitignore", ".dvcignore", "data/raw/.gitkeep"]
 
 
 def sh(repo: Path, *cmd: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -29,7 +31,8 @@ def sh(repo: Path, *cmd: str, check: bool = True, timeout: int = 900) -> subproc
     env.pop("PYTHONPATH", None)  # the copy's own stages/ must be what runs
     proc = subprocess.run(list(cmd), cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
 
 
@@ -133,6 +136,26 @@ def test_metrics_params_and_plots_diff_across_commits(project, tmp_path):
     assert "HEAD~1" in html and "workspace" in html
 
 
+def test_an_edit_to_a_module_reruns_exactly_the_stages_that_import_it(project):
+    """dvc status after touching one module names the stages whose commands import it, no more, no less."""
+    repo = project["repo"]
+    spec = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    for module in ("stages/core/checkpoint.py", "stages/core/transforms.py", "stages/sources/imagefolder.py",
+                   "stages/analyze/report.py", "stages/params.py"):
+        name = module.removesuffix(".py").replace("/", ".")
+        expected = {stage for stage, s in spec.items() if name in command_modules(stage_command(s["cmd"]))}
+        assert expected, module
+        path = repo / module
+        original = path.read_text()
+        path.write_text(original + "\n# an edit\n")
+        try:
+            changed = set(json.loads(sh(repo, "dvc", "status", "--json").stdout))
+        finally:
+            path.write_text(original)
+        assert changed == expected, f"editing {module}: dvc reruns {sorted(changed)}, its importers are {sorted(expected)}"
+    assert json.loads(sh(repo, "dvc", "status", "--json").stdout) == {}
+
+
 def test_bad_params_keep_the_last_good_artifacts(project):
     repo = project["repo"]
     outputs = ["models/model.safetensors", "metrics/train/metrics.json", "metrics/evaluate/metrics.json",
@@ -203,8 +226,10 @@ def test_killed_training_resumes_under_dvc(project):
                            text=True)
     for line in dvc.stdout:
         if line.startswith("epoch 3/30"):
-            # SIGKILL the training process itself, as the OOM killer or a lost node would
-            subprocess.run(["pkill", "-9", "-f", "stages train --params params.yaml --data data/prepared"], check=False)
+            # SIGKILL the training process itself, as the OOM killer or a lost node would: the one
+            # this dvc started, found by its parent's id, never by name (other runs may be going on)
+            [train] = stage_processes(dvc.pid, "train")
+            os.kill(train, signal.SIGKILL)
             break
     rest = dvc.stdout.read()
     dvc.wait(timeout=120)

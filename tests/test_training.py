@@ -13,11 +13,11 @@ from safetensors import safe_open
 from torch import nn
 
 import stages
-from stages.artifacts import save_tensors
+from stages.core.devices import plan_devices
+from stages.core.loop import unwrap
+from stages.core.models import build_model
+from stages.core.weights import model_metadata, save_model
 from stages.errors import UserError
-from stages.models import build_model
-from stages.parallel import plan_devices, unwrap
-from stages.train_stage import model_metadata
 
 from .helpers import ROOT, run_stages, write_params
 
@@ -42,7 +42,8 @@ def test_data_parallel_decision_with_patched_device_count(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     plan = plan_devices("auto", "all", "dp")
-    assert (plan.accelerator, plan.device_ids, plan.use_data_parallel, plan.world_size) == ("cuda", [0, 1, 2, 3], True, 1)
+    assert (plan.accelerator, plan.device_ids, plan.use_data_parallel, plan.world_size) == (
+        "cuda", [0, 1, 2, 3], True, 1)
     assert plan_devices("cuda", 2, "dp").device_ids == [0, 1]
     assert plan_devices("cuda", [1, 3], "dp").device_ids == [1, 3]
     assert not plan_devices("cuda", 1, "dp").use_data_parallel  # one GPU: no wrapper
@@ -81,7 +82,7 @@ def test_load_model_round_trip_gives_identical_outputs(tmp_path):
                 m.running_var.uniform_(0.5, 2)
     model.eval()
     path = tmp_path / "model.safetensors"
-    save_tensors(path, unwrap(nn.DataParallel(model)).state_dict(), model_metadata("small-cnn", INFO))
+    save_model(path, unwrap(nn.DataParallel(model)), model_metadata("small-cnn", INFO))
     loaded = stages.load_model(path)
     assert not loaded.training
     assert loaded.stages_metadata["class_names"] == INFO["class_names"]
@@ -97,8 +98,9 @@ def _weights(path):
 def _train(tmp_path, name, prepared, **train):
     out = tmp_path / name
     params = write_params(tmp_path / f"{name}.yaml", train=train, model=train.pop("model", {"name": "small-cnn"}))
-    proc = run_stages("train", "--params", str(params), "--data", str(prepared), "--model", str(out / "model.safetensors"),
-                      "--metrics", str(out / "metrics"), "--checkpoint", str(out / "ck.safetensors"))
+    proc = run_stages("train", "--params", str(params), "--data", str(prepared),
+                      "--model", str(out / "model.safetensors"), "--metrics", str(out / "metrics"),
+                      "--checkpoint", str(out / "ck.safetensors"))
     return out, proc
 
 
@@ -212,13 +214,13 @@ def test_batch_larger_than_the_data_is_refused(tmp_path, prepared_digits):
 
 
 def test_out_of_memory_names_the_per_device_batch(monkeypatch, tmp_path):
-    import stages.train_stage as ts
+    import stages.train as ts
     from stages.params import validate
 
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(ts, "_train", oom)
+    monkeypatch.setattr(ts, "train", oom)
     p = validate({"train": {"batch_size": 512, "accelerator": "cpu"}})
     with pytest.raises(UserError, match="per-device batch of 512 .* try train.batch_size = 256"):
         ts.train_stage(p, tmp_path, tmp_path / "m", tmp_path / "x", tmp_path / "c", [])
@@ -228,9 +230,11 @@ def test_out_of_memory_names_the_per_device_batch(monkeypatch, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_dp_matches_single_device_on_cuda():
     """nn.DataParallel over the visible GPUs (up to 2) and one GPU end with the same weights."""
-    from stages.parallel import DevicePlan, DistContext
+    from stages.core.batches import place_split
+    from stages.core.devices import DevicePlan
+    from stages.core.distributed import DistContext
+    from stages.core.loop import build_loop_state, prepare_model, train_one_epoch
     from stages.params import TrainParams
-    from stages.train import build_loop_state, place_split, prepare_model, train_one_epoch
 
     torch.manual_seed(0)
     images = torch.randint(0, 256, (512, 1, 8, 8), dtype=torch.uint8)
@@ -254,7 +258,7 @@ def test_dp_matches_single_device_on_cuda():
 
 
 def test_random_crop_flip_shifts_and_mirrors_each_image():
-    from stages.transforms import random_crop_flip
+    from stages.core.transforms import random_crop_flip
 
     n, c, h, w, pad = 64, 3, 6, 6, 2
     x = torch.randn(n, c, h, w)
@@ -264,8 +268,12 @@ def test_random_crop_flip_shifts_and_mirrors_each_image():
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
     shifts, flips = set(), 0
     for i in range(n):
+        def crop(dy: int, dx: int, flip: bool, i: int = i) -> torch.Tensor:
+            c = padded[i, :, dy:dy + h, dx:dx + w]
+            return c.flip(2) if flip else c
+
         matches = [(dy, dx, f) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1) for f in (False, True)
-                   if torch.equal(out[i], (lambda crop: crop.flip(2) if f else crop)(padded[i, :, dy:dy + h, dx:dx + w]))]
+                   if torch.equal(out[i], crop(dy, dx, f))]
         assert matches, f"image {i} is not a crop of its padded self"
         shifts.add(matches[0][:2])
         flips += matches[0][2]

@@ -13,6 +13,13 @@ import torch.nn.functional as F
 FLIP_DATASETS = ("cifar10", "imagefolder")
 
 
+def stats_tensors(mean: list[float], std: list[float], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std (lists, in [0, 1] units, as info.json and the model file hold them)
+    as (C, 1, 1) float32 tensors on `device`, the shape `normalize` broadcasts."""
+    return (torch.tensor(mean, dtype=torch.float32, device=device).view(-1, 1, 1),
+            torch.tensor(std, dtype=torch.float32, device=device).view(-1, 1, 1))
+
+
 def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """uint8 (N, C, H, W) -> float32, scaled to [0, 1], then standardised per channel.
 

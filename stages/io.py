@@ -12,11 +12,11 @@ import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .errors import UserError
-
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)

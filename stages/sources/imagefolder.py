@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .datasets import Source
-from .errors import UserError
-from .params import DataParams
+from ..errors import UserError
+from ..params import DataParams
+from . import Source
 
 # Folder names that mark a split (lower case) -> the split they hold.
 SPLIT_FOLDERS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
@@ -123,7 +123,8 @@ def list_files(split_folders: dict[str, Path]) -> tuple[list[str], dict[str, Spl
                                 f"classes there: {listing(class_names)}")
             paths, n_ignored = images_below(class_folder, extensions)
             if not paths and split == "train":
-                raise UserError(f"no images in {class_folder}: expected files PIL can open (.png, .jpg, .bmp, .webp, ...)")
+                raise UserError(f"no images in {class_folder}: expected files PIL can open "
+                                "(.png, .jpg, .bmp, .webp, ...)")
             files.paths += paths
             files.labels += [index[class_folder.name]] * len(paths)
             ignored += n_ignored

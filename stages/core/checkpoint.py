@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .artifacts import load_tensors, save_tensors
-from .errors import UserError
+from ..errors import UserError
+from ..io import load_tensors, save_tensors
 
 FORMAT = "stages.checkpoint/1"
 
@@ -44,7 +44,9 @@ def file_digest(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
-def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+def flatten_optimizer_state(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer's state_dict as (tensors for safetensors, JSON-able rest): per-parameter tensors
+    become `optim.<index>.<name>`; per-parameter scalars and the param groups go to the JSON."""
     tensors, scalars = {}, {}
     for index, per_param in state["state"].items():
         for name, value in per_param.items():
@@ -55,7 +57,8 @@ def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    """The inverse of `flatten_optimizer_state`: a state_dict `optimizer.load_state_dict` accepts."""
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):
@@ -84,7 +87,7 @@ def restore_rng(rng: dict[str, torch.Tensor]) -> None:
 
 def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scaler, epoch: int,
                     step: int, history: list[dict], fingerprint: dict) -> None:
-    optim_tensors, optim_meta = _flatten_optimizer(optimizer.state_dict())
+    optim_tensors, optim_meta = flatten_optimizer_state(optimizer.state_dict())
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors.update(optim_tensors)
     tensors.update(rng_states())
@@ -110,7 +113,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
         history=meta["history"],
         fingerprint=meta["fingerprint"],
         model_state={k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")},
-        optim_state=_unflatten_optimizer(tensors, meta["optimizer"]),
+        optim_state=unflatten_optimizer_state(tensors, meta["optimizer"]),
         scaler_state=meta["scaler"],
         rng={k: v for k, v in tensors.items() if k.startswith("rng.")},
     )

@@ -1,75 +1,19 @@
-"""The analyze stage: how well the model did and how well the devices were used.
+"""The report's text: the Markdown sections and the lessons drawn from the measurements.
 
-Reads the prepared data, the weights, the train stage's run.json, metrics and DVCLive
-curves, and the evaluate stage's metrics, per-class scores and predictions. Writes
-
-  report/report.md       run summary, quality, scaling probe, lessons (links the figures)
-  report/figures/*.png   learning curves, per-class scores, confusion matrix,
-                         misclassified images, scaling (when the probe ran)
-  report/scaling.json    the probe's settings, timed points and derived rows
-
-Only the scaling probe needs torch; everything else is files in, files out.
+Plain data in (run.json, info.json, metrics, the probe's rows), Markdown lines out; the
+stage (`stage.py`) reads the files and writes report.md.
 """
 
 from __future__ import annotations
 
-import csv
-from pathlib import Path
-
-from .artifacts import read_json, write_json, write_text
-from .errors import UserError
-from .params import Params
+from ..params import show_value
 
 FIGURES_DIR = "figures"
-MAX_MISCLASSIFIED_SHOWN = 32
 # Thresholds of the lessons; each lesson line quotes the number it was derived from.
 LOW_EFFICIENCY = 0.70  # DataParallel below this on 2+ GPUs: DDP will do better
 SMALL_BATCH_FOR_BATCHNORM = 16  # per-device samples below which BatchNorm statistics get noisy
 FLAT_SPEEDUP = 1.25  # weak-scaling speedup at the most devices below this: throughput is flat
 SLOW_FIRST_EPOCH = 2.0  # first epoch this many times the others' median: start-up skews the average
-
-
-# --- reading the inputs ------------------------------------------------------------
-
-
-def read_tsv_column(path: Path, column: str) -> list[float]:
-    """One column of a DVCLive .tsv (step<TAB>value rows) as floats; [] when the file is missing."""
-    if not path.is_file():
-        return []
-    with path.open(newline="") as f:
-        return [float(row[column]) for row in csv.DictReader(f, delimiter="\t")]
-
-
-def read_curves(train_dir: Path) -> dict[str, dict[str, list[float]]]:
-    """Per-epoch train/val loss and accuracy from the train stage's DVCLive plots."""
-    base = Path(train_dir) / "plots" / "metrics"
-    return {metric: {split: read_tsv_column(base / split / f"{metric}.tsv", metric) for split in ("train", "val")}
-            for metric in ("loss", "accuracy")}
-
-
-def read_predictions(path: Path) -> list[dict]:
-    """predictions.csv rows (index, actual, predicted), in test-set order."""
-    if not Path(path).is_file():
-        raise UserError(f"file not found: {path} (run the evaluate stage first, e.g. `dvc repro`)")
-    with Path(path).open(newline="") as f:
-        return [{"index": int(r["index"]), "actual": r["actual"], "predicted": r["predicted"]} for r in csv.DictReader(f)]
-
-
-def confusion_counts(predictions: list[dict], class_names: list[str]) -> list[list[int]]:
-    """matrix[true][predicted] = number of test images."""
-    position = {name: i for i, name in enumerate(class_names)}
-    matrix = [[0] * len(class_names) for _ in class_names]
-    for row in predictions:
-        matrix[position[row["actual"]]][position[row["predicted"]]] += 1
-    return matrix
-
-
-def has_batchnorm(model_path: Path) -> bool:
-    """BatchNorm layers keep running statistics; their keys give them away without building the model."""
-    from .artifacts import load_tensors
-
-    tensors, _ = load_tensors(model_path)
-    return any(key.endswith("running_mean") for key in tensors)
 
 
 # --- Markdown helpers --------------------------------------------------------------
@@ -86,11 +30,6 @@ def fmt_rate(value: float | None) -> str:
 
 def fmt_memory(values: list[float]) -> str:
     return ", ".join(f"{v:,.0f}" for v in values) if values else "—"
-
-
-def yaml_value(value) -> str:
-    """A param as params.yaml spells it (true, not True)."""
-    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def plural(count: int, noun: str) -> str:
@@ -112,7 +51,7 @@ def run_summary_section(run: dict, info: dict, train_params: dict) -> list[str]:
                   f"min {min(epochs):.3f} s, max {max(epochs):.3f} s; {sum(epochs):.2f} s in all)") if epochs else "—"
     counts = info["counts"]
     keys = ("epochs", "batch_size", "lr", "optimizer", "weight_decay", "precision", "augment", "compile", "seed")
-    params = ", ".join(f"{k} {yaml_value(train_params[k])}" for k in keys if k in train_params)
+    params = ", ".join(f"{k} {show_value(train_params[k])}" for k in keys if k in train_params)
     devices = ", ".join(run["device_names"])
     resumed = run.get("resumed_from_epoch")
     ids = f" (ids {run['device_ids']})" if run.get("device_ids") else ""
@@ -177,7 +116,8 @@ def probe_cost_line(probe: dict, train_seconds: float) -> str:
     if train_seconds:
         share = f", {100 * probe['seconds'] / train_seconds:.0f}% of the {train_seconds:.2f} s the train stage took"
     setup = probe["seconds"] - probe["step_seconds"]
-    return (f"The probe took {probe['seconds']:.2f} s{share}: {probe['step_seconds']:.2f} s of warm-up and timed steps, "
+    return (f"The probe took {probe['seconds']:.2f} s{share}: {probe['step_seconds']:.2f} s of warm-up and timed "
+            "steps, "
             f"{setup:.2f} s of set-up (data, model, worker processes, and torch's one-time import of torch._dynamo "
             f"when the first optimizer is built, which training pays too).")
 
@@ -227,7 +167,8 @@ def lessons(run: dict, rows: list[dict], gpus: list[dict], batchnorm: bool, data
         single = next((r for r in measured if r["devices"] == 1), None)
         probe = ""
         if single:
-            probe = f"; the probe measured {fmt_rate(single['samples_per_second'])} samples/s at batch {single['global_batch']}"
+            probe = (f"; the probe measured {fmt_rate(single['samples_per_second'])} samples/s "
+                     f"at batch {single['global_batch']}")
         out.append(f"No GPU here: training ran on the CPU{probe}. The multi-GPU lessons (DataParallel "
                    "efficiency, DDP, GPU balance) need a machine with 2 or more GPUs.")
     elif run["accelerator"] == "cpu":
@@ -259,7 +200,8 @@ def lessons(run: dict, rows: list[dict], gpus: list[dict], batchnorm: bool, data
     if len(gpus) > 1:
         kinds = {(g["name"], g["memory_gib"], g["multiprocessors"]) for g in gpus}
         if len(kinds) > 1:
-            listing = "; ".join(f"{g['id']}: {g['name']} {g['memory_gib']} GiB, {g['multiprocessors']} SMs" for g in gpus)
+            listing = "; ".join(f"{g['id']}: {g['name']} {g['memory_gib']} GiB, {g['multiprocessors']} SMs"
+                                for g in gpus)
             smallest = min(g["memory_gib"] for g in gpus)
             out.append(f"The GPUs differ ({listing}): every step waits for the slowest, and the batch per GPU must "
                        f"fit the smallest ({smallest} GiB); use `train.devices` to pick equal ones.")
@@ -277,85 +219,3 @@ def lessons(run: dict, rows: list[dict], gpus: list[dict], batchnorm: bool, data
 
 def lessons_section(lines: list[str]) -> list[str]:
     return ["## Lessons", "", *[f"- {line}" for line in lines], ""]
-
-
-# --- the stage ---------------------------------------------------------------------
-
-
-def write_figures(figures_dir: Path, curves: dict, per_class: dict, predictions: list[dict], class_names: list[str],
-                  data_dir: Path, rows: list[dict] | None) -> list[Path]:
-    from . import figures
-    from .prepare_data import load_prepared
-
-    written = [
-        figures.learning_curves(curves, figures_dir / "learning_curves.png"),
-        figures.per_class_bars(per_class, figures_dir / "per_class.png"),
-        figures.confusion_heatmap(confusion_counts(predictions, class_names), class_names, figures_dir / "confusion.png"),
-    ]
-    wrong = [r for r in predictions if r["actual"] != r["predicted"]]
-    shown = wrong[:MAX_MISCLASSIFIED_SHOWN]
-    images, _, _ = load_prepared(data_dir, "test")
-    if len(images) != len(predictions):
-        raise UserError(f"predictions.csv has {len(predictions)} rows but the test split has {len(images)} images; "
-                        "rerun the evaluate stage")
-    picked = images[[r["index"] for r in shown]] if shown else images[:0]
-    labels = [(r["actual"], r["predicted"]) for r in shown]
-    written.append(figures.misclassified_grid(picked, labels, len(wrong), len(predictions),
-                                              figures_dir / "misclassified.png"))
-    if rows is not None:
-        written.append(figures.scaling_plot(rows, figures_dir / "scaling.png"))
-    return written
-
-
-def remove_stale_figures(figures_dir: Path, keep: list[Path]) -> None:
-    """A figure left from an earlier run (say scaling.png after the probe was turned off) would be
-    shown by `dvc plots` as if it were current."""
-    for png in figures_dir.glob("*.png"):
-        if png not in keep:
-            png.unlink()
-
-
-def probe_scaling(p: Params, model_path: Path, data_dir: Path, run: dict):
-    from .params import TrainParams
-    from .probe import gpu_inventory, probe_json, run_probe
-
-    if not p.analyze.probe:
-        return None, [], gpu_inventory()
-    result = run_probe(model_path, data_dir, TrainParams(**run["train_params"]), run["per_device_batch"],
-                       run["global_batch"], p.analyze.probe_steps, p.analyze.probe_ddp)
-    data = probe_json(result)
-    return data, data["rows"], gpu_inventory()
-
-
-def analyze_stage(p: Params, data_dir: Path, model_path: Path, train_dir: Path, eval_dir: Path, out_dir: Path) -> None:
-    data_dir, model_path, train_dir, eval_dir, out_dir = map(Path, (data_dir, model_path, train_dir, eval_dir, out_dir))
-    info = read_json(data_dir / "info.json")
-    run = read_json(train_dir / "run.json")
-    test = read_json(eval_dir / "metrics.json")["test"]
-    per_class = read_json(eval_dir / "per_class.json")
-    predictions = read_predictions(eval_dir / "predictions.csv")
-    curves = read_curves(train_dir)
-    # The probe times steps with the params training used, which run.json records (a dep).
-    train_params = run["train_params"]
-
-    probe, rows, gpus = probe_scaling(p, model_path, data_dir, run)
-    figures_dir = out_dir / FIGURES_DIR
-    written = write_figures(figures_dir, curves, per_class, predictions, info["class_names"], data_dir,
-                            rows if probe is not None else None)
-    remove_stale_figures(figures_dir, written)
-
-    train_seconds = run["stage_seconds"]  # the train process's wall time, start-up included
-    skipped = "`analyze.probe` is false, so no training steps were timed; set it to true to measure scaling."
-    write_json(out_dir / "scaling.json", probe if probe is not None else {"probe": "off", "reason": skipped, "rows": []})
-    report = [
-        f"# Run report: {run['model']} on {info['dataset']}",
-        "",
-        *run_summary_section(run, info, train_params),
-        *quality_section(test, per_class, predictions, curves),
-        *scaling_section(probe, rows, train_seconds, skipped),
-        *lessons_section(lessons(run, rows, gpus, has_batchnorm(model_path), probe and probe["data_on_device"])),
-    ]
-    write_text(out_dir / "report.md", "\n".join(report))
-    cost = (f"; probe {probe['seconds']:.2f} s ({probe['step_seconds']:.2f} s of steps) vs {train_seconds:.2f} s "
-            "the train stage took" if probe is not None else "; probe off")
-    print(f"wrote {out_dir / 'report.md'}, {len(written)} figures in {figures_dir}{cost}")

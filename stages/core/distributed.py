@@ -1,9 +1,9 @@
-"""Device discovery, the DataParallel decision, DDP process groups and worker launch.
+"""DDP process groups: join one, start one on this machine, and the collectives the loop needs.
 
-`dp`: one process; `nn.DataParallel` scatters each global batch over the chosen
-CUDA devices and gathers the outputs on the first. `ddp`: one process per device;
-`python -m stages train` starts the workers itself (`launch_workers`) unless
-`torchrun` already did (RANK and WORLD_SIZE set), in which case it just joins.
+`python -m stages train` with `train.strategy: ddp` starts one worker per device itself
+(`launch_workers`) unless `torchrun` already did (RANK and WORLD_SIZE set), in which case
+each process just joins the group (`init_distributed`). Either way the workers run the same
+code. nccl on CUDA, gloo on the CPU.
 """
 
 from __future__ import annotations
@@ -14,66 +14,11 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from .errors import UserError
-
-
-@dataclass(frozen=True)
-class DevicePlan:
-    accelerator: str  # "cuda" or "cpu"
-    strategy: str  # "dp" or "ddp"
-    device_ids: list[int] = field(default_factory=list)  # CUDA ids used (dp), or [] on the CPU
-    world_size: int = 1  # processes (ddp) — 1 for dp
-
-    @property
-    def use_data_parallel(self) -> bool:
-        return self.strategy == "dp" and self.accelerator == "cuda" and len(self.device_ids) > 1
-
-
-def plan_devices(accelerator: str, devices, strategy: str) -> DevicePlan:
-    """Decide where training runs from train.accelerator / train.devices / train.strategy."""
-    cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if accelerator == "auto":
-        accelerator = "cuda" if cuda_count > 0 else "cpu"
-    if accelerator == "cuda":
-        if cuda_count == 0:
-            raise UserError("train.accelerator = 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
-        if devices == "all":
-            ids = list(range(cuda_count))
-        elif isinstance(devices, int):
-            if devices > cuda_count:
-                raise UserError(f"train.devices = {devices} but only {cuda_count} CUDA device(s) are visible")
-            ids = list(range(devices))
-        else:
-            bad = [i for i in devices if i >= cuda_count]
-            if bad:
-                raise UserError(f"train.devices = {devices} names device(s) {bad}; visible ids are 0..{cuda_count - 1}")
-            ids = list(devices)
-        world = len(ids) if strategy == "ddp" else 1
-        return DevicePlan("cuda", strategy, ids, world)
-    # CPU: one device for dp; `devices` worker processes for ddp (gloo).
-    if strategy == "ddp":
-        world = devices if isinstance(devices, int) else len(devices) if isinstance(devices, list) else 1
-        return DevicePlan("cpu", "ddp", [], world)
-    return DevicePlan("cpu", "dp", [], 1)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain model under DataParallel / DistributedDataParallel / torch.compile wrappers."""
-    while True:
-        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
-
-
-# --- DDP -----------------------------------------------------------------------
+from ..errors import UserError
 
 
 @dataclass(frozen=True)
@@ -128,17 +73,6 @@ def shutdown_distributed() -> None:
 
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def process_device(plan: DevicePlan, ctx: DistContext) -> torch.device:
-    """The device this process trains on: its local rank's GPU under ddp, the first planned GPU
-    under dp, else the CPU, whose cores are shared out between the ranks on this machine."""
-    if plan.accelerator == "cuda":
-        return torch.device("cuda", ctx.local_rank if plan.strategy == "ddp" else plan.device_ids[0])
-    if ctx.world_size > 1:
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    return torch.device("cpu")
 
 
 def launch_workers(argv: list[str], world_size: int, module: str = "stages", timeout_s: float | None = None) -> None:

@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 from torchvision import datasets
 
-from .datasets import Source
-from .errors import UserError
-from .params import DataParams
+from ..errors import UserError
+from ..params import DataParams
+from . import Source
 
 
 class CIFAR10AnyCopy(datasets.CIFAR10):

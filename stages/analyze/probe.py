@@ -7,9 +7,9 @@ training core itself (`prepare_model`, `build_loop_state`, `train_one_epoch`), a
   weak scaling:   the training run's per-device batch on every device (global batch grows),
   strong scaling: the training run's global batch split over the devices.
 
-DataParallel points run in this process; DDP points start one `python -m stages.probe`
+DataParallel points run in this process; DDP points start one `python -m stages.analyze.probe`
 worker per device with the torchrun environment (RANK, WORLD_SIZE, MASTER_ADDR, ...)
-that `parallel.init_distributed` reads. Without CUDA it times the CPU once and says
+that `core.distributed.init_distributed` reads. Without CUDA it times the CPU once and says
 what it could not measure.
 """
 
@@ -24,14 +24,15 @@ from pathlib import Path
 
 import torch
 
-from . import load_model
-from .artifacts import read_json, write_json
-from .errors import UserError
-from .parallel import (DevicePlan, DistContext, all_gather_floats, init_distributed, launch_workers, process_device,
-                       shutdown_distributed)
-from .params import TrainParams
-from .prepare_data import load_prepared
-from .train import Split, build_loop_state, peak_memory_mb, place_split, prepare_model, train_one_epoch
+from ..core.batches import Split, place_split
+from ..core.devices import DevicePlan, configure_determinism, peak_memory_mb, process_device
+from ..core.distributed import DistContext, all_gather_floats, init_distributed, launch_workers, shutdown_distributed
+from ..core.loop import build_loop_state, prepare_model, train_one_epoch
+from ..core.weights import load_model
+from ..errors import UserError
+from ..io import read_json, write_json
+from ..params import TrainParams
+from ..prepared import load_prepared
 
 WARMUP_STEPS = 2  # the first steps pay for CUDA context, cuDNN autotuning and DataParallel replicas
 DDP_TIMEOUT_S = 600
@@ -174,10 +175,11 @@ def time_ddp_point(weights: Path, data_dir: Path, cfg: TrainParams, accelerator:
     point = ProbePoint("ddp", world_size, global_batch)
     with tempfile.TemporaryDirectory(prefix="stages-probe-") as tmp:
         out = Path(tmp) / "result.json"
-        request = {"weights": str(weights), "data": str(data_dir), "train": asdict(replace(cfg, batch_size=global_batch)),
+        request = {"weights": str(weights), "data": str(data_dir),
+                   "train": asdict(replace(cfg, batch_size=global_batch)),
                    "accelerator": accelerator, "steps": steps, "out": str(out)}
         try:
-            launch_workers([json.dumps(request)], world_size, module="stages.probe", timeout_s=DDP_TIMEOUT_S)
+            launch_workers([json.dumps(request)], world_size, module="stages.analyze.probe", timeout_s=DDP_TIMEOUT_S)
         except UserError as exc:
             point.note = str(exc).removesuffix("; see its output above")
             return point
@@ -232,8 +234,6 @@ def gpu_inventory() -> list[dict]:
 def run_probe(weights: Path, data_dir: Path, cfg: TrainParams, per_device_batch: int, global_batch: int,
               steps: int, with_ddp: bool) -> ProbeResult:
     """Time every planned point on the visible GPUs (or the CPU); never fails the stage for one point."""
-    from .train_stage import configure_determinism
-
     start = time.perf_counter()
     configure_determinism(cfg.deterministic)  # cuDNN autotuning on, as in training
     n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -253,7 +253,8 @@ def run_probe(weights: Path, data_dir: Path, cfg: TrainParams, per_device_batch:
     plan = planned_points(strategies, counts, per_device_batch, global_batch)
     skipped = sorted({k for k in counts if scaling_batches(k, per_device_batch, global_batch)["strong"] is None})
     if skipped:
-        notes.append(f"strong scaling skipped at {skipped} devices: the global batch {global_batch} does not split evenly")
+        notes.append(f"strong scaling skipped at {skipped} devices: the global batch {global_batch} "
+                     "does not split evenly")
 
     images, labels, info = load_prepared(data_dir, "train")
     largest = max(batch for strategy, _, batch in plan if strategy == "dp")

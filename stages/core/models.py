@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .errors import UserError
-from .params import MODELS
+from ..errors import UserError
+from ..params import MODELS
 
 
 def _conv_bn(c_in: int, c_out: int) -> list[nn.Module]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .artifacts import atomic_path
+from ..io import atomic_path
 
 DPI = 110
 
@@ -66,7 +66,8 @@ def per_class_bars(per_class: dict[str, dict], path: Path) -> Path:
     width = 0.27
     for i, (score, color) in enumerate((("precision", "#4c72b0"), ("recall", "#dd8452"), ("f1", "#55a868"))):
         xs = [c + (i - 1) * width for c in range(n)]
-        ax.bar(xs, [per_class[name][score] for name in names], width, label=score if score != "f1" else "F1", color=color)
+        ax.bar(xs, [per_class[name][score] for name in names], width, label=score if score != "f1" else "F1",
+               color=color)
     slanted = n > 12 or max(map(len, names)) > 4  # many or long names would run into each other
     ax.set_xticks(range(n), [_short(name) for name in names], rotation=45 if slanted else 0,
                   ha="right" if slanted else "center")
@@ -142,8 +143,9 @@ def misclassified_grid(images, labels: list[tuple[str, str]], total_wrong: int, 
     return _save(fig, path)
 
 
-def scaling_plot(rows: list[dict], path: Path) -> Path:
-    """Throughput and efficiency against the device count, one line per strategy and scaling mode."""
+def scaling_plot(rows: list[dict], path: Path, low_efficiency: float) -> Path:
+    """Throughput and efficiency against the device count, one line per strategy and scaling mode;
+    a dashed line marks `low_efficiency`, below which the report's lessons advise DDP."""
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     series: dict[str, list[dict]] = {}
@@ -163,8 +165,10 @@ def scaling_plot(rows: list[dict], path: Path) -> Path:
         left.plot(xs, [row["samples_per_second"] for row in line], "-o", label=label)
         right.plot(xs, [100 * (row["efficiency"] or 0) for row in line], "-o", label=label)
     right.axhline(100, color="gray", linewidth=1, linestyle=":", label="ideal")
-    right.axhline(70, color="#b22222", linewidth=1, linestyle="--", label="70%")
-    for ax, ylabel, title in ((left, "samples/s", "Training throughput"), (right, "efficiency (%)", "Scaling efficiency")):
+    right.axhline(100 * low_efficiency, color="#b22222", linewidth=1, linestyle="--",
+                  label=f"{100 * low_efficiency:.0f}%")
+    for ax, ylabel, title in ((left, "samples/s", "Training throughput"),
+                              (right, "efficiency (%)", "Scaling efficiency")):
         ax.set_xticks(counts)
         ax.set_xlabel("devices")
         ax.set_ylabel(ylabel)

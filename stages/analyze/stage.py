@@ -1,0 +1,157 @@
+"""The analyze stage: how well the model did and how well the devices were used.
+
+Reads the prepared data, the weights, the train stage's run.json, metrics and DVCLive
+curves, and the evaluate stage's metrics, per-class scores and predictions. Writes
+
+  report/report.md       run summary, quality, scaling probe, lessons (links the figures)
+  report/figures/*.png   learning curves, per-class scores, confusion matrix,
+                         misclassified images, scaling (when the probe ran)
+  report/scaling.json    the probe's settings, timed points and derived rows
+
+Only the scaling probe needs torch; everything else is files in, files out.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from ..errors import UserError
+from ..io import load_tensors, read_json, write_json, write_text
+from ..params import Params
+from ..prepared import load_prepared, read_info
+from . import figures
+from .report import (
+    FIGURES_DIR,
+    LOW_EFFICIENCY,
+    lessons,
+    lessons_section,
+    quality_section,
+    run_summary_section,
+    scaling_section,
+)
+
+MAX_MISCLASSIFIED_SHOWN = 32
+
+
+# --- reading the inputs ------------------------------------------------------------
+
+
+def read_tsv_column(path: Path, column: str) -> list[float]:
+    """One column of a DVCLive .tsv (step<TAB>value rows) as floats; [] when the file is missing."""
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return [float(row[column]) for row in csv.DictReader(f, delimiter="\t")]
+
+
+def read_curves(train_dir: Path) -> dict[str, dict[str, list[float]]]:
+    """Per-epoch train/val loss and accuracy from the train stage's DVCLive plots."""
+    base = Path(train_dir) / "plots" / "metrics"
+    return {metric: {split: read_tsv_column(base / split / f"{metric}.tsv", metric) for split in ("train", "val")}
+            for metric in ("loss", "accuracy")}
+
+
+def read_predictions(path: Path) -> list[dict]:
+    """predictions.csv rows (index, actual, predicted), in test-set order."""
+    if not Path(path).is_file():
+        raise UserError(f"file not found: {path} (run the evaluate stage first, e.g. `dvc repro`)")
+    with Path(path).open(newline="") as f:
+        return [{"index": int(r["index"]), "actual": r["actual"], "predicted": r["predicted"]}
+                for r in csv.DictReader(f)]
+
+
+def confusion_counts(predictions: list[dict], class_names: list[str]) -> list[list[int]]:
+    """matrix[true][predicted] = number of test images."""
+    position = {name: i for i, name in enumerate(class_names)}
+    matrix = [[0] * len(class_names) for _ in class_names]
+    for row in predictions:
+        matrix[position[row["actual"]]][position[row["predicted"]]] += 1
+    return matrix
+
+
+def has_batchnorm(model_path: Path) -> bool:
+    """BatchNorm layers keep running statistics; their keys give them away without building the model."""
+    tensors, _ = load_tensors(model_path)
+    return any(key.endswith("running_mean") for key in tensors)
+
+
+# --- the stage ---------------------------------------------------------------------
+
+
+def write_figures(figures_dir: Path, curves: dict, per_class: dict, predictions: list[dict], class_names: list[str],
+                  data_dir: Path, rows: list[dict] | None) -> list[Path]:
+    written = [
+        figures.learning_curves(curves, figures_dir / "learning_curves.png"),
+        figures.per_class_bars(per_class, figures_dir / "per_class.png"),
+        figures.confusion_heatmap(confusion_counts(predictions, class_names), class_names,
+                                  figures_dir / "confusion.png"),
+    ]
+    wrong = [r for r in predictions if r["actual"] != r["predicted"]]
+    shown = wrong[:MAX_MISCLASSIFIED_SHOWN]
+    images, _, _ = load_prepared(data_dir, "test")
+    if len(images) != len(predictions):
+        raise UserError(f"predictions.csv has {len(predictions)} rows but the test split has {len(images)} images; "
+                        "rerun the evaluate stage")
+    picked = images[[r["index"] for r in shown]] if shown else images[:0]
+    labels = [(r["actual"], r["predicted"]) for r in shown]
+    written.append(figures.misclassified_grid(picked, labels, len(wrong), len(predictions),
+                                              figures_dir / "misclassified.png"))
+    if rows is not None:
+        written.append(figures.scaling_plot(rows, figures_dir / "scaling.png", LOW_EFFICIENCY))
+    return written
+
+
+def remove_stale_figures(figures_dir: Path, keep: list[Path]) -> None:
+    """A figure left from an earlier run (say scaling.png after the probe was turned off) would be
+    shown by `dvc plots` as if it were current."""
+    for png in figures_dir.glob("*.png"):
+        if png not in keep:
+            png.unlink()
+
+
+def probe_scaling(p: Params, model_path: Path, data_dir: Path, run: dict):
+    from ..params import TrainParams
+    from .probe import gpu_inventory, probe_json, run_probe
+
+    if not p.analyze.probe:
+        return None, [], gpu_inventory()
+    result = run_probe(model_path, data_dir, TrainParams(**run["train_params"]), run["per_device_batch"],
+                       run["global_batch"], p.analyze.probe_steps, p.analyze.probe_ddp)
+    data = probe_json(result)
+    return data, data["rows"], gpu_inventory()
+
+
+def analyze_stage(p: Params, data_dir: Path, model_path: Path, train_dir: Path, eval_dir: Path, out_dir: Path) -> None:
+    data_dir, model_path, train_dir, eval_dir, out_dir = map(Path, (data_dir, model_path, train_dir, eval_dir, out_dir))
+    info = read_info(data_dir)
+    run = read_json(train_dir / "run.json")
+    test = read_json(eval_dir / "metrics.json")["test"]
+    per_class = read_json(eval_dir / "per_class.json")
+    predictions = read_predictions(eval_dir / "predictions.csv")
+    curves = read_curves(train_dir)
+    # The probe times steps with the params training used, which run.json records (a dep).
+    train_params = run["train_params"]
+
+    probe, rows, gpus = probe_scaling(p, model_path, data_dir, run)
+    figures_dir = out_dir / FIGURES_DIR
+    written = write_figures(figures_dir, curves, per_class, predictions, info["class_names"], data_dir,
+                            rows if probe is not None else None)
+    remove_stale_figures(figures_dir, written)
+
+    train_seconds = run["stage_seconds"]  # the train process's wall time, start-up included
+    skipped = "`analyze.probe` is false, so no training steps were timed; set it to true to measure scaling."
+    write_json(out_dir / "scaling.json",
+               probe if probe is not None else {"probe": "off", "reason": skipped, "rows": []})
+    report = [
+        f"# Run report: {run['model']} on {info['dataset']}",
+        "",
+        *run_summary_section(run, info, train_params),
+        *quality_section(test, per_class, predictions, curves),
+        *scaling_section(probe, rows, train_seconds, skipped),
+        *lessons_section(lessons(run, rows, gpus, has_batchnorm(model_path), probe and probe["data_on_device"])),
+    ]
+    write_text(out_dir / "report.md", "\n".join(report))
+    cost = (f"; probe {probe['seconds']:.2f} s ({probe['step_seconds']:.2f} s of steps) vs {train_seconds:.2f} s "
+            "the train stage took" if probe is not None else "; probe off")
+    print(f"wrote {out_dir / 'report.md'}, {len(written)} figures in {figures_dir}{cost}")

@@ -1,0 +1,32 @@
+"""Mixed precision: train.precision's names, the dtype each stands for, and the autocast around
+the forward pass. The one place these names meet torch dtypes."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+# train.precision -> the autocast dtype (None: plain fp32, no autocast). "auto" is resolved per device.
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """auto: bf16 on GPUs that support it, fp32 elsewhere. None means plain fp32."""
+    if precision == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return None
+    return DTYPES[precision]
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """The train.precision name of a resolved dtype: bf16, fp16 or fp32."""
+    return next(name for name, d in DTYPES.items() if d == dtype)
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
+    """Mixed precision for the forward pass when `dtype` is bf16/fp16; a no-op for fp32."""
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)

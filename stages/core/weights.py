@@ -1,0 +1,61 @@
+"""The model file: one `.safetensors` file of the unwrapped model's state dict, whose metadata
+says what is needed to rebuild the model. Written by the train stage, read by `load_model`.
+
+Metadata: the format tag, an allow-listed model name, the number of classes, the input shape,
+the class names, the normalisation (per-channel mean and std in [0, 1] units) and the dataset.
+Nothing in it changes from run to run (no timestamps), so the same params on the same machine
+give the same file; nothing in it is code, and nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..io import load_tensors, save_tensors
+from .models import build_model
+
+FORMAT = "stages.model/1"
+
+
+def model_metadata(model_name: str, info: dict) -> dict:
+    """What `load_model` needs to rebuild the model, from the prepared data's info.json."""
+    return {
+        "format": FORMAT,
+        "model_name": model_name,
+        "num_classes": info["num_classes"],
+        "input_shape": info["shape"],
+        "class_names": info["class_names"],
+        "mean": info["mean"],
+        "std": info["std"],
+        "dataset": info["dataset"],
+    }
+
+
+def save_model(path: str | Path, model: nn.Module, metadata: dict) -> None:
+    """Write the plain (unwrapped) model's weights: keys have no `module.` prefix."""
+    save_tensors(path, model.state_dict(), metadata)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the model saved in a `.safetensors` weights file and return it in eval mode.
+
+    The architecture comes from the file's metadata; no code is read from the file. The
+    metadata is kept on the model as `model.stages_metadata` (class names, mean, std) so
+    inputs can be normalised the way training did: `(uint8_images / 255 - mean) / std`,
+    per channel.
+    """
+    tensors, meta = load_tensors(path)
+    if meta.get("format") != FORMAT:
+        raise UserError(f"{path} is not a model weights file of this project (format {meta.get('format')!r})")
+    c, h, _ = meta["input_shape"]
+    model = build_model(meta["model_name"], c, h, meta["num_classes"])
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as exc:
+        raise UserError(f"{path} does not match model {meta['model_name']!r}: {str(exc).splitlines()[0]}") from None
+    model.stages_metadata = meta
+    return model.to(torch.device(device)).eval()
