@@ -90,7 +90,8 @@ def train(
     data: Annotated[Path, typer.Option(help="Folder of prepared data.")] = Path("data/prepared"),
     model: Annotated[Path, typer.Option(help="Where to write the weights.")] = Path("models/model.safetensors"),
     metrics: Annotated[Path, typer.Option(help="DVCLive folder for metrics and curves.")] = Path("metrics/train"),
-    checkpoint: Annotated[Path, typer.Option(help="Per-epoch checkpoint, resumed after a kill.")] = Path(
+    checkpoint: Annotated[Path, typer.Option(
+        help="Per-epoch checkpoint: resumed after a kill, deleted once training completes.")] = Path(
         "checkpoints/train.safetensors"),
 ) -> None:
     """Train the model on every visible GPU (DataParallel or DDP) or on the CPU; write weights and metrics."""
@@ -140,3 +141,28 @@ def analyze(
         analyze_stage(load_params(params), data, model, train_metrics, eval_metrics, out)
 
     _run(stage)
+
+
+@app.command()
+def predict(
+    images: Annotated[list[Path], typer.Argument(metavar="IMAGE_OR_FOLDER", show_default=False,
+                                                 help="Image files, and folders searched recursively for images.")],
+    model: Annotated[Path, typer.Option(help="The trained weights.")] = Path("models/model.safetensors"),
+    out: Annotated[Path, typer.Option(help="The CSV to write: path, predicted class, probability.")] = Path(
+        "predictions.csv"),
+    top_k: Annotated[int, typer.Option("--top-k", min=1, help="Also list the next most likely classes, "
+                                       "up to this many in all.")] = 1,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 256,
+    skip_bad_images: Annotated[bool, typer.Option(help="Skip unreadable files with a warning instead of "
+                                                  "stopping.")] = False,
+) -> None:
+    """Label new images with a trained model, prepared exactly as prepare-data prepared the training images."""
+
+    def command() -> None:
+        from .predict import predict as run
+
+        summary = run(model, images, out, top_k, batch_size, skip_bad_images)
+        skipped = f", {summary['skipped']} unreadable files skipped" if summary["skipped"] else ""
+        typer.echo(f"labelled {summary['labelled']} images on the {summary['device']} -> {out}{skipped}")
+
+    _run(command)

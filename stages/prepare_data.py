@@ -13,7 +13,7 @@ import torch
 
 from .errors import UserError
 from .params import DataParams
-from .prepared import SPLITS, write_info, write_split
+from .prepared import IMAGE_MODES, SPLITS, write_info, write_split
 from .sources import Source, load_source
 
 
@@ -86,6 +86,10 @@ def prepare_data(p: DataParams, out_dir: str | Path) -> dict:
         "counts": {name: len(splits[name][1]) for name in SPLITS},
         "class_counts": {name: torch.bincount(splits[name][1], minlength=num_classes).tolist() for name in SPLITS},
         "skipped_bad_images": source.skipped_bad_images,
+        # How a new image file becomes pixels like these (`predict` reads it from the model file).
+        # Only image folders are resized here; for the others it is how predict fits a photo.
+        "image_mode": IMAGE_MODES[train_images.shape[1]],
+        "resize": "stretch",
     }
     write_info(out_dir, info)
     return info

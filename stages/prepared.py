@@ -4,7 +4,10 @@ A folder holding, per split ("train", "val", "test"), `<split>.safetensors` with
 `images` (N, C, H, W) and int64 `labels` (N,), and `info.json`:
 
     dataset, class_names, num_classes, shape [C, H, W], mean and std (per channel, in [0, 1]
-    units, of the train split), counts and class_counts per split, skipped_bad_images
+    units, of the train split), counts and class_counts per split, skipped_bad_images,
+    image_mode (the 8-bit PIL mode the pixels are in: "L" for 1 channel, "RGB" for 3) and
+    resize (how an image file is brought to H x W: "stretch", both sides scaled to the size);
+    the last two travel into the model file, so that `predict` prepares new images the same way
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from .errors import UserError
 from .io import load_tensors, read_json, save_tensors, write_json
 
 SPLITS = ("train", "val", "test")
+IMAGE_MODES = {1: "L", 3: "RGB"}  # channels -> the PIL mode every source's uint8 pixels are in
 
 
 def split_path(data_dir: str | Path, split: str) -> Path:

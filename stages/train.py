@@ -4,7 +4,12 @@ DVCLive logging, the per-epoch checkpoint, the weights file and the run summary.
 
 Only rank 0 logs and writes. Outputs (paths from dvc.yaml via the CLI):
   model weights (.safetensors), DVCLive metrics + per-epoch plots, run.json
-  (devices, batches, timings, peak memory), and the per-epoch checkpoint (persist).
+  (devices, batches, timings, peak memory).
+
+The per-epoch checkpoint is not a DVC output: it lives only while a run is incomplete. It is
+written after every epoch, resumed after a kill when it belongs to this very run, and deleted
+once the weights and metrics are written. So a finished stage leaves nothing DVC would have to
+store, push or find missing in a fresh clone (README, "Why the checkpoint is not a DVC output").
 """
 
 from __future__ import annotations
@@ -79,9 +84,9 @@ def train(p: Params, plan: DevicePlan, ctx: DistContext, data_dir: Path, model_p
     val_images, val_labels, _ = load_prepared(data_dir, "val")
     check_batch_size(cfg.batch_size, len(train_labels), plan, ctx, log)
 
-    # Resume only from a checkpoint of this very run: same params, same data, not yet complete.
+    # Resume only from a checkpoint of this very run: same params, same data.
     fingerprint = run_fingerprint(p, data_dir)
-    resume = resumable_checkpoint(checkpoint_path, fingerprint, cfg.epochs, log)
+    resume = resumable_checkpoint(checkpoint_path, fingerprint, log)
 
     # Build: the model (seeded, so every rank starts from the same weights), wrappers, optimizer.
     torch.manual_seed(cfg.seed)
@@ -169,6 +174,8 @@ def train(p: Params, plan: DevicePlan, ctx: DistContext, data_dir: Path, model_p
         "peak_memory_kind": "cuda allocated per device" if device.type == "cuda" else "process max RSS per process",
     })
     log(f"saved {model_path}  ({throughput:,.0f} samples/s over {len(history)} epochs)")
+    # Last: a kill before this line leaves the checkpoint, and the next run rewrites the outputs from it.
+    checkpoint_path.unlink(missing_ok=True)
 
 
 # --- the steps above, spelled out ---------------------------------------------------------
@@ -193,17 +200,18 @@ def run_fingerprint(p: Params, data_dir: Path) -> dict:
     return fingerprint
 
 
-def resumable_checkpoint(path: Path, fingerprint: dict, epochs: int, log) -> Checkpoint | None:
-    """The checkpoint at `path` if it belongs to this run and has epochs left; says why not otherwise."""
+def resumable_checkpoint(path: Path, fingerprint: dict, log) -> Checkpoint | None:
+    """The checkpoint at `path` if it belongs to this run; says why not otherwise.
+
+    A completed run deletes its checkpoint, so one that is here was left by a run that was
+    killed: mid-way, or after its last epoch but before its outputs were all written (then
+    resuming runs no epoch and only writes the outputs)."""
     if not path.exists():
         return None
     ck = load_checkpoint(path)
     why = fingerprint_difference(ck.fingerprint, fingerprint)
     if why is not None:
         log(f"Not resuming from {path}: it was made with other params or data: {why}")
-        return None
-    if ck.epoch >= epochs:
-        log(f"Not resuming from {path}: that run completed all {ck.epoch} epochs; training afresh")
         return None
     return ck
 

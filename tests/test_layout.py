@@ -231,7 +231,8 @@ from stages.core.loop import build_loop_state, prepare_model, train_one_epoch, u
 from stages.core.models import build_model
 from stages.core.weights import load_model, model_metadata, save_model
 from stages.params import TrainParams
-info = dict(dataset='digits', shape=[1, 8, 8], num_classes=3, class_names=['a', 'b', 'c'], mean=[0.5], std=[0.25])
+info = dict(dataset='digits', shape=[1, 8, 8], num_classes=3, class_names=['a', 'b', 'c'], mean=[0.5], std=[0.25],
+            image_mode='L', resize='stretch')
 cfg = TrainParams(epochs=1, batch_size=8, accelerator='cpu')
 plan, ctx, dev = plan_devices('cpu', 1, 'dp'), DistContext(), torch.device('cpu')
 model = prepare_model(build_model('small-cnn', 1, 8, 3), cfg, plan, ctx, dev)

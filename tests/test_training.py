@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +24,7 @@ from stages.errors import UserError
 from .helpers import ROOT, run_stages, write_params
 
 INFO = {"num_classes": 10, "shape": [1, 8, 8], "class_names": [str(i) for i in range(10)],
-        "mean": [0.3], "std": [0.4], "dataset": "digits"}
+        "mean": [0.3], "std": [0.4], "dataset": "digits", "image_mode": "L", "resize": "stretch"}
 
 
 @pytest.mark.parametrize("name", ["small-cnn", "resnet18", "mlp"])
@@ -110,8 +112,10 @@ def test_train_stage_writes_weights_without_prefix_and_deterministic_metadata(tm
     assert "global batch 64, per-device batch 64" in proc.stdout
     tensors, meta = _weights(out / "model.safetensors")
     assert tensors and not any(k.startswith("module.") for k in tensors)
-    assert set(meta) == {"format", "model_name", "num_classes", "input_shape", "class_names", "mean", "std", "dataset"}
-    metrics = __import__("json").loads((out / "metrics" / "metrics.json").read_text())
+    assert set(meta) == {"format", "model_name", "num_classes", "input_shape", "class_names", "mean", "std", "dataset",
+                         "image_mode", "resize"}
+    assert (json.loads(meta["image_mode"]), json.loads(meta["resize"])) == ("L", "stretch")
+    metrics = json.loads((out / "metrics" / "metrics.json").read_text())
     assert metrics["samples_per_second"] > 0 and metrics["num_devices"] == 1 and metrics["world_size"] == 1
     # the same params on the same machine give the same bytes
     out_b, _ = _train(tmp_path, "b", prepared_digits, epochs=2, accelerator="cpu")
@@ -133,58 +137,90 @@ def test_ddp_two_processes_match_one_process(tmp_path, prepared_digits):
     assert moved == 0  # sanity: load_model gives back exactly what was saved
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
-    metrics = __import__("json").loads((ddp / "metrics" / "metrics.json").read_text())
+    metrics = json.loads((ddp / "metrics" / "metrics.json").read_text())
     assert metrics["world_size"] == 2
 
 
-def test_killed_run_resumes_to_identical_weights(tmp_path, prepared_digits):
-    epochs = 40
-    reference, _ = _train(tmp_path, "reference", prepared_digits, epochs=epochs, accelerator="cpu")
-
-    out = tmp_path / "killed"
-    params = write_params(tmp_path / "killed.yaml", train={"epochs": epochs, "accelerator": "cpu"})
-    args = [sys.executable, "-m", "stages", "train", "--params", str(params), "--data", str(prepared_digits),
+def _train_args(tmp_path, name, prepared, **train) -> list[str]:
+    """`python -m stages train` writing into tmp_path/name, with its checkpoint at tmp_path/name/ck.safetensors."""
+    out = tmp_path / name
+    params = write_params(tmp_path / f"{name}.yaml", train=train)
+    return [sys.executable, "-m", "stages", "train", "--params", str(params), "--data", str(prepared),
             "--model", str(out / "model.safetensors"), "--metrics", str(out / "metrics"),
             "--checkpoint", str(out / "ck.safetensors")]
+
+
+def _kill_after_epoch(args: list[str], epoch: int) -> None:
+    """Start a training run and SIGKILL it (as the OOM killer would) once it has logged `epoch`."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:
-        if line.startswith("epoch 3/"):
+        if line.startswith(f"epoch {epoch}/"):
             proc.send_signal(signal.SIGKILL)
             break
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
+
+
+def test_killed_run_resumes_to_identical_weights_and_deletes_its_checkpoint(tmp_path, prepared_digits):
+    epochs = 40
+    reference, _ = _train(tmp_path, "reference", prepared_digits, epochs=epochs, accelerator="cpu")
+    assert not (reference / "ck.safetensors").exists(), "a completed run deletes its checkpoint"
+
+    out = tmp_path / "killed"
+    args = _train_args(tmp_path, "killed", prepared_digits, epochs=epochs, accelerator="cpu")
+    _kill_after_epoch(args, 3)
+    assert (out / "ck.safetensors").is_file()
     assert not (out / "model.safetensors").exists()
     assert not [p for p in out.rglob("*.tmp")], "a killed run must leave no half-written file"
+    shutil.rmtree(out / "metrics")  # as DVC deletes the stage's outputs before it reruns the stage
 
-    resumed = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
+    resumed = run_stages(*args[3:])
     resume_lines = [line for line in resumed.stdout.splitlines() if "Resuming" in line]
-    assert len(resume_lines) == 1 and f"of {epochs}" in resume_lines[0]
-    assert "epoch 1/" not in resumed.stdout
+    assert len(resume_lines) == 1 and f"after epoch 3 of {epochs}" in resume_lines[0]
+    assert "epoch 1/" not in resumed.stdout and "epoch 4/" in resumed.stdout
     assert (out / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
-    # the learning curves hold every epoch once
+    assert not (out / "ck.safetensors").exists()
+    # the learning curves hold every epoch once, rebuilt from the checkpoint's history
     tsv = (out / "metrics" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()
     ref_tsv = (reference / "metrics" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()
     assert tsv == ref_tsv and len(tsv) == epochs + 1
 
 
 def test_checkpoint_from_other_params_is_not_resumed(tmp_path, prepared_digits):
-    out, _ = _train(tmp_path, "x", prepared_digits, epochs=2, accelerator="cpu")
-    # a checkpoint of a complete 2-epoch run with lr 0.002 offered to a run with another lr
-    params = write_params(tmp_path / "other.yaml", train={"epochs": 3, "lr": 0.001, "accelerator": "cpu"})
-    proc = run_stages("train", "--params", str(params), "--data", str(prepared_digits),
-                      "--model", str(out / "model2.safetensors"), "--metrics", str(out / "metrics2"),
-                      "--checkpoint", str(out / "ck.safetensors"))
+    # the checkpoint of a killed 40-epoch run with lr 0.002, offered to a 3-epoch run with lr 0.001
+    out = tmp_path / "x"
+    _kill_after_epoch(_train_args(tmp_path, "x", prepared_digits, epochs=40, accelerator="cpu"), 1)
+    assert (out / "ck.safetensors").is_file()
+    args = _train_args(tmp_path, "x", prepared_digits, epochs=3, lr=0.001, accelerator="cpu")
+    proc = run_stages(*args[3:])
     assert "Resuming" not in proc.stdout
     assert "Not resuming" in proc.stdout and "train.lr 0.002 -> 0.001" in proc.stdout
-    assert "train.epochs 2 -> 3" in proc.stdout and "epoch 1/3" in proc.stdout
+    assert "train.epochs 40 -> 3" in proc.stdout and "epoch 1/3" in proc.stdout
+    assert not (out / "ck.safetensors").exists()  # replaced by this run's own, then deleted at its end
+
+
+def test_run_that_failed_after_its_last_epoch_only_writes_its_outputs(tmp_path, prepared_digits):
+    """Training ends, then writing the weights fails (here: their folder is a file): the checkpoint of
+    the last epoch stays, and the next run writes the outputs from it without training again."""
+    reference, _ = _train(tmp_path, "reference", prepared_digits, epochs=3, accelerator="cpu")
+    args = _train_args(tmp_path, "w", prepared_digits, epochs=3, accelerator="cpu")
+    out = tmp_path / "w"
+    out.mkdir()
+    (out / "blocked").write_text("a file where a folder should be\n")
+    blocked = list(args)
+    blocked[blocked.index("--model") + 1] = str(out / "blocked" / "model.safetensors")
+    failed = run_stages(*blocked[3:], check=False)
+    assert failed.returncode != 0 and "epoch 3/3" in failed.stdout
+    assert (out / "ck.safetensors").is_file()
+    again = run_stages(*args[3:])
+    assert "after epoch 3 of 3" in again.stdout and "epoch 1/3" not in again.stdout
+    assert (out / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
+    assert not (out / "ck.safetensors").exists()
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garble"])
 def test_damaged_files_are_refused_by_name(tmp_path, prepared_digits, damage):
-    import shutil
-
     data = tmp_path / "data"
     shutil.copytree(prepared_digits, data)
     out, _ = _train(tmp_path, "w", data, epochs=1, accelerator="cpu")
@@ -196,8 +232,8 @@ def test_damaged_files_are_refused_by_name(tmp_path, prepared_digits, damage):
         assert proc.returncode == 2 and "Traceback" not in proc.stderr
         assert proc.stderr.startswith(f"error: {path} is damaged") and len(proc.stderr.strip().splitlines()) == 1
         path.write_bytes(original)
-    ck = out / "ck.safetensors"
-    ck.write_bytes(ck.read_bytes()[:100])
+    ck = out / "ck.safetensors"  # a completed run deleted its checkpoint: put a truncated file there
+    ck.write_bytes((out / "model.safetensors").read_bytes()[:100])
     params = write_params(tmp_path / "p.yaml", train={"epochs": 1, "accelerator": "cpu"})
     proc = run_stages("train", "--params", str(params), "--data", str(data), "--model", str(out / "m.safetensors"),
                       "--metrics", str(out / "m"), "--checkpoint", str(ck), check=False)

@@ -2,7 +2,8 @@
 says what is needed to rebuild the model. Written by the train stage, read by `load_model`.
 
 Metadata: the format tag, an allow-listed model name, the number of classes, the input shape,
-the class names, the normalisation (per-channel mean and std in [0, 1] units) and the dataset.
+the class names, the normalisation (per-channel mean and std in [0, 1] units), the dataset, and
+how an image file becomes the model's input (`image_mode`, `resize`: see `stages/prepared.py`).
 Nothing in it changes from run to run (no timestamps), so the same params on the same machine
 give the same file; nothing in it is code, and nothing is unpickled.
 """
@@ -32,6 +33,8 @@ def model_metadata(model_name: str, info: dict) -> dict:
         "mean": info["mean"],
         "std": info["std"],
         "dataset": info["dataset"],
+        "image_mode": info["image_mode"],
+        "resize": info["resize"],
     }
 
 

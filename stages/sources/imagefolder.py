@@ -32,11 +32,11 @@ from PIL import Image, ImageOps
 
 from ..errors import UserError
 from ..params import DataParams
+from ..prepared import IMAGE_MODES
 from . import Source
 
 # Folder names that mark a split (lower case) -> the split they hold.
 SPLIT_FOLDERS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
-MODES = {1: "L", 3: "RGB"}
 MAX_WARNINGS = 20  # skipped files named one per line; the rest are counted
 BATCH_FILES = 1024  # files handed to the pool at a time
 
@@ -244,7 +244,7 @@ def load_imagefolder_source(p: DataParams) -> Source:
     class_names, splits, ignored = list_files(find_split_folders(root))
     if ignored:
         warn(f"ignored {ignored} files under {root} whose extension is not an image format")
-    mode = MODES[p.channels]
+    mode = IMAGE_MODES[p.channels]
     tensors, skipped = {}, []
     pool = make_pool(sum(len(f.paths) for f in splits.values()))
     try:

@@ -1,0 +1,139 @@
+"""`python -m stages predict`: label new image files with a trained model, into a CSV.
+
+Every file is prepared the way prepare-data prepared the training images, from the model
+file's metadata alone: decoded by the same `decode_image` as image folders (EXIF orientation,
+transparency flattened onto white, 16-bit scaled to 8 bits), converted to the model's
+`image_mode` ("L" or "RGB"), resized to its input size as `resize` says, and normalised with
+its mean and std. For datasets that are not files (digits, MNIST, Fashion-MNIST, CIFAR-10)
+that is how a photo becomes pixels like theirs: 8-bit grey (or RGB for CIFAR-10) at the
+model's size; nothing else (no inversion, no cropping to the object) is done.
+
+Files are decoded on a thread pool, one batch ahead of the model, which runs on the first
+CUDA device when there is one. The CSV is written to a temporary file and renamed into place,
+so a refused file leaves the previous CSV as it was.
+"""
+
+from __future__ import annotations
+
+import csv
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .core.transforms import normalize, stats_tensors
+from .core.weights import load_model
+from .errors import UserError
+from .io import atomic_path
+from .sources.imagefolder import (
+    decode_image,
+    image_extensions,
+    images_below,
+    make_pool,
+    progress_bar,
+    report_skipped,
+    warn,
+)
+
+RESIZE_MODES = ("stretch",)  # what decode_image does; the model file says which one its data used
+
+
+def find_images(inputs: list[Path]) -> list[str]:
+    """The files named, and the image files below the folders named (recursively, sorted), once each."""
+    extensions = image_extensions()
+    found: dict[str, None] = {}  # ordered, without repeats
+    for path in inputs:
+        if path.is_dir():
+            paths, ignored = images_below(path, extensions)
+            if ignored:
+                warn(f"ignored {ignored} files under {path} whose extension is not an image format")
+            found.update(dict.fromkeys(paths))
+        elif path.is_file():
+            found[str(path)] = None
+        else:
+            raise UserError(f"{path} does not exist; name image files or folders of images")
+    if not found:
+        raise UserError(f"no image files in {', '.join(map(str, inputs))}: expected files PIL can open "
+                        "(.png, .jpg, .bmp, .webp, ...)")
+    return list(found)
+
+
+def preprocessing(meta: dict, path: Path):
+    """decode_image set up as prepare-data used it for this model's data: file -> uint8 (C, H, W) or a reason."""
+    if "image_mode" not in meta or "resize" not in meta:
+        raise UserError(f"{path} does not say how its images were prepared (no image_mode / resize in its "
+                        "metadata: an older model file); retrain it with `dvc repro`")
+    if meta["resize"] not in RESIZE_MODES:
+        raise UserError(f"{path} was trained on images resized by {meta['resize']!r}; this version of predict "
+                        f"knows {', '.join(RESIZE_MODES)}")
+    _, height, _ = meta["input_shape"]
+    return partial(decode_image, mode=meta["image_mode"], size=height)
+
+
+@torch.no_grad()
+def class_probabilities(model: torch.nn.Module, images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                        device: torch.device) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> softmax probabilities (N, classes), float32 on the CPU."""
+    logits = model(normalize(images.to(device), mean, std))
+    return torch.softmax(logits.float(), dim=1).cpu()
+
+
+def csv_header(top_k: int) -> list[str]:
+    header = ["path", "predicted", "probability"]
+    for rank in range(2, top_k + 1):
+        header += [f"class_{rank}", f"probability_{rank}"]
+    return header
+
+
+def predict(model_path: Path, inputs: list[Path], out: Path, top_k: int = 1, batch_size: int = 256,
+            skip_bad_images: bool = False) -> dict:
+    """Label every image in `inputs`; write one CSV row per readable image; return a summary."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(model_path, device=device)
+    meta = model.stages_metadata
+    names = meta["class_names"]
+    if top_k > len(names):
+        raise UserError(f"--top-k {top_k} is more than the model's {len(names)} classes")
+    decode = preprocessing(meta, model_path)
+    mean, std = stats_tensors(meta["mean"], meta["std"], device)
+    paths = find_images(inputs)
+
+    skipped: list[tuple[str, str]] = []
+    labelled = 0
+    chunks = [paths[start : start + batch_size] for start in range(0, len(paths), batch_size)]
+    pool = make_pool(len(paths))
+    try:
+        with atomic_path(out) as tmp, open(tmp, "w", newline="") as f, progress_bar(len(paths), "predict") as bar:
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(csv_header(top_k))
+            decoded = pool.map(decode, chunks[0])
+            for i, chunk in enumerate(chunks):
+                results = list(decoded)
+                if i + 1 < len(chunks):
+                    decoded = pool.map(decode, chunks[i + 1])  # the next batch decodes while the model runs
+                good = []
+                for path, result in zip(chunk, results):
+                    if isinstance(result, str):
+                        if not skip_bad_images:
+                            raise UserError(f"cannot read image {path}: {result}; fix or remove it, "
+                                            "or pass --skip-bad-images to skip such files")
+                        skipped.append((path, result))
+                    else:
+                        good.append((path, result))
+                if good:
+                    images = torch.from_numpy(np.stack([pixels for _, pixels in good]))
+                    top = class_probabilities(model, images, mean, std, device).topk(top_k, dim=1)
+                    for (path, _), probs, classes in zip(good, top.values.tolist(), top.indices.tolist()):
+                        row = [path]
+                        for p, c in zip(probs, classes):
+                            row += [names[c], f"{p:.6f}"]
+                        writer.writerow(row)
+                    labelled += len(good)
+                bar.update(len(chunk))
+            if labelled == 0:
+                raise UserError(f"none of the {len(paths)} files could be read as an image")
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    report_skipped(skipped)
+    return {"labelled": labelled, "skipped": len(skipped), "device": device.type}
