@@ -166,3 +166,21 @@ def predict(
         typer.echo(f"labelled {summary['labelled']} images on the {summary['device']} -> {out}{skipped}")
 
     _run(command)
+
+
+@app.command("offline-plots")
+def offline_plots() -> None:
+    """Make `dvc plots show` / `dvc plots diff` draw every plot with no network; run once per clone.
+
+    Writes .dvc/plots/offline.html (vega, vega-lite and vega-embed inline) and sets DVC's
+    plots.html_template to it in .dvc/config.local; both stay out of git.
+    """
+
+    def command() -> None:
+        from .offline_plots import set_up_offline_plots
+
+        page = set_up_offline_plots()
+        typer.echo(f"wrote {page} and set plots.html_template in .dvc/config.local: `dvc plots show` and "
+                   "`dvc plots diff` now draw with no network")
+
+    _run(command)

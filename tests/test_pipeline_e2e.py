@@ -1,12 +1,16 @@
 """End to end: the real `dvc` CLI on a copy of the project in a temporary git repo.
 
 The tests share one repo and run in file order, as a user's session would:
-repro, no-op repro, a params change, commits and diffs, experiments, a queue,
-a killed training run resumed, and a second clean copy reproducing the first.
+repro, no-op repro, a params change, commits and diffs, plots drawn offline, a
+teammate's clone through a local-folder remote, experiments, a grid through the
+queue shared with that clone, a killed training run resumed, and a second clean
+copy reproducing the first.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import shutil
@@ -18,6 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from .browser import drawn_vega_plots
 from .helpers import ROOT, stage_processes
 from .test_layout import command_modules, stage_command
 
@@ -76,9 +81,30 @@ def metrics(repo: Path) -> dict:
     return {name: body["data"] for name, body in files.items()}
 
 
+def status(repo: Path) -> dict:
+    """`dvc status` as JSON: {} when every stage is up to date."""
+    return json.loads(sh(repo, "dvc", "status", "--json").stdout)
+
+
+def experiments(repo: Path) -> list[dict]:
+    """Every experiment `dvc exp show` lists: its name, params.yaml's values and its metrics files."""
+    found = []
+    for row in json.loads(sh(repo, "dvc", "exp", "show", "--json").stdout):
+        for exp in row.get("experiments") or []:
+            for rev in exp.get("revs", []):
+                data = rev.get("data") or {}
+                found.append({"name": rev.get("name"),
+                              "params": data.get("params", {}).get("params.yaml", {}).get("data", {}),
+                              "metrics": {f: body.get("data", {}) for f, body in data.get("metrics", {}).items()}})
+    return found
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     repo = new_project(tmp_path_factory.mktemp("e2e") / "project")
+    # The team's DVC remote, a local folder, committed with the project as a team would.
+    sh(repo, "dvc", "remote", "add", "-d", "store", str(repo.parent / "dvc-store"))
+    commit(repo, "team remote")
     started = time.perf_counter()
     out = sh(repo, "dvc", "repro").stdout
     repo_info = {"repo": repo, "first_output": out, "first_seconds": time.perf_counter() - started,
@@ -134,6 +160,71 @@ def test_metrics_params_and_plots_diff_across_commits(project, tmp_path):
     for name in ("Loss", "Accuracy", "predictions.csv", "confusion.png", "learning_curves.png", "scaling.png"):
         assert name in html
     assert "HEAD~1" in html and "workspace" in html
+
+
+def vega_plots(repo: Path, *command: str) -> int:
+    """How many vega plots `dvc plots <command>` puts on its page."""
+    shown = json.loads(sh(repo, "dvc", "plots", *command, "--json").stdout)["data"]
+    return sum(plot["type"] == "vega" for plots in shown.values() for plot in plots)
+
+
+def test_plots_draw_offline_in_a_browser(project, tmp_path):
+    """Headless Chromium with every host lookup refused: DVC's own page draws nothing; after
+    `python -m stages offline-plots` both `dvc plots show` and `dvc plots diff` draw every vega plot."""
+    repo = project["repo"]
+    commands = {"show": ["show"], "diff": ["diff", "HEAD~1"]}
+    # the loss and accuracy curves (dvc.yaml's top-level plots) and the confusion matrix; the report's PNGs are <img>s
+    assert {name: vega_plots(repo, *cmd) for name, cmd in commands.items()} == {"show": 3, "diff": 3}
+    sh(repo, "dvc", "plots", "show", "-o", str(tmp_path / "cdn"))
+    assert drawn_vega_plots(tmp_path / "cdn" / "index.html") == 0  # DVC's page fetches vega from a CDN
+    sh(repo, "python", "-m", "stages", "offline-plots")
+    assert sh(repo, "git", "status", "--porcelain").stdout == ""  # the page and the setting stay out of git
+    for name, cmd in commands.items():
+        sh(repo, "dvc", "plots", *cmd, "-o", str(tmp_path / name))
+        page = tmp_path / name / "index.html"
+        assert "cdn.jsdelivr.net" not in page.read_text()
+        assert drawn_vega_plots(page) == 3, f"dvc plots {name}: not every vega plot was drawn offline"
+
+
+def test_a_teammates_clone_after_dvc_pull_runs_nothing(project, tmp_path):
+    """Push to a git remote and the local-folder DVC remote; a fresh clone plus `dvc pull` is up to date,
+    an older commit plus `dvc pull` too, and the model comes by name with `dvc artifacts get`."""
+    repo = project["repo"]
+    origin = repo.parent / "origin.git"
+    sh(repo.parent, "git", "init", "-q", "--bare", str(origin))
+    sh(repo, "git", "remote", "add", "origin", str(origin))
+    branch = sh(repo, "git", "branch", "--show-current").stdout.strip()
+    sh(repo, "git", "push", "-q", "origin", branch)
+    sh(repo, "dvc", "push", "--all-commits")  # as if each commit had been pushed when it was made
+    assert not (repo / "checkpoints" / "train.safetensors").exists()  # completed runs leave no checkpoint
+
+    clone = repo.parent / "clone"
+    sh(repo.parent, "git", "clone", "-q", "-b", branch, str(origin), str(clone))
+    sh(clone, "dvc", "pull")
+    assert status(clone) == {}
+    assert ran(sh(clone, "dvc", "repro").stdout) == []
+    weights = "models/model.safetensors"
+    assert (clone / weights).read_bytes() == (repo / weights).read_bytes()
+    assert not (clone / ".dvc" / "config.local").exists()
+    sh(clone, "dvc", "plots", "show", "-o", str(tmp_path / "plots"))  # DVC's own page there: no setting, no error
+
+    sh(clone, "git", "checkout", "-q", "HEAD~1")  # the first run's commit
+    sh(clone, "dvc", "pull")
+    assert status(clone) == {}
+    assert ran(sh(clone, "dvc", "repro").stdout) == []
+    assert (clone / weights).read_bytes() == project["first_weights"]
+    sh(clone, "git", "checkout", "-q", branch)
+    sh(clone, "dvc", "pull")
+    assert status(clone) == {}
+
+    # The model by name, from outside any repo: a version registered as an annotated git tag (GTO's format).
+    sh(repo, "git", "tag", "-a", "image-classifier@v1.0.0", "-m", "image-classifier v1.0.0")
+    sh(repo, "git", "push", "-q", "origin", "image-classifier@v1.0.0")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    sh(outside, "dvc", "artifacts", "get", str(origin), "image-classifier", "--rev", "v1.0.0")
+    assert (outside / "model.safetensors").read_bytes() == (repo / weights).read_bytes()
+    project.update(origin=origin, clone=clone)
 
 
 def test_an_edit_to_a_module_reruns_exactly_the_stages_that_import_it(project):
@@ -192,30 +283,43 @@ def test_experiment_run_and_show(project):
     assert len(found) == 1 and found[0] >= 0.95
 
 
-def test_queued_experiments_run_two_at_a_time(project):
+def test_a_grid_of_queued_experiments_runs_and_compares(project, tmp_path):
+    """A 2x1 grid through the queue, two at a time; then sorted by accuracy and plotted side by side."""
     repo = project["repo"]
-    for seed in (1, 2, 3):
-        sh(repo, "dvc", "exp", "run", "--queue", "-S", f"train.seed={seed}", "-S", "train.epochs=4")
+    sh(repo, "dvc", "exp", "run", "--queue", "-S", "train.lr=0.001,0.004", "-S", "train.epochs=4")
     sh(repo, "dvc", "queue", "start", "-j", "2")
     deadline = time.time() + 600
     while time.time() < deadline:
-        status = sh(repo, "dvc", "queue", "status").stdout
-        if "Queued" not in status and "Running" not in status:
+        queue = sh(repo, "dvc", "queue", "status").stdout
+        if "Queued" not in queue and "Running" not in queue:
             break
         time.sleep(3)
-    assert "Failed" not in status, status
-    assert status.count("Success") >= 3, status
-    rows = json.loads(sh(repo, "dvc", "exp", "show", "--json").stdout)
-    seeds = {}
-    for row in rows:
-        for exp in row.get("experiments") or []:
-            for rev in exp.get("revs", []):
-                data = rev.get("data") or {}
-                train = data.get("params", {}).get("params.yaml", {}).get("data", {}).get("train", {})
-                if train.get("epochs") == 4:
-                    seeds[train["seed"]] = data["metrics"]["metrics/evaluate/metrics.json"]["data"]["test"]["loss"]
-    assert set(seeds) == {1, 2, 3}
-    assert len(set(seeds.values())) == 3  # each experiment has its own result
+    assert "Failed" not in queue, queue
+    grid = {e["params"]["train"]["lr"]: e for e in experiments(repo) if e["params"]["train"]["epochs"] == 4}
+    assert set(grid) == {0.001, 0.004}
+    loss = {lr: e["metrics"]["metrics/evaluate/metrics.json"]["test"]["loss"] for lr, e in grid.items()}
+    assert loss[0.001] != loss[0.004]  # each experiment has its own result
+    table = sh(repo, "dvc", "exp", "show", "--csv", "--sort-by", "test.accuracy", "--sort-order", "desc").stdout
+    rows = [row for row in csv.DictReader(io.StringIO(table)) if row["Experiment"]]
+    accuracy = [float(row["test.accuracy"]) for row in rows]
+    assert len(rows) >= 2 and accuracy == sorted(accuracy, reverse=True)
+    names = [grid[lr]["name"] for lr in sorted(grid)]
+    shown = json.loads(sh(repo, "dvc", "plots", "diff", *names, "--json").stdout)["data"]
+    assert shown["Loss"][0]["revisions"] == names  # one chart, a curve per experiment
+    project["grid"] = grid
+
+
+def test_an_experiment_pushed_is_pulled_and_applied_in_the_clone_without_rerunning(project):
+    repo, clone = project["repo"], project["clone"]
+    exp = project["grid"][0.004]
+    sh(repo, "dvc", "exp", "push", "origin", exp["name"])  # its git ref, and its outputs to the DVC remote
+    sh(clone, "dvc", "exp", "pull", "origin", exp["name"])
+    sh(clone, "dvc", "exp", "apply", exp["name"])
+    assert yaml.safe_load((clone / "params.yaml").read_text())["train"]["lr"] == 0.004
+    assert status(clone) == {}
+    assert ran(sh(clone, "dvc", "repro").stdout) == []
+    applied = json.loads((clone / "metrics/evaluate/metrics.json").read_text())
+    assert applied == exp["metrics"]["metrics/evaluate/metrics.json"]
 
 
 def test_killed_training_resumes_under_dvc(project):
@@ -235,11 +339,17 @@ def test_killed_training_resumes_under_dvc(project):
     rest = dvc.stdout.read()
     dvc.wait(timeout=120)
     assert dvc.returncode != 0 and "failed to reproduce 'train'" in rest
+    assert (repo / "checkpoints" / "train.safetensors").is_file()
+    assert status(repo) != {}
     out = sh(repo, "dvc", "repro").stdout
     assert ran(out) == ["train", "evaluate", "analyze"]
     resuming = [line for line in out.splitlines() if "Resuming" in line]
     assert len(resuming) == 1 and "of 30" in resuming[0]
     assert "epoch 1/30" not in out and "epoch 30/30" in out
+    # DVC deleted the curves before the resumed run; they are whole again, from the checkpoint's history
+    assert len((repo / "metrics/train/plots/metrics/train/loss.tsv").read_text().splitlines()) == 30 + 1
+    assert not (repo / "checkpoints" / "train.safetensors").exists()
+    assert status(repo) == {}
 
 
 def test_clean_copy_reproduces_weights_and_metrics(project, tmp_path):
