@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -165,3 +166,51 @@ def test_watchdog_ends_a_call_stuck_in_cpp():
                           timeout=60)
     assert proc.returncode == 2 and time.monotonic() - started < 30
     assert proc.stderr.strip() == "error: creating the gloo process group took too long"
+
+
+@pytest.mark.skipif(shutil.which("slurmctld") is None or os.geteuid() != 0,
+                    reason="needs root and Debian's slurm-wlm (apt-get install slurm-wlm)")
+def test_slurm_job_trains_under_srun_torchrun(tmp_path, prepared_digits, reference):
+    """examples/slurm/train.sbatch on a real one-node Slurm (slurmctld, slurmd and munged started
+    here by examples/slurm/one-node-cluster.sh): two torchrun agents as two Slurm tasks."""
+    folder = tmp_path / "slurm"
+    log = tmp_path / "cluster.log"
+    env = dict(os.environ, SLURMCTLD_PORT=str(free_port()), SLURMD_PORT=str(free_port()))
+    with open(log, "w") as out:
+        cluster = subprocess.Popen([str(ROOT / "examples" / "slurm" / "one-node-cluster.sh"), str(folder)],
+                                   stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 90
+        while "slurm is up" not in log.read_text():
+            assert cluster.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.5)
+        project = tmp_path / "project"
+        (project / "data").mkdir(parents=True)
+        (project / "data" / "prepared").symlink_to(prepared_digits)
+        write_params(project / "params.yaml", train=DDP)
+        job_env = dict(ENV, SLURM_CONF=str(folder / "slurm.conf"), NPROC_PER_NODE="1")
+        submit = subprocess.run(["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2",
+                                 str(ROOT / "examples" / "slurm" / "train.sbatch")],
+                                cwd=project, env=job_env, capture_output=True, text=True, timeout=60)
+        assert submit.returncode == 0, submit.stderr
+        job = submit.stdout.strip().split(";")[0]
+        state = wait_for_job(job, job_env, timeout=300)  # sooner than `sbatch --wait`, which polls slowly
+        text = (project / f"slurm-{job}.out").read_text()
+        assert state == "COMPLETED", state + "\n" + text
+        assert "2 agent(s) on [" in text and "1 rank(s) each" in text and f"epoch {EPOCHS}/{EPOCHS}" in text
+        assert (project / "models" / "model.safetensors").read_bytes() == reference
+    finally:
+        cluster.terminate()  # the script stops the daemons it started
+        cluster.wait(timeout=60)
+
+
+def wait_for_job(job: str, env: dict, timeout: float) -> str:
+    """A Slurm job's final state (COMPLETED, FAILED, ...), polled twice a second."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        shown = subprocess.run(["scontrol", "show", "job", "-o", job], env=env, capture_output=True, text=True)
+        state = re.search(r"JobState=(\w+)", shown.stdout)
+        if state and state.group(1) not in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING"):
+            return state.group(1)
+        time.sleep(0.5)
+    raise AssertionError(f"Slurm job {job} did not end within {timeout:.0f} s")
