@@ -179,6 +179,7 @@ def test_slurm_job_trains_under_srun_torchrun(tmp_path, prepared_digits, referen
     with open(log, "w") as out:
         cluster = subprocess.Popen([str(ROOT / "examples" / "slurm" / "one-node-cluster.sh"), str(folder)],
                                    stdout=out, stderr=subprocess.STDOUT, env=env)
+    job = None
     try:
         deadline = time.monotonic() + 90
         while "slurm is up" not in log.read_text():
@@ -200,6 +201,9 @@ def test_slurm_job_trains_under_srun_torchrun(tmp_path, prepared_digits, referen
         assert "2 agent(s) on [" in text and "1 rank(s) each" in text and f"epoch {EPOCHS}/{EPOCHS}" in text
         assert (project / "models" / "model.safetensors").read_bytes() == reference
     finally:
+        if job is not None:  # a job still running must not outlive its cluster
+            subprocess.run(["scancel", job], env=dict(os.environ, SLURM_CONF=str(folder / "slurm.conf")),
+                           capture_output=True, timeout=30)
         cluster.terminate()  # the script stops the daemons it started
         cluster.wait(timeout=60)
 
