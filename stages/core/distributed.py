@@ -112,11 +112,11 @@ def rendezvous_store(ctx: DistContext, timeout_s: float):
         # torchrun keeps one store, and the keys the ranks wrote in it, across restarts: a restarted
         # rank could read the last group's gloo addresses and fail or hang (pytorch/pytorch#135712).
         # A prefix per attempt keeps the attempts apart on one machine, where every rank has the same
-        # restart count; across machines the counts differ, and only the environment variable helps.
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        store = dist.PrefixStore(f"stages/attempt{attempt}", store)
-        if ctx.rank == 0 and int(os.environ.get("GROUP_WORLD_SIZE", "1")) > 1 \
-                and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
+        # restart count; across machines the counts differ (an agent whose ranks were fine does not
+        # count a restart), so there only the environment variable helps.
+        if int(os.environ.get("GROUP_WORLD_SIZE", "1")) == 1:
+            store = dist.PrefixStore(f"stages/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        elif ctx.rank == 0 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
             print("warning: torchrun shares its rendezvous store with the ranks, which makes restarts across "
                   "machines fail or hang (pytorch/pytorch#135712); export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
                   "before torchrun on every machine", flush=True)
