@@ -189,7 +189,8 @@ def test_slurm_job_trains_under_srun_torchrun(tmp_path, prepared_digits, referen
         (project / "data").mkdir(parents=True)
         (project / "data" / "prepared").symlink_to(prepared_digits)
         write_params(project / "params.yaml", train=DDP)
-        job_env = dict(ENV, SLURM_CONF=str(folder / "slurm.conf"), NPROC_PER_NODE="1")
+        (tmp_path / "tmp").mkdir()  # torchrun's logs and the rank records go there, not to /tmp
+        job_env = dict(ENV, SLURM_CONF=str(folder / "slurm.conf"), NPROC_PER_NODE="1", TMPDIR=str(tmp_path / "tmp"))
         submit = subprocess.run(["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2",
                                  str(ROOT / "examples" / "slurm" / "train.sbatch")],
                                 cwd=project, env=job_env, capture_output=True, text=True, timeout=60)
