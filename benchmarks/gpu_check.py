@@ -200,7 +200,7 @@ def check_ddp(c: Check) -> None:
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        ctx = init_distributed(c.device.type)
+        ctx = init_distributed(c.device.type, timeout_s=300)
         ids = [c.device.index or 0] if c.device.type == "cuda" else []
         plan = DevicePlan(c.device.type, "ddp", ids, 1)
         ddp_eq = CoreLoop(w_eq, plan=plan, ctx=ctx, **sgd_no_momentum())

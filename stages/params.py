@@ -88,13 +88,28 @@ class Devices:
     def allows(self, v: Any) -> bool:
         if v == "all":
             return True
+        if isinstance(v, str):
+            return free_gpu_count(v) is not None
         if isinstance(v, int) and not isinstance(v, bool):
             return v >= 1
         return (isinstance(v, list) and bool(v) and len(set(v)) == len(v)
                 and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v))
 
     def __str__(self) -> str:
-        return "'all', a device count >= 1, or a list of distinct device ids >= 0"
+        return ("'all', a device count >= 1, a list of distinct device ids >= 0, or 'free' / 'free:N' "
+                "(N >= 1 GPUs that no other run on this machine holds)")
+
+
+def free_gpu_count(devices: Any) -> int | None:
+    """How many GPUs `train.devices` asks to claim ('free' -> 1, 'free:N' -> N); None for anything else."""
+    if not isinstance(devices, str):
+        return None
+    if devices == "free":
+        return 1
+    name, _, count = devices.partition(":")
+    if name == "free" and count.isdigit() and int(count) >= 1 and count == str(int(count)):
+        return int(count)
+    return None
 
 
 def param(default: Any, allowed: Any, help: str) -> Any:
@@ -143,7 +158,8 @@ class TrainParams:
     accelerator: str = param("auto", OneOf(("auto", "cuda", "cpu")),
                              "auto (cuda when visible, else cpu) | cuda | cpu")
     devices: Any = param("all", Devices(),
-                         "all | a count | a list of CUDA ids; with ddp on the cpu: the process count")
+                         "all | a count | a list of CUDA ids | free | free:N (GPUs no other run holds); "
+                         "ddp on the cpu: the process count")
     strategy: str = param("dp", OneOf(("dp", "ddp")),
                           "dp = nn.DataParallel in one process | ddp = one process per device")
     precision: str = param("auto", OneOf(PRECISIONS),
@@ -151,6 +167,9 @@ class TrainParams:
     compile: bool = param(False, Bool(), "torch.compile the model")
     augment: bool = param(False, Bool(), "random crop with padding (+ horizontal flip for photos), on the device")
     deterministic: bool = param(False, Bool(), "deterministic GPU kernels (slower); CPU runs are deterministic anyway")
+    max_restarts: int = param(0, Int(0, 100), "ddp: restart the group this often when a rank dies, from the last epoch")
+    dist_timeout: int = param(600, Int(1, 86_400),
+                              "ddp: seconds a rank waits for the others to join or at a collective before failing")
 
 
 @dataclass(frozen=True)

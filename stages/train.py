@@ -14,8 +14,11 @@ store, push or find missing in a fresh clone (README, "Why the checkpoint is not
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,50 +33,136 @@ from .core.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from .core.devices import DevicePlan, configure_determinism, device_names, peak_memory_mb, plan_devices, process_device
+from .core.devices import (
+    DevicePlan,
+    configure_determinism,
+    device_names,
+    peak_memory_mb,
+    plan_devices,
+    process_device,
+    rank_plan,
+    visible_devices_env,
+    with_claimed,
+)
 from .core.distributed import (
     DistContext,
+    PeerLost,
     all_gather_floats,
+    broadcast_bytes,
+    collective_device,
+    collective_errors,
+    first_line,
     init_distributed,
-    launch_workers,
     shutdown_distributed,
     under_launcher,
 )
+from .core.gpu_claims import GpuClaim, claim_gpus
+from .core.launch import launch_ranks
 from .core.loop import build_loop_state, evaluate, prepare_model, train_one_epoch, unwrap
 from .core.models import build_model, count_parameters
 from .core.precision import precision_name
+from .core.rank_status import RestartReport, describe, restart_report, start_rank_status
 from .core.weights import model_metadata, save_model
 from .errors import UserError
 from .io import write_json
-from .params import Params
+from .params import Params, free_gpu_count
 from .prepared import load_prepared
+
+LAUNCH_ENV = "STAGES_LAUNCH"  # what this command tells the DDP ranks it starts: the planned devices, the claim
 
 
 def train_stage(p: Params, data_dir: Path, model_path: Path, metrics_dir: Path, checkpoint_path: Path,
                 argv: list[str]) -> None:
-    """Plan the devices; start the DDP workers or join their group; train; turn OOM into advice."""
+    """Plan the devices (claiming free GPUs when asked); start the DDP ranks, or be one; train."""
     started = time.perf_counter() - (process_seconds() or 0.0)  # count the process's start-up too
     cfg = p.train
-    plan = plan_devices(cfg.accelerator, cfg.devices, cfg.strategy)
-    if under_launcher() and plan.strategy != "ddp" and int(os.environ["WORLD_SIZE"]) > 1:
-        raise UserError(f"started by torchrun with WORLD_SIZE={os.environ['WORLD_SIZE']} but train.strategy = "
-                        f"{cfg.strategy!r}; set train.strategy: ddp")
-    if plan.strategy == "ddp" and not under_launcher() and plan.world_size > 1:
-        launch_workers(argv, plan.world_size)  # each worker reruns this command as one rank
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if under_launcher() and (cfg.strategy == "ddp" or world > 1):
+        if cfg.strategy != "ddp":
+            raise UserError(f"started by torchrun with WORLD_SIZE={world} but train.strategy = {cfg.strategy!r}; "
+                            "set train.strategy: ddp")
+        run_rank(p, data_dir, model_path, metrics_dir, checkpoint_path, started)
         return
-    ctx = init_distributed(plan.accelerator) if plan.strategy == "ddp" else DistContext()
+    plan = plan_devices(cfg.accelerator, cfg.devices, cfg.strategy)
+    claim = claim_gpus(plan.claim) if plan.claim else None
     try:
-        train(p, plan, ctx, data_dir, model_path, metrics_dir, checkpoint_path, started)
-    except torch.OutOfMemoryError:
-        per_device = plan.per_device_batch(cfg.batch_size, ctx)
-        raise UserError(f"CUDA ran out of memory with a per-device batch of {per_device} (train.batch_size = "
-                        f"{cfg.batch_size}); try train.batch_size = {max(1, cfg.batch_size // 2)}") from None
+        if claim is not None:
+            plan = with_claimed(plan, claim.ids)
+            waited = f" after waiting {claim.waited_seconds:.0f} s" if claim.waited_seconds >= 1 else ""
+            print(f"claimed {', '.join(f'GPU {g.id} ({g.uuid})' for g in claim.gpus)} for this run{waited}",
+                  flush=True)
+        if plan.strategy == "ddp" and plan.world_size > 1:
+            # Each rank reruns this command under torch's elastic launcher (and lands in run_rank).
+            launch_ranks("stages", argv, plan.world_size, cfg.max_restarts, cfg.dist_timeout,
+                         env=rank_environment(plan, claim))
+            return
+        ctx = init_distributed(plan.accelerator, cfg.dist_timeout) if plan.strategy == "ddp" else DistContext()
+        try:
+            extra = {"launcher": None, "restarts": 0, "gpu_claim": claim.record() if claim else None}
+            with out_of_memory_advice(cfg.batch_size, plan, ctx):
+                train(p, plan, ctx, data_dir, model_path, metrics_dir, checkpoint_path, started, None, extra)
+        finally:
+            shutdown_distributed()
+    finally:
+        if claim is not None:
+            claim.release()
+
+
+def run_rank(p: Params, data_dir: Path, model_path: Path, metrics_dir: Path, checkpoint_path: Path,
+             started: float) -> None:
+    """One DDP rank, started by torchrun or by this command's own launcher: join the group, learn
+    whether this is a restart (and who died), train, and leave a record of how it ended."""
+    cfg = p.train
+    launched = json.loads(os.environ[LAUNCH_ENV]) if LAUNCH_ENV in os.environ else None
+    plan = rank_plan(cfg.accelerator, int(os.environ["WORLD_SIZE"]), launched)
+    status = start_rank_status()
+    try:
+        ctx = init_distributed(plan.accelerator, cfg.dist_timeout, on_give_up=lambda m: status.end("error", m))
+        if ctx.is_main and launched is None and free_gpu_count(cfg.devices):
+            print(f"note: train.devices = {cfg.devices!r} claims GPUs for runs this command starts; under torchrun, "
+                  "--nproc-per-node and CUDA_VISIBLE_DEVICES choose them", flush=True)
+        with collective_errors(ctx, cfg.dist_timeout), out_of_memory_advice(cfg.batch_size, plan, ctx):
+            restart = restart_report(ctx, collective_device())
+            extra = {"launcher": "stages (torch elastic)" if launched else "torchrun",
+                     "restarts": restart.attempt if restart else 0,
+                     "gpu_claim": launched.get("gpu_claim") if launched else None}
+            train(p, plan, ctx, data_dir, model_path, metrics_dir, checkpoint_path, started, restart, extra)
+    except PeerLost as exc:  # a consequence: the launcher names the rank that failed
+        status.end("peer-lost", str(exc))
+        print(exc, file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    except BaseException as exc:
+        status.end("error", first_line(exc))
+        raise
+    else:
+        status.end("done")
+        status.remove()
     finally:
         shutdown_distributed()
 
 
+@contextlib.contextmanager
+def out_of_memory_advice(batch_size: int, plan: DevicePlan, ctx: DistContext):
+    """A CUDA out-of-memory error becomes the per-device batch and a smaller one to try."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        per_device = plan.per_device_batch(batch_size, ctx)
+        raise UserError(f"CUDA ran out of memory with a per-device batch of {per_device} (train.batch_size = "
+                        f"{batch_size}); try train.batch_size = {max(1, batch_size // 2)}") from None
+
+
+def rank_environment(plan: DevicePlan, claim: GpuClaim | None) -> dict[str, str]:
+    """The environment of the ranks this command starts: they see exactly the planned GPUs."""
+    env = {LAUNCH_ENV: json.dumps({"accelerator": plan.accelerator, "device_ids": plan.device_ids,
+                                   "gpu_claim": claim.record() if claim else None})}
+    if plan.accelerator == "cuda":
+        env["CUDA_VISIBLE_DEVICES"] = visible_devices_env(plan.device_ids)
+    return env
+
+
 def train(p: Params, plan: DevicePlan, ctx: DistContext, data_dir: Path, model_path: Path, metrics_dir: Path,
-          checkpoint_path: Path, started: float) -> None:
+          checkpoint_path: Path, started: float, restart: RestartReport | None, extra: dict) -> None:
     cfg = p.train
     configure_determinism(cfg.deterministic)
     device = process_device(plan, ctx)
@@ -85,8 +174,9 @@ def train(p: Params, plan: DevicePlan, ctx: DistContext, data_dir: Path, model_p
     check_batch_size(cfg.batch_size, len(train_labels), plan, ctx, log)
 
     # Resume only from a checkpoint of this very run: same params, same data.
+    # Rank 0 decides, and every rank resumes from its checkpoint (after a restart of the group too).
     fingerprint = run_fingerprint(p, data_dir)
-    resume = resumable_checkpoint(checkpoint_path, fingerprint, log)
+    resume = shared_checkpoint(checkpoint_path, fingerprint, ctx, log)
 
     # Build: the model (seeded, so every rank starts from the same weights), wrappers, optimizer.
     torch.manual_seed(cfg.seed)
@@ -104,6 +194,12 @@ def train(p: Params, plan: DevicePlan, ctx: DistContext, data_dir: Path, model_p
             st.scaler.load_state_dict(resume.scaler_state)
         restore_rng(resume.rng)
         st.step, history, start_epoch = resume.step, resume.history, resume.epoch
+    if restart is not None:  # the elastic agent restarted the group after a rank died
+        for lost in restart.lost:
+            log(describe(lost))
+        log(f"restarted after rank {restart.lost_ranks} died (attempt {restart.attempt} of {restart.max_restarts}); "
+            + (f"resuming after epoch {start_epoch}" if resume else "no epoch had completed; starting afresh"))
+    elif resume is not None:
         log(f"Resuming from {checkpoint_path} after epoch {start_epoch} of {cfg.epochs}")
     per_device = plan.per_device_batch(cfg.batch_size, ctx)
     strategy = {"dp": "dp (nn.DataParallel)" if plan.use_data_parallel else "dp (single device)",
@@ -172,6 +268,7 @@ def train(p: Params, plan: DevicePlan, ctx: DistContext, data_dir: Path, model_p
         "samples_per_second": round(throughput, 1),
         "peak_memory_mb": peaks,
         "peak_memory_kind": "cuda allocated per device" if device.type == "cuda" else "process max RSS per process",
+        **extra,  # launcher, restarts, gpu_claim
     })
     log(f"saved {model_path}  ({throughput:,.0f} samples/s over {len(history)} epochs)")
     # Last: a kill before this line leaves the checkpoint, and the next run rewrites the outputs from it.
@@ -191,13 +288,31 @@ def check_batch_size(batch_size: int, n_train: int, plan: DevicePlan, ctx: DistC
             f"some GPUs get no samples")
 
 
+LAUNCH_ONLY = {"train.max_restarts", "train.dist_timeout"}  # how a run is kept going, not what it computes
+
+
 def run_fingerprint(p: Params, data_dir: Path) -> dict:
     """What the weights depend on: the model and train params, and the prepared training data."""
     fingerprint = {f"{section}.{key}": value for section in ("model", "train")
-                   for key, value in p.section_dict(section).items()}
+                   for key, value in p.section_dict(section).items() if f"{section}.{key}" not in LAUNCH_ONLY}
     fingerprint["prepared data sha256"] = file_digest(
         [data_dir / "info.json", data_dir / "train.safetensors", data_dir / "val.safetensors"])[:16]
     return fingerprint
+
+
+def shared_checkpoint(path: Path, fingerprint: dict, ctx: DistContext, log) -> Checkpoint | None:
+    """Rank 0's resumable checkpoint, on every rank: rank 0 reads it and sends its bytes, since on
+    several machines only rank 0's has the file, and all ranks must resume from the same state."""
+    resume = resumable_checkpoint(path, fingerprint, log) if ctx.is_main else None
+    if not ctx.distributed:
+        return resume
+    blob = broadcast_bytes(path.read_bytes() if resume is not None else None, ctx)
+    if blob is None or ctx.is_main:
+        return resume
+    with tempfile.TemporaryDirectory(prefix="stages-resume-") as tmp:
+        copy = Path(tmp) / path.name
+        copy.write_bytes(blob)
+        return load_checkpoint(copy)
 
 
 def resumable_checkpoint(path: Path, fingerprint: dict, log) -> Checkpoint | None:

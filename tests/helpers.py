@@ -59,3 +59,29 @@ def command_line(pid: int) -> list[str]:
 def stage_processes(pid: int, command: str) -> list[int]:
     """The `python -m stages <command>` processes started below `pid` (not the shell that started them)."""
     return [p for p in descendants(pid) if command_line(p)[1:4] == ["-m", "stages", command]]
+
+
+def environment_of(pid: int) -> dict[str, str]:
+    """A process's environment ({} once it has ended)."""
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
+
+
+def parent_of(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def rank_process(launcher: int, rank: int) -> int:
+    """The pid of DDP rank `rank` started by the launcher process `launcher` (torchrun's agent or
+    `python -m stages train`): one of its children, whose RANK says which rank it is."""
+    found = [p for p in descendants(launcher)
+             if parent_of(p) == launcher and environment_of(p).get("RANK") == str(rank)]
+    if len(found) != 1:
+        raise AssertionError(f"expected one rank {rank} started by pid {launcher}, found {found}")
+    return found[0]

@@ -366,6 +366,8 @@ def test_ddp_experiment_on_two_cpu_processes(project):
     out = sh(repo, "dvc", "exp", "run", "-S", "train.strategy=ddp", "-S", "train.accelerator=cpu",
              "-S", "train.devices=2").stdout
     assert "strategy ddp (2 processes)" in out
+    run = json.loads((repo / "metrics/train/run.json").read_text())
+    assert run["launcher"] == "stages (torch elastic)" and run["restarts"] == 0  # torch's elastic agent started it
     m = metrics(repo)
     assert m["metrics/train/metrics.json"]["world_size"] == 2
     assert m["metrics/evaluate/metrics.json"]["test"]["accuracy"] >= 0.97

@@ -8,9 +8,8 @@ training core itself (`prepare_model`, `build_loop_state`, `train_one_epoch`), a
   strong scaling: the training run's global batch split over the devices.
 
 DataParallel points run in this process; DDP points start one `python -m stages.analyze.probe`
-worker per device with the torchrun environment (RANK, WORLD_SIZE, MASTER_ADDR, ...)
-that `core.distributed.init_distributed` reads. Without CUDA it times the CPU once and says
-what it could not measure.
+rank per device with torch's elastic launcher (`core.launch`), as the train stage starts its
+ranks. Without CUDA it times the CPU once and says what it could not measure.
 """
 
 from __future__ import annotations
@@ -26,7 +25,8 @@ import torch
 
 from ..core.batches import Split, place_split
 from ..core.devices import DevicePlan, configure_determinism, peak_memory_mb, process_device
-from ..core.distributed import DistContext, all_gather_floats, init_distributed, launch_workers, shutdown_distributed
+from ..core.distributed import DistContext, all_gather_floats, init_distributed, shutdown_distributed
+from ..core.launch import launch_ranks
 from ..core.loop import build_loop_state, prepare_model, train_one_epoch
 from ..core.weights import load_model
 from ..errors import UserError
@@ -35,7 +35,6 @@ from ..params import TrainParams
 from ..prepared import load_prepared
 
 WARMUP_STEPS = 2  # the first steps pay for CUDA context, cuDNN autotuning and DataParallel replicas
-DDP_TIMEOUT_S = 600
 
 
 @dataclass
@@ -171,7 +170,7 @@ def time_dp_point(weights: Path, split: Split, info: dict, cfg: TrainParams, dev
 
 def time_ddp_point(weights: Path, data_dir: Path, cfg: TrainParams, accelerator: str, world_size: int,
                    global_batch: int, steps: int) -> ProbePoint:
-    """One process per device, started here with the torchrun environment; rank 0 reports."""
+    """One process per device, started by torch's elastic launcher (no restarts); rank 0 reports."""
     point = ProbePoint("ddp", world_size, global_batch)
     with tempfile.TemporaryDirectory(prefix="stages-probe-") as tmp:
         out = Path(tmp) / "result.json"
@@ -179,9 +178,10 @@ def time_ddp_point(weights: Path, data_dir: Path, cfg: TrainParams, accelerator:
                    "train": asdict(replace(cfg, batch_size=global_batch)),
                    "accelerator": accelerator, "steps": steps, "out": str(out)}
         try:
-            launch_workers([json.dumps(request)], world_size, module="stages.analyze.probe", timeout_s=DDP_TIMEOUT_S)
+            launch_ranks("stages.analyze.probe", [json.dumps(request)], world_size, max_restarts=0,
+                         timeout_s=cfg.dist_timeout)
         except UserError as exc:
-            point.note = str(exc).removesuffix("; see its output above")
+            point.note = str(exc)
             return point
         result = read_json(out)
     point.seconds, point.warmup_seconds = result["seconds"], result["warmup_seconds"]
@@ -194,12 +194,12 @@ def time_ddp_point(weights: Path, data_dir: Path, cfg: TrainParams, accelerator:
 def ddp_worker(request: dict) -> None:
     """One DDP rank of a probe point: same placement, wrapping and steps as `train --strategy ddp`."""
     accelerator = request["accelerator"]
-    ctx = init_distributed(accelerator)
+    cfg = TrainParams(**request["train"])
+    ctx = init_distributed(accelerator, cfg.dist_timeout)
     try:
         ids = list(range(ctx.world_size)) if accelerator == "cuda" else []
         plan = DevicePlan(accelerator, "ddp", ids, ctx.world_size)
         device = process_device(plan, ctx)
-        cfg = TrainParams(**request["train"])
         steps = request["steps"]
         images, labels, info = load_prepared(request["data"], "train")
         split = place_split(*probe_samples(images, labels, max(steps, WARMUP_STEPS) * cfg.batch_size), device)

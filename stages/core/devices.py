@@ -4,17 +4,18 @@ of each process, how many devices share a global batch, and the backend's global
 `dp`: one process; `nn.DataParallel` scatters each global batch over the planned CUDA
 devices and gathers the outputs on the first. `ddp`: one process per device (see
 `distributed.py`). Without CUDA, training runs on the CPU: one process for dp, `devices`
-gloo processes for ddp.
+gloo processes for ddp. `free` / `free:N` ask for GPUs no other run holds (`gpu_claims.py`).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from ..errors import UserError
+from ..params import free_gpu_count
 from .distributed import DistContext
 
 
@@ -22,8 +23,9 @@ from .distributed import DistContext
 class DevicePlan:
     accelerator: str  # "cuda" or "cpu"
     strategy: str  # "dp" or "ddp"
-    device_ids: list[int] = field(default_factory=list)  # CUDA ids used (dp), or [] on the CPU
+    device_ids: list[int] = field(default_factory=list)  # CUDA ids used (one per rank for ddp), or [] on the CPU
     world_size: int = 1  # processes to start on this machine (ddp); 1 for dp
+    claim: int = 0  # GPUs still to claim before training (train.devices: free / free:N); see gpu_claims.py
 
     @property
     def use_data_parallel(self) -> bool:
@@ -37,18 +39,31 @@ class DevicePlan:
         return global_batch // self.num_devices(ctx)
 
     def used_device_ids(self, ctx: DistContext) -> list[int]:
-        """The device ids a run uses: the planned CUDA ids for dp ([] on the CPU), one per rank for ddp."""
-        return list(self.device_ids) if self.strategy == "dp" else list(range(ctx.world_size))
+        """The device ids a run uses: the planned CUDA ids for dp ([] on the CPU); for ddp the ids its
+        launcher planned, or one per rank (local numbering) under torchrun."""
+        if self.strategy == "dp":
+            return list(self.device_ids)
+        return list(self.device_ids) or list(range(ctx.world_size))
+
+
+def resolve_accelerator(accelerator: str) -> str:
+    """train.accelerator with 'auto' decided: cuda when a GPU is visible, else cpu."""
+    cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if accelerator == "auto":
+        return "cuda" if cuda_count > 0 else "cpu"
+    if accelerator == "cuda" and cuda_count == 0:
+        raise UserError("train.accelerator = 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
+    return accelerator
 
 
 def plan_devices(accelerator: str, devices, strategy: str) -> DevicePlan:
     """Decide where training runs from train.accelerator / train.devices / train.strategy."""
-    cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if accelerator == "auto":
-        accelerator = "cuda" if cuda_count > 0 else "cpu"
+    accelerator = resolve_accelerator(accelerator)
+    claim = free_gpu_count(devices)
     if accelerator == "cuda":
-        if cuda_count == 0:
-            raise UserError("train.accelerator = 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
+        cuda_count = torch.cuda.device_count()
+        if claim is not None:  # the ids are known once claimed
+            return DevicePlan("cuda", strategy, [], claim if strategy == "ddp" else 1, claim=claim)
         if devices == "all":
             ids = list(range(cuda_count))
         elif isinstance(devices, int):
@@ -62,19 +77,42 @@ def plan_devices(accelerator: str, devices, strategy: str) -> DevicePlan:
             ids = list(devices)
         world = len(ids) if strategy == "ddp" else 1
         return DevicePlan("cuda", strategy, ids, world)
-    # CPU: one device for dp; `devices` worker processes for ddp (gloo).
+    # CPU: one device for dp; `devices` worker processes for ddp (gloo); free:N means N processes.
     if strategy == "ddp":
-        world = devices if isinstance(devices, int) else len(devices) if isinstance(devices, list) else 1
+        world = claim or (devices if isinstance(devices, int) else len(devices) if isinstance(devices, list) else 1)
         return DevicePlan("cpu", "ddp", [], world)
     return DevicePlan("cpu", "dp", [], 1)
+
+
+def with_claimed(plan: DevicePlan, ids: list[int]) -> DevicePlan:
+    """The plan once its GPUs are claimed."""
+    return replace(plan, device_ids=list(ids), claim=0)
+
+
+def rank_plan(accelerator: str, world_size: int, launched: dict | None) -> DevicePlan:
+    """The plan of one DDP rank started by a launcher, which chose the processes. Under our own
+    launcher, `launched` says which GPUs the run planned (its ranks see only those: local rank i
+    trains on visible GPU i); under torchrun, CUDA_VISIBLE_DEVICES and --nproc-per-node choose."""
+    if launched is not None:
+        return DevicePlan(launched["accelerator"], "ddp", list(launched["device_ids"]), world_size)
+    return DevicePlan(resolve_accelerator(accelerator), "ddp", [], world_size)
+
+
+def visible_devices_env(ids: list[int]) -> str:
+    """CUDA_VISIBLE_DEVICES for child processes that must see exactly the GPUs `ids` of this one."""
+    parent = os.environ.get("CUDA_VISIBLE_DEVICES")
+    names = [n.strip() for n in parent.split(",")] if parent else [str(i) for i in range(torch.cuda.device_count())]
+    return ",".join(names[i] for i in ids)
 
 
 def process_device(plan: DevicePlan, ctx: DistContext) -> torch.device:
     """The device this process trains on: its local rank's GPU under ddp, the first planned GPU
     under dp, else the CPU, whose cores are shared out between the ranks on this machine."""
     if plan.accelerator == "cuda":
-        return torch.device("cuda", ctx.local_rank if plan.strategy == "ddp" else plan.device_ids[0])
-    if ctx.world_size > 1:
+        device = torch.device("cuda", ctx.local_rank if plan.strategy == "ddp" else plan.device_ids[0])
+        torch.cuda.set_device(device)  # work on "the current GPU" must not land on (another run's) GPU 0
+        return device
+    if ctx.world_size > 1 and "OMP_NUM_THREADS" not in os.environ:  # an explicit setting wins (torch reads it)
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     return torch.device("cpu")

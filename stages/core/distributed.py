@@ -1,20 +1,31 @@
-"""DDP process groups: join one, start one on this machine, and the collectives the loop needs.
+"""DDP process groups: join one, bounded in time, and the collectives the loop needs.
 
-`python -m stages train` with `train.strategy: ddp` starts one worker per device itself
-(`launch_workers`) unless `torchrun` already did (RANK and WORLD_SIZE set), in which case
-each process just joins the group (`init_distributed`). Either way the workers run the same
-code. nccl on CUDA, gloo on the CPU.
+Every DDP rank is started by torch's elastic launcher: torchrun for jobs started by hand (on one
+machine or several), or `python -m stages train` itself (`launch.py`). Either way the rank joins
+the group its launcher describes (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, ...), and a rank
+that never arrives becomes an error naming it, not a silent hang:
+
+- every rank marks its arrival in the rendezvous store and waits for the others' marks, so after
+  `timeout_s` the missing ranks are named;
+- gloo's connect phase does not honour the group's timeout (measured: five times it), so a
+  watchdog thread ends the rank with one line if creating the group takes longer;
+- the group's timeout then bounds every collective, and `collective_errors` turns a collective
+  that timed out, or lost its peer, into one line.
+
+nccl on CUDA, gloo on the CPU.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
-import signal
 import socket
-import subprocess
 import sys
-import time
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 
@@ -37,20 +48,27 @@ class DistContext:
         return self.world_size > 1
 
 
+class PeerLost(UserError):
+    """A collective failed because another rank died or was stopped: a consequence, not a cause."""
+
+
 def under_launcher() -> bool:
     """True when torchrun (or our own launcher) started this process as one DDP rank."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 def free_port() -> int:
-    """A TCP port nobody listens on now, so parallel experiments never share a rendezvous."""
+    """A TCP port nobody listens on now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def init_distributed(accelerator: str) -> DistContext:
-    """Join the process group described by RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT."""
+def init_distributed(accelerator: str, timeout_s: float, on_give_up: Callable[[str], None] | None = None
+                     ) -> DistContext:
+    """Join the process group described by RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT (a
+    one-process group on a free port when no launcher set them). `on_give_up(message)` is called
+    before the watchdog ends the process."""
     import torch.distributed as dist
 
     os.environ.setdefault("RANK", "0")
@@ -63,9 +81,112 @@ def init_distributed(accelerator: str) -> DistContext:
     if accelerator == "cuda":
         torch.cuda.set_device(ctx.local_rank)
     backend = "nccl" if accelerator == "cuda" else "gloo"
-    if not dist.is_initialized():
-        dist.init_process_group(backend=backend, rank=ctx.rank, world_size=ctx.world_size)
+    if dist.is_initialized():
+        return ctx
+    store = rendezvous_store(ctx, timeout_s)
+    wait_for_ranks(store, ctx, timeout_s)
+    message = (f"ddp rank {ctx.rank}: creating the {backend} process group took longer than {timeout_s:g} s "
+               "(train.dist_timeout), although every rank had arrived; check that the machines can reach each "
+               "other on all ports (firewalls), or raise train.dist_timeout")
+    with watchdog(timeout_s + 5, message, on_give_up):
+        dist.init_process_group(backend, store=store, rank=ctx.rank, world_size=ctx.world_size,
+                                timeout=timedelta(seconds=timeout_s))
     return ctx
+
+
+def rendezvous_store(ctx: DistContext, timeout_s: float):
+    """A client of the launcher's rendezvous store: torchrun's agent hosts it, or (with
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, and always under our own launcher) rank 0 does."""
+    import torch.distributed as dist
+
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    try:
+        store = dist.TCPStore(addr, port, ctx.world_size, is_master=ctx.rank == 0 and not agent_store,
+                              timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+    except (RuntimeError, ValueError) as exc:  # DistNetworkError / DistStoreError are RuntimeErrors
+        host = "the torchrun agent" if agent_store else "rank 0"
+        raise UserError(f"ddp rank {ctx.rank} could not reach the rendezvous store that {host} hosts at "
+                        f"{addr}:{port} within {timeout_s:g} s (train.dist_timeout): {first_line(exc)}") from None
+    if agent_store:
+        # torchrun keeps one store, and the keys the ranks wrote in it, across restarts: a restarted
+        # rank could read the last group's gloo addresses and fail or hang (pytorch/pytorch#135712).
+        # A prefix per attempt keeps the attempts apart on one machine, where every rank has the same
+        # restart count; across machines the counts differ (an agent whose ranks were fine does not
+        # count a restart), so there only the environment variable helps.
+        if int(os.environ.get("GROUP_WORLD_SIZE", "1")) == 1:
+            store = dist.PrefixStore(f"stages/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        elif ctx.rank == 0 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
+            print("warning: torchrun shares its rendezvous store with the ranks, which makes restarts across "
+                  "machines fail or hang (pytorch/pytorch#135712); export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+                  "before torchrun on every machine", flush=True)
+    return store
+
+
+def wait_for_ranks(store, ctx: DistContext, timeout_s: float) -> None:
+    """Mark this rank's arrival and wait for every other rank's mark; name the ones that never came."""
+    store.set(f"arrived/{ctx.rank}", "1")
+    keys = [f"arrived/{r}" for r in range(ctx.world_size)]
+    try:
+        store.wait(keys, timedelta(seconds=timeout_s))
+    except RuntimeError:  # DistStoreError: timed out
+        try:
+            missing = [r for r in range(ctx.world_size) if not store.check([f"arrived/{r}"])]
+        except RuntimeError:
+            missing = []
+        who = f"rank(s) {', '.join(map(str, missing))}" if missing else "some ranks"
+        raise UserError(f"ddp {who} of {ctx.world_size} did not arrive within {timeout_s:g} s "
+                        f"(train.dist_timeout; seen from rank {ctx.rank}): check that every machine started its "
+                        "ranks (torchrun on each one) and can reach MASTER_ADDR, or raise train.dist_timeout"
+                        ) from None
+
+
+@contextlib.contextmanager
+def watchdog(seconds: float, message: str, on_give_up: Callable[[str], None] | None = None) -> Iterator[None]:
+    """End this process with `message` if the block is still running after `seconds`: for calls
+    that ignore their own timeout and cannot be interrupted from Python (they wait in C++)."""
+    done = threading.Event()
+
+    def watch() -> None:
+        if not done.wait(seconds):
+            if on_give_up is not None:
+                on_give_up(message)
+            print(f"error: {message}", file=sys.stderr, flush=True)
+            os._exit(2)  # the main thread is stuck in C++; an exception could not reach it
+
+    threading.Thread(target=watch, name="stages-watchdog", daemon=True).start()
+    try:
+        yield
+    finally:
+        done.set()
+
+
+@contextlib.contextmanager
+def collective_errors(ctx: DistContext, timeout_s: float) -> Iterator[None]:
+    """Turn a failed collective into one line: another rank went away (PeerLost), or it waited
+    longer than train.dist_timeout."""
+    try:
+        yield
+    except RuntimeError as exc:  # gloo and nccl raise DistBackendError / RuntimeError
+        text = str(exc)
+        if not ctx.distributed or isinstance(exc, torch.OutOfMemoryError):
+            raise
+        if "Timed out" in text or "timed out" in text:
+            raise UserError(f"ddp rank {ctx.rank} waited longer than train.dist_timeout = {timeout_s:g} s at a "
+                            f"collective for the other ranks ({first_line(exc)}); raise train.dist_timeout if a rank "
+                            "is just slow (rank 0 validates and checkpoints while the others wait)") from None
+        lost = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Connection refused",
+                "NCCL communicator was aborted", "remote process exited")
+        found = next((s for s in lost if s in text), None)
+        if found:
+            raise PeerLost(f"ddp rank {ctx.rank} stopped: it lost its connection to another rank, which died or "
+                           f"was stopped ({found})") from None
+        raise
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def shutdown_distributed() -> None:
@@ -75,43 +196,16 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def launch_workers(argv: list[str], world_size: int, module: str = "stages", timeout_s: float | None = None) -> None:
-    """Start `world_size` copies of `python -m MODULE ARGV` as DDP ranks on this machine and wait.
+# --- collectives ---------------------------------------------------------------------------
 
-    Same environment contract as torchrun, so the workers run exactly the code path a
-    multi-machine torchrun job runs. If one fails (or `timeout_s` passes), the others are
-    stopped and a UserError names the rank.
-    """
-    port = free_port()  # a fresh port per launch: parallel experiments never share a rendezvous
-    procs = []
-    for rank in range(world_size):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                   LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        procs.append(subprocess.Popen([sys.executable, "-m", module, *argv], env=env))
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    failure = None
-    try:
-        while failure is None:
-            codes = [p.poll() for p in procs]
-            bad = [(rank, code) for rank, code in enumerate(codes) if code not in (None, 0)]
-            if bad:
-                failure = f"ddp worker rank {bad[0][0]} failed with exit code {bad[0][1]}"
-            elif all(code == 0 for code in codes):
-                return
-            elif deadline is not None and time.monotonic() > deadline:
-                failure = f"ddp workers did not finish within {timeout_s:.0f} s"
-            else:
-                time.sleep(0.05)
-    finally:
-        for p in procs:  # a rank left waiting at a collective after another one died
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-    raise UserError(f"{failure}; see its output above")
+
+def collective_device() -> torch.device:
+    """Where a collective's tensors must live: the current GPU for nccl, else the CPU."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def all_reduce_sum(values: torch.Tensor, ctx: DistContext) -> torch.Tensor:
@@ -133,3 +227,38 @@ def all_gather_floats(values: list[float], ctx: DistContext, device: torch.devic
     out = [torch.empty_like(mine) for _ in range(ctx.world_size)]
     dist.all_gather(out, mine)
     return [v for t in out for v in t.tolist()]
+
+
+def broadcast_bytes(data: bytes | None, ctx: DistContext) -> bytes | None:
+    """Rank 0's bytes (or its None) on every rank: e.g. the checkpoint, which only rank 0's machine has."""
+    if not ctx.distributed:
+        return data
+    import torch.distributed as dist
+
+    device = collective_device()
+    size = torch.tensor([-1 if data is None else len(data)], dtype=torch.int64, device=device)
+    dist.broadcast(size, src=0)
+    n = int(size.item())
+    if n < 0:
+        return None
+    buffer = (torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device) if ctx.is_main
+              else torch.empty(n, dtype=torch.uint8, device=device))
+    if n:
+        dist.broadcast(buffer, src=0)
+    return buffer.cpu().numpy().tobytes()
+
+
+def all_gather_json(value, ctx: DistContext, device: torch.device | None = None) -> list:
+    """Every rank's JSON-able value, in rank order (JSON over a byte tensor: nothing is pickled)."""
+    if not ctx.distributed:
+        return [value]
+    import torch.distributed as dist
+
+    device = device or collective_device()
+    mine = torch.tensor(list(json.dumps(value).encode()), dtype=torch.uint8, device=device)
+    sizes = [int(s) for s in all_gather_floats([float(len(mine))], ctx, device)]
+    padded = torch.zeros(max(sizes), dtype=torch.uint8, device=device)
+    padded[: len(mine)] = mine
+    out = [torch.empty_like(padded) for _ in range(ctx.world_size)]
+    dist.all_gather(out, padded)
+    return [json.loads(bytes(t[:n].cpu().tolist()).decode()) for t, n in zip(out, sizes)]
