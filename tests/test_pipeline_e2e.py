@@ -23,7 +23,8 @@ from .test_layout import command_modules, stage_command
 
 pytestmark = pytest.mark.e2e
 
-COPY = ["stages", "dvc.yaml", "params.yaml", ".gitignore", ".dvcignore", "data/raw/.gitkeep"]
+COPY = ["stages", "dvc.yaml", "params.yaml", ".gitignore", ".dvcignore", "data/raw/.gitkeep", "models/.gitignore",
+        "models/pretrained/.gitkeep"]
 
 
 def sh(repo: Path, *cmd: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -152,7 +153,8 @@ def test_an_edit_to_a_module_reruns_exactly_the_stages_that_import_it(project):
             changed = set(json.loads(sh(repo, "dvc", "status", "--json").stdout))
         finally:
             path.write_text(original)
-        assert changed == expected, f"editing {module}: dvc reruns {sorted(changed)}, its importers are {sorted(expected)}"
+        assert changed == expected, (f"editing {module}: dvc reruns {sorted(changed)}, "
+                                     f"its importers are {sorted(expected)}")
     assert json.loads(sh(repo, "dvc", "status", "--json").stdout) == {}
 
 

@@ -34,7 +34,8 @@ def test_models_fit_the_data(name, shape):
 
 
 def test_unknown_model_lists_the_valid_names():
-    with pytest.raises(UserError, match="expected one of small-cnn, resnet18, mlp"):
+    with pytest.raises(UserError, match=r"expected small-cnn, mlp or one of torchvision's classification models .*"
+                                        r"python -m stages models"):
         build_model("vgg", 3, 32, 10)
 
 
