@@ -181,7 +181,7 @@ def test_accumulation_all_reduces_once_per_step(prepared_digits):
 
 # The recipe's state (EMA, best weights so far, patience, MixUp's draws, the frozen backbone) must
 # resume too: killed after epoch 3, the backbone still frozen until epoch 4.
-RECIPE = dict(epochs=8, ema=0.9, keep="best", patience=3, mixup_alpha=0.2, label_smoothing=0.1, warmup_epochs=1,
+RECIPE = dict(epochs=6, ema=0.9, keep="best", patience=3, mixup_alpha=0.2, label_smoothing=0.1, warmup_epochs=1,
               accumulate=2, clip_grad_norm=1.0, freeze_epochs=4, backbone_lr=0.5)
 
 

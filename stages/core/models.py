@@ -118,16 +118,26 @@ def build_model(name: str, in_channels: int, image_size: int, num_classes: int,
 
 def check_input_size(model: nn.Module, name: str, in_channels: int, image_size: int) -> None:
     """Refuse, before training, images too small for the architecture (inception_v3 under 75 px,
-    maxvit_t under 224 px, ...): one forward pass of one image, on the CPU, in eval mode (so no
-    BatchNorm statistics change), names the reason and torchvision's documented minimum."""
+    alexnet under 63 px, ...), naming the reason and torchvision's documented minimum.
+
+    One forward pass of one image, in eval mode (no BatchNorm statistics change), on the meta
+    device: shapes only, no arithmetic, whatever the model's size. Should an operator not run on
+    the meta device, the same pass runs for real on the CPU and decides."""
     import torch
 
     if name in ("small-cnn", "mlp"):
         return  # both fit any size the params allow
     was_training = model.training
+    model.eval()
     try:
         with torch.no_grad():
-            model.eval()(torch.zeros(1, in_channels, image_size, image_size))
+            try:
+                shapes_only = {key: torch.empty_like(t, device="meta")
+                               for key, t in [*model.named_parameters(), *model.named_buffers()]}
+                torch.func.functional_call(model, shapes_only,
+                                           (torch.empty(1, in_channels, image_size, image_size, device="meta"),))
+            except (RuntimeError, ValueError, AssertionError, NotImplementedError):
+                model(torch.zeros(1, in_channels, image_size, image_size))
     except (RuntimeError, ValueError, AssertionError) as exc:
         raise UserError(f"model.name = {name!r} cannot take {image_size}x{image_size} images "
                         f"({first_line(exc)}){smallest_input(name)}: set data.image_size larger, or choose another "
