@@ -48,9 +48,12 @@ def check_params(
 
     def stage() -> None:
         from .io import write_text
-        from .params import load_params
+        from .params import check_weights_available, load_params
 
-        load_params(params)
+        p = load_params(params)
+        # Named weights must be in torchvision's cache (or model.download on); a weights file must be
+        # under models/pretrained/, the train stage's dep, so that DVC retrains when it changes.
+        check_weights_available(p.model, pipeline=True)
         # Constant content: a valid change of params does not look like a change to later stages.
         write_text(out, "ok\n")
         typer.echo(f"{params}: ok")
@@ -64,6 +67,22 @@ def show_params() -> None:
     from .params import default_params_yaml
 
     typer.echo(default_params_yaml(), nl=False)
+
+
+@app.command("models")
+def show_models() -> None:
+    """List the names model.name takes, each with the torchvision weights model.weights may name."""
+    from torchvision import models
+
+    from .params import BUILT_IN_MODELS, SMALL_STEM_BELOW, is_resnet, torchvision_model_names
+
+    typer.echo("model.name           model.weights (besides none and a state-dict file; DEFAULT is the best)")
+    for name in BUILT_IN_MODELS:
+        typer.echo(f"{name:<20} (the project's own; no torchvision weights)")
+    for name in torchvision_model_names():
+        stem = f"  [small-image stem under {SMALL_STEM_BELOW} px: model.small_input_stem]" if is_resnet(name) else ""
+        weights = ", ".join(w for w in models.get_model_weights(name).__members__ if w != "DEFAULT")
+        typer.echo(f"{name:<20} DEFAULT, {weights}{stem}")
 
 
 @app.command("prepare-data")

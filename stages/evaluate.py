@@ -28,7 +28,7 @@ def evaluate_stage(weights: str | Path, data_dir: str | Path, out_dir: str | Pat
     model = load_model(weights, device=device)
     meta = model.stages_metadata
     mean, std = stats_tensors(meta["mean"], meta["std"], device)
-    loss, accuracy, predicted = evaluate(model, images, labels, mean, std, batch_size, device)
+    loss, accuracy, predicted, top5 = evaluate(model, images, labels, mean, std, batch_size, device)
 
     names = meta["class_names"]
     precision, recall, f1, support = precision_recall_fscore_support(
@@ -40,6 +40,8 @@ def evaluate_stage(weights: str | Path, data_dir: str | Path, out_dir: str | Pat
         for name, p, r, f, s in zip(names, precision, recall, f1, support)
     }
     metrics = {"test": {"accuracy": round(accuracy, 6), "loss": round(loss, 6)}}
+    if top5 is not None:  # more than 5 classes
+        metrics["test"]["top5_accuracy"] = round(top5, 6)
     write_json(out_dir / "metrics.json", metrics)
     write_json(out_dir / "per_class.json", per_class)
 
@@ -50,5 +52,6 @@ def evaluate_stage(weights: str | Path, data_dir: str | Path, out_dir: str | Pat
     for i, (a, p) in enumerate(zip(labels.tolist(), predicted.tolist())):
         writer.writerow([i, names[a], names[p]])
     write_text(out_dir / "predictions.csv", buf.getvalue())
-    print(f"test accuracy {accuracy:.4f}  loss {loss:.4f}  on {len(labels)} images")
+    top5_text = f"  top-5 accuracy {top5:.4f}" if top5 is not None else ""
+    print(f"test accuracy {accuracy:.4f}{top5_text}  loss {loss:.4f}  on {len(labels)} images")
     return metrics

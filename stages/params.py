@@ -13,7 +13,10 @@ dependencies, so the torch-only core that imports it runs on a bare GPU machine.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -59,10 +62,12 @@ class OneOf:
     options: tuple
 
     def allows(self, v: Any) -> bool:
-        return isinstance(v, (str, int)) and not isinstance(v, bool) and v in self.options
+        if isinstance(v, bool):  # true/false only where the options name them (True == 1 otherwise)
+            return any(o is v for o in self.options)
+        return isinstance(v, (str, int)) and v in self.options
 
     def __str__(self) -> str:
-        return "one of " + ", ".join(str(o) for o in self.options)
+        return "one of " + ", ".join(show_value(o) for o in self.options)
 
 
 @dataclass(frozen=True)
@@ -112,6 +117,31 @@ def free_gpu_count(devices: Any) -> int | None:
     return None
 
 
+@dataclass(frozen=True)
+class ModelName:
+    """A built-in model, or any classification model torchvision ships (its list is read only when the
+    name is not a built-in one, so the default params never import torchvision here)."""
+
+    def allows(self, v: Any) -> bool:
+        return isinstance(v, str) and (v in BUILT_IN_MODELS or v in torchvision_model_names())
+
+    def __str__(self) -> str:
+        return (f"{', '.join(BUILT_IN_MODELS)} or one of torchvision's classification models such as resnet18 "
+                "(`python -m stages models` lists them)")
+
+
+@dataclass(frozen=True)
+class Weights:
+    """none, a torchvision weights name (upper case, as in ResNet18_Weights.IMAGENET1K_V1), or a state-dict file."""
+
+    def allows(self, v: Any) -> bool:
+        return isinstance(v, str) and weights_kind(v) is not None
+
+    def __str__(self) -> str:
+        return ("none, a torchvision weights name such as DEFAULT or IMAGENET1K_V1, "
+                f"or a state-dict file ({' or '.join(WEIGHTS_FILE_SUFFIXES)})")
+
+
 def param(default: Any, allowed: Any, help: str) -> Any:
     """Declare one key: its default, what is allowed, and the comment params.yaml shows for it."""
     return field(default=default, metadata={"allowed": allowed, "help": help})
@@ -120,7 +150,14 @@ def param(default: Any, allowed: Any, help: str) -> Any:
 # --- the schema: one dataclass per section of params.yaml ---------------------------------
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "imagefolder")
-MODELS = ("small-cnn", "resnet18", "mlp")
+# The project's own models; every other name is one of torchvision's (resnet18 among them, which, like
+# every resnet, gets a small-image stem for images under SMALL_STEM_BELOW px: model.small_input_stem).
+BUILT_IN_MODELS = ("small-cnn", "mlp")
+# model.small_input_stem: auto gives resnets the small-image stem for images under this many pixels a side.
+SMALL_STEM_BELOW = 64
+WEIGHTS_FILE_SUFFIXES = (".safetensors", ".pth", ".pt")
+# Local weights files for the pipeline live here: the folder is a dep of the train stage in dvc.yaml.
+PRETRAINED_DIR = "models/pretrained"
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
@@ -143,7 +180,15 @@ class DataParams:
 
 @dataclass(frozen=True)
 class ModelParams:
-    name: str = param("small-cnn", OneOf(MODELS), "small-cnn | resnet18 | mlp")
+    name: str = param("small-cnn", ModelName(),
+                      "small-cnn | resnet18 | mlp | any torchvision classification model (python -m stages models)")
+    small_input_stem: Any = param("auto", OneOf(("auto", True, False)),
+                                  f"resnets: auto (3x3 stride-1 stem, no max-pool, under {SMALL_STEM_BELOW} px) "
+                                  "| true | false (torchvision's ImageNet stem)")
+    weights: str = param("none", Weights(),
+                         f"none | torchvision weights (DEFAULT, IMAGENET1K_V1, ...) | a state dict in "
+                         f"{PRETRAINED_DIR}/")
+    download: bool = param(False, Bool(), "let torchvision download named weights into its cache ($TORCH_HOME)")
 
 
 @dataclass(frozen=True)
@@ -170,6 +215,21 @@ class TrainParams:
     max_restarts: int = param(0, Int(0, 100), "ddp: restart the group this often when a rank dies, from the last epoch")
     dist_timeout: int = param(600, Int(1, 86_400),
                               "ddp: seconds a rank waits for the others to join or at a collective before failing")
+    # The fine-tuning recipe: each key is off (or neutral) by default.
+    label_smoothing: float = param(0.0, Float(0.0, 1.0, hi_open=True),
+                                   "share of each target spread evenly over all classes (0 = off)")
+    warmup_epochs: int = param(0, Int(0, 100_000), "epochs of linear lr warm-up before the cosine decay")
+    ema: float = param(0.0, Float(0.0, 1.0, hi_open=True),
+                       "decay of an average of the weights per step, e.g. 0.999; validated and saved (0 = off)")
+    mixup_alpha: float = param(0.0, Float(0.0, 100.0),
+                               "MixUp with Beta(alpha, alpha) (0 = off); with cutmix, one of them per batch")
+    cutmix_alpha: float = param(0.0, Float(0.0, 100.0), "CutMix with Beta(alpha, alpha) (0 = off)")
+    clip_grad_norm: float = param(0.0, Float(0.0, 1e6), "clip the gradients' total norm to this (0 = off)")
+    accumulate: int = param(1, Int(1, 1024), "forward passes per optimizer step; batch_size stays the batch per step")
+    keep: str = param("last", OneOf(("last", "best")), "weights to save: last | best (the best val accuracy)")
+    patience: int = param(0, Int(0, 100_000), "stop after this many epochs without a better val accuracy (0 = off)")
+    freeze_epochs: int = param(0, Int(0, 100_000), "first epochs train the head only, the backbone frozen")
+    backbone_lr: float = param(1.0, Float(0.0, 1.0, lo_open=True), "the backbone's lr as a fraction of lr")
 
 
 @dataclass(frozen=True)
@@ -245,7 +305,26 @@ def validate(raw: Any, source: str = "params.yaml") -> Params:
         # An integer where a float is declared (lr: 1) is that float: the same value, one type.
         built[name] = cls(**{k: float(v) if declared[k].type == "float" and isinstance(v, int) else v
                              for k, v in values.items()})
-    return Params(**built)
+    params = Params(**built)
+    check_combinations(params, source)
+    return params
+
+
+def check_combinations(p: Params, source: str) -> None:
+    """Values that are allowed alone but not together; one line naming both keys."""
+    m, t = p.model, p.train
+    if weights_kind(m.weights) == "name":
+        torchvision_weights(m.name, m.weights, source)  # raises when the model has no such weights
+    if m.small_input_stem != "auto" and not is_resnet(m.name):
+        raise UserError(f"{source}: model.small_input_stem = {show_value(m.small_input_stem)} is not allowed with "
+                        f"model.name = {m.name!r}; the stem choice applies to resnets (resnet*, resnext*, "
+                        "wide_resnet*): use auto")
+    if t.warmup_epochs and t.warmup_epochs >= t.epochs:
+        raise UserError(f"{source}: train.warmup_epochs = {t.warmup_epochs} is not allowed with train.epochs = "
+                        f"{t.epochs}; the warm-up must end before the last epoch")
+    if t.batch_size % t.accumulate:
+        raise UserError(f"{source}: train.batch_size = {t.batch_size} is not allowed with train.accumulate = "
+                        f"{t.accumulate}; the batch must split into {t.accumulate} equal forward passes")
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
@@ -274,3 +353,76 @@ def default_params_yaml() -> str:
     blocks = ["\n".join([f"{name}:", *(f"{text.ljust(width)}  # {help}" for text, help in entries)])
               for name, entries in sections.items()]
     return "\n\n".join(blocks) + "\n"
+
+
+# --- what model.name and model.weights may name ------------------------------------------
+# torchvision is imported only for names that are not built in, so the default params are
+# checked without it (and `--help` never imports it).
+
+
+@functools.lru_cache(maxsize=1)
+def torchvision_model_names() -> tuple[str, ...]:
+    """Every classification model torchvision ships (not its detection or video models)."""
+    from torchvision import models
+
+    return tuple(models.list_models(module=models))
+
+
+def is_resnet(name: str) -> bool:
+    """torchvision's ResNet family (a conv1 + max-pool stem), where model.small_input_stem applies."""
+    return name.startswith(("resnet", "resnext", "wide_resnet"))
+
+
+def weights_kind(value: str) -> str | None:
+    """'none', 'file' (a state-dict path), 'name' (a torchvision weights name), or None: not allowed."""
+    if value == "none":
+        return "none"
+    if value.endswith(WEIGHTS_FILE_SUFFIXES):
+        return "file"
+    if re.fullmatch(r"[A-Z][A-Z0-9_]*", value):
+        return "name"
+    return None
+
+
+def torchvision_weights(model_name: str, weights_name: str, source: str = "params"):
+    """torchvision's weights entry (a `WeightsEnum` member; DEFAULT resolved) for a model, or a UserError."""
+    from torchvision import models
+
+    if model_name not in torchvision_model_names():
+        raise UserError(f"{source}: model.weights = {weights_name!r} is not allowed with model.name = "
+                        f"{model_name!r}: torchvision has no weights for it; use none or a state-dict file")
+    enum = models.get_model_weights(model_name)
+    names = [*enum.__members__]
+    if weights_name not in names:
+        raise UserError(f"{source}: model.weights = {weights_name!r} is not allowed with model.name = "
+                        f"{model_name!r}; expected none, a state-dict file, or one of {', '.join(names)}")
+    return enum[weights_name]
+
+
+def weights_cache_file(weights) -> Path:
+    """Where torchvision keeps a weights entry's file: $TORCH_HOME/hub/checkpoints/<file name of its url>."""
+    from urllib.parse import urlparse
+
+    from torch.hub import get_dir
+
+    return Path(get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
+
+
+def check_weights_available(m: ModelParams, pipeline: bool = False) -> None:
+    """The weights model.weights names are there to read: in torchvision's cache (or may be downloaded),
+    or a file that exists. With `pipeline` (the check-params stage), a file must also lie under
+    PRETRAINED_DIR, the train stage's dep, so that DVC reruns training when it changes."""
+    kind = weights_kind(m.weights)
+    if kind == "name":
+        weights = torchvision_weights(m.name, m.weights)
+        cached = weights_cache_file(weights)
+        if not cached.is_file() and not m.download:
+            raise UserError(f"model.weights = {m.weights!r} ({weights}) is not in torchvision's cache: {cached} is "
+                            "missing; set model.download: true to fetch it (or copy the file there)")
+    elif kind == "file":
+        path = Path(os.path.normpath(m.weights))
+        if pipeline and (path.is_absolute() or Path(PRETRAINED_DIR) not in path.parents):
+            raise UserError(f"model.weights = {m.weights!r} is not allowed in the pipeline: put the file under "
+                            f"{PRETRAINED_DIR}/ (a dep of the train stage, so DVC retrains when it changes)")
+        if not path.is_file():
+            raise UserError(f"model.weights = {m.weights!r}: file not found")

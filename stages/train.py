@@ -48,6 +48,7 @@ from .core.distributed import (
     DistContext,
     PeerLost,
     all_gather_floats,
+    all_reduce_sum,
     broadcast_bytes,
     collective_device,
     collective_errors,
@@ -59,13 +60,14 @@ from .core.distributed import (
 from .core.gpu_claims import GpuClaim, claim_gpus
 from .core.launch import launch_ranks
 from .core.loop import build_loop_state, evaluate, prepare_model, train_one_epoch, unwrap
-from .core.models import build_model, count_parameters
+from .core.models import build_model, check_input_size, count_parameters, set_backbone_trainable, uses_small_stem
 from .core.precision import precision_name
+from .core.pretrained import fetch_weights, fit_pretrained, pretrained_normalization, read_pretrained
 from .core.rank_status import RestartReport, describe, restart_report, start_rank_status
 from .core.weights import model_metadata, save_model
 from .errors import UserError
 from .io import write_json
-from .params import Params, free_gpu_count
+from .params import Params, TrainParams, free_gpu_count, is_resnet, weights_kind
 from .prepared import load_prepared
 
 LAUNCH_ENV = "STAGES_LAUNCH"  # what this command tells the DDP ranks it starts: the planned devices, the claim
@@ -84,6 +86,7 @@ def train_stage(p: Params, data_dir: Path, model_path: Path, metrics_dir: Path, 
         run_rank(p, data_dir, model_path, metrics_dir, checkpoint_path, started)
         return
     plan = plan_devices(cfg.accelerator, cfg.devices, cfg.strategy)
+    fetch_weights(p.model, progress=sys.stderr.isatty())  # once, before any rank starts
     claim = claim_gpus(plan.claim) if plan.claim else None
     try:
         if claim is not None:
@@ -99,7 +102,7 @@ def train_stage(p: Params, data_dir: Path, model_path: Path, metrics_dir: Path, 
         ctx = init_distributed(plan.accelerator, cfg.dist_timeout) if plan.strategy == "ddp" else DistContext()
         try:
             extra = {"launcher": None, "restarts": 0, "gpu_claim": claim.record() if claim else None}
-            with out_of_memory_advice(cfg.batch_size, plan, ctx):
+            with out_of_memory_advice(cfg, plan, ctx):
                 train(p, plan, ctx, data_dir, model_path, metrics_dir, checkpoint_path, started, None, extra)
         finally:
             shutdown_distributed()
@@ -116,12 +119,14 @@ def run_rank(p: Params, data_dir: Path, model_path: Path, metrics_dir: Path, che
     launched = json.loads(os.environ[LAUNCH_ENV]) if LAUNCH_ENV in os.environ else None
     plan = rank_plan(cfg.accelerator, int(os.environ["WORLD_SIZE"]), launched)
     status = start_rank_status()
+    if launched is None:  # started by torchrun: no command of ours ran before the ranks
+        fetch_weights(p.model, progress=False)
     try:
         ctx = init_distributed(plan.accelerator, cfg.dist_timeout, on_give_up=lambda m: status.end("error", m))
         if ctx.is_main and launched is None and free_gpu_count(cfg.devices):
             print(f"note: train.devices = {cfg.devices!r} claims GPUs for runs this command starts; under torchrun, "
                   "--nproc-per-node and CUDA_VISIBLE_DEVICES choose them", flush=True)
-        with collective_errors(ctx, cfg.dist_timeout), out_of_memory_advice(cfg.batch_size, plan, ctx):
+        with collective_errors(ctx, cfg.dist_timeout), out_of_memory_advice(cfg, plan, ctx):
             restart = restart_report(ctx, collective_device())
             extra = {"launcher": "stages (torch elastic)" if launched else "torchrun",
                      "restarts": restart.attempt if restart else 0,
@@ -142,14 +147,15 @@ def run_rank(p: Params, data_dir: Path, model_path: Path, metrics_dir: Path, che
 
 
 @contextlib.contextmanager
-def out_of_memory_advice(batch_size: int, plan: DevicePlan, ctx: DistContext):
-    """A CUDA out-of-memory error becomes the per-device batch and a smaller one to try."""
+def out_of_memory_advice(cfg: TrainParams, plan: DevicePlan, ctx: DistContext):
+    """A CUDA out-of-memory error becomes the per-device batch and smaller passes to try."""
     try:
         yield
     except torch.OutOfMemoryError:
-        per_device = plan.per_device_batch(batch_size, ctx)
+        per_device = plan.per_device_batch(cfg.batch_size // cfg.accumulate, ctx)
         raise UserError(f"CUDA ran out of memory with a per-device batch of {per_device} (train.batch_size = "
-                        f"{batch_size}); try train.batch_size = {max(1, batch_size // 2)}") from None
+                        f"{cfg.batch_size}); try train.batch_size = {max(1, cfg.batch_size // 2)}, or "
+                        f"train.accumulate = {cfg.accumulate * 2} to keep the batch in smaller passes") from None
 
 
 def rank_environment(plan: DevicePlan, claim: GpuClaim | None) -> dict[str, str]:
@@ -171,29 +177,45 @@ def train(p: Params, plan: DevicePlan, ctx: DistContext, data_dir: Path, model_p
     # The data, and the params checked against it.
     train_images, train_labels, info = load_prepared(data_dir, "train")
     val_images, val_labels, _ = load_prepared(data_dir, "val")
-    check_batch_size(cfg.batch_size, len(train_labels), plan, ctx, log)
+    check_batch_size(cfg, len(train_labels), plan, ctx, log)
 
     # Resume only from a checkpoint of this very run: same params, same data.
     # Rank 0 decides, and every rank resumes from its checkpoint (after a restart of the group too).
     fingerprint = run_fingerprint(p, data_dir)
     resume = shared_checkpoint(checkpoint_path, fingerprint, ctx, log)
+    start_epoch = resume.epoch if resume is not None else 0
 
-    # Build: the model (seeded, so every rank starts from the same weights), wrappers, optimizer.
+    # Build: the model for the data (seeded, so every rank starts from the same weights), checked
+    # against the image size before any work; the pretrained weights into it; wrappers, optimizer.
     torch.manual_seed(cfg.seed)
     c, h, _ = info["shape"]
-    model = build_model(p.model.name, c, h, info["num_classes"])
+    small_stem = uses_small_stem(p.model.name, h, p.model.small_input_stem)
+    model = build_model(p.model.name, c, h, info["num_classes"], small_stem)
+    check_input_size(model, p.model.name, c, h)
+    pretrained = read_pretrained(p.model)
+    normalization = pretrained_normalization(pretrained, c)  # None: the train split's mean and std
+    if pretrained is not None and resume is None:
+        log(fit_pretrained(model, pretrained, p.model.name, small_stem))
     if resume is not None:
         model.load_state_dict(resume.model_state)
+    frozen = start_epoch < cfg.freeze_epochs
+    if frozen:
+        set_backbone_trainable(model, False)
     wrapped = prepare_model(model, cfg, plan, ctx, device)
+    if normalization is not None:
+        info = dict(info, mean=normalization[0], std=normalization[1])
     st = build_loop_state(wrapped, cfg, ctx, device, info, len(train_labels))
     history: list[dict] = []
-    start_epoch = 0
+    best_state = None  # the kept weights of the best epoch so far (train.keep: best), on the CPU
     if resume is not None:
         st.optimizer.load_state_dict(resume.optim_state)
         if st.scaler is not None and resume.scaler_state:
             st.scaler.load_state_dict(resume.scaler_state)
+        if st.ema is not None:
+            st.ema.load_state_dict(resume.ema_state)
+        best_state = resume.best_state
         restore_rng(resume.rng)
-        st.step, history, start_epoch = resume.step, resume.history, resume.epoch
+        st.step, history = resume.step, resume.history
     if restart is not None:  # the elastic agent restarted the group after a rank died
         for lost in restart.lost:
             log(describe(lost))
@@ -201,49 +223,70 @@ def train(p: Params, plan: DevicePlan, ctx: DistContext, data_dir: Path, model_p
             + (f"resuming after epoch {start_epoch}" if resume else "no epoch had completed; starting afresh"))
     elif resume is not None:
         log(f"Resuming from {checkpoint_path} after epoch {start_epoch} of {cfg.epochs}")
-    per_device = plan.per_device_batch(cfg.batch_size, ctx)
+    per_device = plan.per_device_batch(cfg.batch_size // cfg.accumulate, ctx)
     strategy = {"dp": "dp (nn.DataParallel)" if plan.use_data_parallel else "dp (single device)",
                 "ddp": f"ddp ({ctx.world_size} processes)"}[plan.strategy]
     where = f"cuda {plan.used_device_ids(ctx)}" if device.type == "cuda" else \
         "cpu" + (f" x{ctx.world_size} processes" if ctx.world_size > 1 else "")
+    passes = f" in {cfg.accumulate} passes of {cfg.batch_size // cfg.accumulate}" if cfg.accumulate > 1 else ""
     log(f"train: accelerator {device.type}{'' if device.type == 'cuda' else ' (no CUDA device; training on the CPU)'}, "
-        f"devices {where}, strategy {strategy}, global batch {cfg.batch_size}, per-device batch {per_device}, "
+        f"devices {where}, strategy {strategy}, global batch {cfg.batch_size}{passes}, per-device batch {per_device}, "
         f"precision {precision_name(st.amp_dtype)}, model {p.model.name} ({count_parameters(model):,} parameters)")
 
     train_split = place_split(train_images, train_labels, device)
     val_split = place_split(val_images, val_labels, device)
     live = open_live(metrics_dir, history) if ctx.is_main else None
 
-    # The epochs: train, validate (rank 0), log, checkpoint.
+    # The epochs: train, validate (rank 0) the weights to be kept, log, checkpoint, stop early.
     progress = Progress(ctx.is_main, cfg.epochs, cfg.batch_size)
-    for epoch in range(start_epoch + 1, cfg.epochs + 1):
+    # A run killed after it stopped early resumes only to write its outputs.
+    last_epoch = start_epoch if cfg.patience and early_stop(history, cfg.patience) else cfg.epochs
+    for epoch in range(start_epoch + 1, last_epoch + 1):
+        if frozen and epoch > cfg.freeze_epochs:
+            # The wrappers (DDP's gradient reducer) see which parameters train when built: wrap again.
+            set_backbone_trainable(model, True)
+            wrapped = prepare_model(model, cfg, plan, ctx, device)
+            frozen = False
+            log(f"epoch {epoch}: the backbone trains from now on, at {cfg.backbone_lr:g} x the lr")
         stats = train_one_epoch(wrapped, train_split, epoch, st, progress.for_epoch(epoch))
         record = {"epoch": epoch, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
                   "seconds": stats.seconds, "samples": stats.samples,
                   "samples_per_second": stats.samples_per_second}
         history.append(record)
-        if not ctx.is_main:
-            continue
-        val_loss, val_acc, _ = evaluate(unwrap(wrapped), val_split.images, val_split.labels, st.mean, st.std,
-                                        p.evaluate.batch_size, device, st.amp_dtype, st.channels_last)
-        record.update(val_loss=val_loss, val_accuracy=val_acc)
-        log_epoch(live, record)
-        save_checkpoint(checkpoint_path, unwrap(wrapped), st.optimizer, st.scaler, epoch, st.step, history,
-                        fingerprint)
-        log(f"epoch {epoch}/{cfg.epochs}  train loss {stats.loss:.4f} acc {stats.accuracy:.4f}  "
-            f"val loss {val_loss:.4f} acc {val_acc:.4f}  "
-            f"{stats.samples_per_second:,.0f} samples/s  {stats.seconds:.2f}s", flush=True)
+        stop = None
+        if ctx.is_main:
+            kept = kept_model(wrapped, st)
+            val = evaluate(kept, val_split.images, val_split.labels, st.mean, st.std, p.evaluate.batch_size, device,
+                           st.amp_dtype, st.channels_last)
+            record.update(val_loss=val.loss, val_accuracy=val.accuracy)
+            log_epoch(live, record)
+            if cfg.keep == "best" and best_epoch(history) == epoch:
+                best_state = {k: v.detach().cpu().clone() for k, v in kept.state_dict().items()}
+            save_checkpoint(checkpoint_path, unwrap(wrapped), st.optimizer, st.scaler, epoch, st.step, history,
+                            fingerprint, st.ema, best_state)
+            log(f"epoch {epoch}/{cfg.epochs}  train loss {stats.loss:.4f} acc {stats.accuracy:.4f}  "
+                f"val loss {val.loss:.4f} acc {val.accuracy:.4f}  "
+                f"{stats.samples_per_second:,.0f} samples/s  {stats.seconds:.2f}s", flush=True)
+            stop = early_stop(history, cfg.patience)
+        if cfg.patience and stop_on_every_rank(stop is not None, ctx, device):
+            log(stop)
+            break
 
     # The outputs: rank 0 writes the weights, the metrics and the run summary.
     peaks = all_gather_floats(peak_memory_mb(plan, device), ctx, device)
     if not ctx.is_main:
         return
-    save_model(model_path, unwrap(wrapped), model_metadata(p.model.name, info))
+    kept = kept_model(wrapped, st)
+    if best_state is not None:
+        kept.load_state_dict(best_state)
+    save_model(model_path, kept, model_metadata(p.model.name, info, small_stem,
+                                                pretrained.source if pretrained else None, normalization))
     throughput = sum(r["samples"] for r in history) / max(sum(r["seconds"] for r in history), 1e-9)
     for name, value in (("samples_per_second", round(throughput, 1)), ("num_devices", plan.num_devices(ctx)),
                         ("world_size", ctx.world_size)):
         live.log_metric(name, value, plot=False)
     live.end()
+    best = best_epoch(history)
     write_json(metrics_dir / "run.json", {
         "accelerator": device.type,
         "strategy": plan.strategy,
@@ -253,12 +296,21 @@ def train(p: Params, plan: DevicePlan, ctx: DistContext, data_dir: Path, model_p
         "num_devices": plan.num_devices(ctx),
         "world_size": ctx.world_size,
         "global_batch": cfg.batch_size,
+        "accumulate": cfg.accumulate,
         "per_device_batch": per_device,
         "precision": precision_name(st.amp_dtype),
         "model": p.model.name,
         "parameters": count_parameters(model),
+        "small_input_stem": small_stem if is_resnet(p.model.name) else None,
+        "pretrained": pretrained.source if pretrained else None,
+        "normalization": normalization[2] if normalization else "train split",
         "dataset": info["dataset"],
         "epochs": cfg.epochs,
+        "epochs_run": len(history),
+        "stopped_early": early_stop(history, cfg.patience) is not None,
+        "best_epoch": best,
+        "best_val_accuracy": history[best - 1]["val_accuracy"],
+        "kept": f"best (epoch {best})" if cfg.keep == "best" else f"last (epoch {len(history)})",
         "resumed_from_epoch": start_epoch or None,
         "epoch_seconds": [round(r["seconds"], 4) for r in history],
         "stage_seconds": round(time.perf_counter() - started, 3),
@@ -278,23 +330,30 @@ def train(p: Params, plan: DevicePlan, ctx: DistContext, data_dir: Path, model_p
 # --- the steps above, spelled out ---------------------------------------------------------
 
 
-def check_batch_size(batch_size: int, n_train: int, plan: DevicePlan, ctx: DistContext, log) -> None:
+def check_batch_size(cfg: TrainParams, n_train: int, plan: DevicePlan, ctx: DistContext, log) -> None:
+    batch_size = cfg.batch_size
     if batch_size > n_train:
         raise UserError(f"train.batch_size = {batch_size} is larger than the training split ({n_train} images)")
-    if batch_size % ctx.world_size:
-        raise UserError(f"train.batch_size = {batch_size} must be divisible by the {ctx.world_size} ddp processes")
-    if plan.use_data_parallel and batch_size < plan.num_devices(ctx):
+    if batch_size % (ctx.world_size * cfg.accumulate):
+        raise UserError(f"train.batch_size = {batch_size} must be divisible by the {ctx.world_size} ddp processes "
+                        f"times train.accumulate = {cfg.accumulate}")
+    if plan.use_data_parallel and batch_size // cfg.accumulate < plan.num_devices(ctx):
         log(f"warning: train.batch_size = {batch_size} is smaller than the {plan.num_devices(ctx)} GPUs; "
             f"some GPUs get no samples")
 
 
-LAUNCH_ONLY = {"train.max_restarts", "train.dist_timeout"}  # how a run is kept going, not what it computes
+# How a run is kept going, or whether a file may be fetched: not what it computes.
+LAUNCH_ONLY = {"train.max_restarts", "train.dist_timeout", "model.download"}
 
 
 def run_fingerprint(p: Params, data_dir: Path) -> dict:
-    """What the weights depend on: the model and train params, and the prepared training data."""
+    """What the weights depend on: the model and train params, the content of a local weights file,
+    and the prepared training data. (model.download decides only whether a file may be fetched.)"""
     fingerprint = {f"{section}.{key}": value for section in ("model", "train")
-                   for key, value in p.section_dict(section).items() if f"{section}.{key}" not in LAUNCH_ONLY}
+                   for key, value in p.section_dict(section).items()
+                   if f"{section}.{key}" not in LAUNCH_ONLY}
+    if weights_kind(p.model.weights) == "file":
+        fingerprint["model.weights sha256"] = file_digest([Path(p.model.weights)])[:16]
     fingerprint["prepared data sha256"] = file_digest(
         [data_dir / "info.json", data_dir / "train.safetensors", data_dir / "val.safetensors"])[:16]
     return fingerprint
@@ -329,6 +388,32 @@ def resumable_checkpoint(path: Path, fingerprint: dict, log) -> Checkpoint | Non
         log(f"Not resuming from {path}: it was made with other params or data: {why}")
         return None
     return ck
+
+
+def kept_model(wrapped: torch.nn.Module, st) -> torch.nn.Module:
+    """The weights that are validated and saved: the moving average with train.ema, else the model's."""
+    return st.ema.module if st.ema is not None else unwrap(wrapped)
+
+
+def best_epoch(history: list[dict]) -> int:
+    """The epoch with the highest validation accuracy (the first of equals)."""
+    return max(history, key=lambda r: r["val_accuracy"])["epoch"]
+
+
+def early_stop(history: list[dict], patience: int) -> str | None:
+    """Why training stops here (train.patience epochs without a better val accuracy), or None."""
+    if not patience or not history:
+        return None
+    best = best_epoch(history)
+    if history[-1]["epoch"] - best < patience:
+        return None
+    return (f"early stop after epoch {history[-1]['epoch']}: val accuracy {history[best - 1]['val_accuracy']:.4f} "
+            f"of epoch {best} was not bettered in {patience} epochs (train.patience)")
+
+
+def stop_on_every_rank(stop: bool, ctx: DistContext, device: torch.device) -> bool:
+    """Rank 0's decision (it alone validates), shared with every rank so that all leave the loop together."""
+    return all_reduce_sum(torch.tensor(float(stop), device=device), ctx).item() > 0
 
 
 def open_live(metrics_dir: Path, history: list[dict]):

@@ -85,3 +85,24 @@ def rank_process(launcher: int, rank: int) -> int:
     if len(found) != 1:
         raise AssertionError(f"expected one rank {rank} started by pid {launcher}, found {found}")
     return found[0]
+def train_in_process(tmp_path: Path, name: str, prepared: Path, model: dict | None = None, **train):
+    """`python -m stages train` in this process (typer's CliRunner) on the CPU, with `model` and `train`
+    merged into the default params: (the run's output folder, the CliRunner result)."""
+    from typer.testing import CliRunner
+
+    from stages.cli import app
+
+    out = tmp_path / name
+    params = write_params(tmp_path / f"{name}.yaml", model=model or {}, train={"accelerator": "cpu", **train})
+    result = CliRunner().invoke(app, ["train", "--params", str(params), "--data", str(prepared),
+                                      "--model", str(out / "model.safetensors"), "--metrics", str(out / "metrics"),
+                                      "--checkpoint", str(out / "checkpoint.safetensors")])
+    return out, result
+
+
+def error_line(result) -> str:
+    """The one `error: ...` line of a CliRunner result that failed as a UserError (exit 2, no traceback)."""
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output, result.stderr
+    return lines[0]

@@ -45,7 +45,16 @@ def test_params_yaml_is_the_schema_rendered():
         ("train", "strategy", "fsdp", "train.strategy = 'fsdp' is not allowed; expected one of dp, ddp"),
         ("train", "devices", "seven", "train.devices = 'seven' is not allowed; expected 'all', a device count"),
         ("train", "devices", [0, 0], "train.devices = [0, 0] is not allowed"),
-        ("model", "name", "vgg", "model.name = 'vgg' is not allowed; expected one of small-cnn, resnet18, mlp"),
+        ("model", "name", "vgg", "model.name = 'vgg' is not allowed; expected small-cnn, mlp or one of torchvision's "
+                                 "classification models such as resnet18 (`python -m stages models` lists them)"),
+        ("model", "weights", "imagenet", "model.weights = 'imagenet' is not allowed; expected none, a torchvision "
+                                         "weights name such as DEFAULT or IMAGENET1K_V1, or a state-dict file"),
+        ("model", "small_input_stem", "yes", "model.small_input_stem = 'yes' is not allowed; expected one of auto, "
+                                             "true, false"),
+        ("train", "ema", 1.0, "train.ema = 1.0 is not allowed; expected a number in [0.0, 1.0)"),
+        ("train", "keep", "worst", "train.keep = 'worst' is not allowed; expected one of last, best"),
+        ("train", "accumulate", 0, "train.accumulate = 0 is not allowed; expected an integer from 1 to 1024"),
+        ("train", "backbone_lr", 0, "train.backbone_lr = 0 is not allowed; expected a number in (0.0, 1.0]"),
         ("data", "dataset", "imagenet", "data.dataset = 'imagenet' is not allowed; expected one of digits, mnist"),
         ("train", "compile", "yes", "train.compile = 'yes' is not allowed; expected true or false"),
         ("train", "epochs", 2.5, "train.epochs = 2.5 is not allowed"),
@@ -57,6 +66,46 @@ def test_bad_values_are_refused_by_name(section, key, value, expected):
     message = str(err.value)
     assert expected in message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ({"model": {"name": "small-cnn", "weights": "DEFAULT"}},
+         "model.weights = 'DEFAULT' is not allowed with model.name = 'small-cnn': torchvision has no weights for it"),
+        ({"model": {"name": "resnet18", "weights": "IMAGENET1K_V2"}},
+         "model.weights = 'IMAGENET1K_V2' is not allowed with model.name = 'resnet18'; expected none, a state-dict "
+         "file, or one of IMAGENET1K_V1, DEFAULT"),
+        ({"model": {"name": "vgg11", "small_input_stem": True}},
+         "model.small_input_stem = true is not allowed with model.name = 'vgg11'"),
+        ({"train": {"epochs": 5, "warmup_epochs": 5}},
+         "train.warmup_epochs = 5 is not allowed with train.epochs = 5"),
+        ({"train": {"batch_size": 64, "accumulate": 3}},
+         "train.batch_size = 64 is not allowed with train.accumulate = 3"),
+    ],
+)
+def test_combinations_are_refused_naming_both_keys(raw, expected):
+    with pytest.raises(UserError) as err:
+        validate(raw)
+    assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_torchvision_models_and_weights_are_accepted():
+    p = validate({"model": {"name": "mobilenet_v3_small", "weights": "IMAGENET1K_V1"},
+                  "train": {"accumulate": 4, "ema": 0.999, "keep": "best", "mixup_alpha": 0.2}})
+    assert (p.model.name, p.model.weights, p.train.accumulate) == ("mobilenet_v3_small", "IMAGENET1K_V1", 4)
+    assert validate({"model": {"name": "resnet50", "small_input_stem": False}}).model.small_input_stem is False
+    assert validate({"model": {"weights": "models/pretrained/r18.pth"}}).model.weights.endswith(".pth")
+
+
+def test_default_params_do_not_import_torchvision():
+    import subprocess
+    import sys
+
+    code = ("import sys; from stages.params import load_params; load_params('params.yaml')\n"
+            "assert 'torchvision' not in sys.modules and 'torch' not in sys.modules")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_unknown_section_and_valid_values():

@@ -10,6 +10,7 @@ copy reproducing the first.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -28,7 +29,8 @@ from .test_layout import command_modules, stage_command
 
 pytestmark = pytest.mark.e2e
 
-COPY = ["stages", "dvc.yaml", "params.yaml", ".gitignore", ".dvcignore", "data/raw/.gitkeep"]
+COPY = ["stages", "dvc.yaml", "params.yaml", ".gitignore", ".dvcignore", "data/raw/.gitkeep", "models/.gitignore",
+        "models/pretrained/.gitkeep"]
 
 
 def sh(repo: Path, *cmd: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -119,6 +121,7 @@ def test_repro_runs_every_stage_and_learns(project):
     m = metrics(repo)
     test = m["metrics/evaluate/metrics.json"]["test"]
     assert test["accuracy"] >= 0.97 and 0 < test["loss"] < 0.2
+    assert 1.0 >= test["top5_accuracy"] >= test["accuracy"]  # 10 classes: top-5 beside top-1
     train = m["metrics/train/metrics.json"]
     assert train["samples_per_second"] > 0 and train["num_devices"] == 1 and train["world_size"] == 1
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
@@ -127,6 +130,21 @@ def test_repro_runs_every_stage_and_learns(project):
     artifacts = yaml.safe_load((repo / "dvc.yaml").read_text())["artifacts"]
     assert any(a["type"] == "model" and a["path"] == "models/model.safetensors" for a in artifacts.values())
     assert (repo / "report" / "report.md").is_file()
+
+
+# models/model.safetensors from the default params.yaml on this machine's CPU with torch 2.15: the weights
+# are the project's reference from before torchvision's models, pretrained weights, the recipe and the
+# streamed data path (the file's metadata gained image_mode and resize since). New params are off by
+# default, and the defaults must keep giving these bytes.
+DEFAULT_WEIGHTS_SHA256 = "8ec8654f05f0521db1ad9577c342ae4dd44cb63a0e2e0b966ade271b3e83de26"
+
+
+def test_default_params_still_give_the_reference_weights(project):
+    import torch
+
+    if not torch.__version__.startswith("2.15."):
+        pytest.skip(f"the reference digest was made with torch 2.15, this is {torch.__version__}")
+    assert hashlib.sha256(project["first_weights"]).hexdigest() == DEFAULT_WEIGHTS_SHA256
 
 
 def test_second_repro_runs_nothing(project):
@@ -371,3 +389,36 @@ def test_ddp_experiment_on_two_cpu_processes(project):
     m = metrics(repo)
     assert m["metrics/train/metrics.json"]["world_size"] == 2
     assert m["metrics/evaluate/metrics.json"]["test"]["accuracy"] >= 0.97
+
+
+def test_fine_tuning_a_weights_file_with_the_recipe_through_dvc(project):
+    """A weights file under models/pretrained (this project's first model), fine-tuned with every recipe key
+    set by `dvc exp run -S`; then a change to the file's content makes DVC retrain."""
+    import stages
+
+    repo = project["repo"]
+    sh(repo, "git", "checkout", "-q", "HEAD", "--", "params.yaml")
+    start = repo / "models" / "pretrained" / "start.safetensors"
+    start.write_bytes(project["first_weights"])
+    sh(repo, "dvc", "add", "-q", "models/pretrained/start.safetensors")
+    commit(repo, "starting weights")
+    recipe = {"epochs": 3, "ema": 0.9, "keep": "best", "patience": 5, "label_smoothing": 0.1, "mixup_alpha": 0.2,
+              "cutmix_alpha": 1.0, "warmup_epochs": 1, "accumulate": 2, "clip_grad_norm": 1.0, "freeze_epochs": 1,
+              "backbone_lr": 0.5}
+    sets = [arg for key, value in recipe.items() for arg in ("-S", f"train.{key}={value}")]
+    out = sh(repo, "dvc", "exp", "run", "-S", "model.weights=models/pretrained/start.safetensors", *sets).stdout
+    assert "pretrained 'models/pretrained/start.safetensors'" in out and "new: head 15 for 10 classes" in out
+    assert "global batch 64 in 2 passes of 32" in out and "epoch 2: the backbone trains" in out
+    meta = stages.load_model(repo / "models" / "model.safetensors").stages_metadata
+    assert meta["pretrained"] == {"file": "start.safetensors", "sha256": hashlib.sha256(start.read_bytes()).hexdigest()}
+    assert meta["normalization"] == "pretrained weights: the metadata of start.safetensors"
+    m = metrics(repo)["metrics/evaluate/metrics.json"]["test"]
+    assert m["accuracy"] >= 0.95 and m["top5_accuracy"] >= m["accuracy"]
+    run = json.loads((repo / "metrics" / "train" / "run.json").read_text())
+    assert {k: run["train_params"][k] for k in recipe} == recipe
+    report = (repo / "report" / "report.md").read_text()
+    assert "fine-tuned from start.safetensors" in report and "ema 0.9" in report and "test top-5 accuracy" in report
+    assert json.loads(sh(repo, "dvc", "status", "--json").stdout) == {}
+    start.write_bytes((repo / "models" / "model.safetensors").read_bytes())  # other starting weights
+    changed = set(json.loads(sh(repo, "dvc", "status", "--json").stdout))
+    assert "train" in changed and not {"check-params", "prepare-data"} & changed

@@ -36,7 +36,8 @@ def test_models_fit_the_data(name, shape):
 
 
 def test_unknown_model_lists_the_valid_names():
-    with pytest.raises(UserError, match="expected one of small-cnn, resnet18, mlp"):
+    with pytest.raises(UserError, match=r"expected small-cnn, mlp or one of torchvision's classification models .*"
+                                        r"python -m stages models"):
         build_model("vgg", 3, 32, 10)
 
 
@@ -141,6 +142,46 @@ def test_ddp_two_processes_match_one_process(tmp_path, prepared_digits):
     assert metrics["world_size"] == 2
 
 
+def test_ddp_accumulation_and_a_frozen_epoch_match_one_process(tmp_path, prepared_digits):
+    """Two gloo ranks, each step in two passes of 16 per rank (DDP's all-reduce only on the second),
+    the backbone frozen for the first epoch (the wrapper rebuilt when it thaws), end with the weights
+    of one process that takes each batch of 64 in one pass."""
+    common = dict(model={"name": "mlp"}, epochs=2, batch_size=64, optimizer="sgd", momentum=0.0, weight_decay=0.0,
+                  lr=0.05, accelerator="cpu", freeze_epochs=1)
+    single, _ = _train(tmp_path, "single", prepared_digits, **dict(common, strategy="dp"))
+    ddp, proc = _train(tmp_path, "ddp", prepared_digits, **dict(common, strategy="ddp", devices=2, accumulate=2))
+    assert "global batch 64 in 2 passes of 32, per-device batch 16" in proc.stdout
+    assert "epoch 2: the backbone trains from now on" in proc.stdout
+    a, _ = _weights(single / "model.safetensors")
+    b, _ = _weights(ddp / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_accumulation_all_reduces_once_per_step(prepared_digits):
+    """Under DDP the passes before a step's last run in `no_sync`: gradients are all-reduced once a step."""
+    import torch.distributed as dist
+
+    from stages.core.batches import place_split
+    from stages.core.distributed import DistContext, free_port
+    from stages.core.loop import build_loop_state, train_one_epoch
+    from stages.params import TrainParams
+    from stages.prepared import load_prepared
+
+    images, labels, info = load_prepared(prepared_digits, "train")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        wrapped = nn.parallel.DistributedDataParallel(build_model("mlp", 1, 8, 10))
+        syncing = []
+        wrapped.module.register_forward_pre_hook(lambda m, x: syncing.append(wrapped.require_backward_grad_sync))
+        cfg = TrainParams(batch_size=64, accumulate=4, accelerator="cpu")
+        st = build_loop_state(wrapped, cfg, DistContext(), torch.device("cpu"), info, 256)
+        train_one_epoch(wrapped, place_split(images[:256], labels[:256], torch.device("cpu")), 1, st)
+    finally:
+        dist.destroy_process_group()
+    assert syncing == [False, False, False, True] * 4
+
+
 def _train_args(tmp_path, name, prepared, **train) -> list[str]:
     """`python -m stages train` writing into tmp_path/name, with its checkpoint at tmp_path/name/ck.safetensors."""
     out = tmp_path / name
@@ -162,13 +203,20 @@ def _kill_after_epoch(args: list[str], epoch: int) -> None:
     assert proc.returncode == -signal.SIGKILL
 
 
-def test_killed_run_resumes_to_identical_weights_and_deletes_its_checkpoint(tmp_path, prepared_digits):
-    epochs = 40
-    reference, _ = _train(tmp_path, "reference", prepared_digits, epochs=epochs, accelerator="cpu")
+# The recipe's state (EMA, best weights so far, patience, MixUp's draws, the frozen backbone) must
+# resume too: killed after epoch 3, the backbone still frozen until epoch 4.
+RECIPE = dict(epochs=6, ema=0.9, keep="best", patience=3, mixup_alpha=0.2, label_smoothing=0.1, warmup_epochs=1,
+              accumulate=2, clip_grad_norm=1.0, freeze_epochs=4, backbone_lr=0.5)
+
+
+@pytest.mark.parametrize("train", [dict(epochs=40), RECIPE], ids=["defaults", "recipe"])
+def test_killed_run_resumes_to_identical_weights_and_deletes_its_checkpoint(tmp_path, prepared_digits, train):
+    epochs = train["epochs"]
+    reference, _ = _train(tmp_path, "reference", prepared_digits, accelerator="cpu", **train)
     assert not (reference / "ck.safetensors").exists(), "a completed run deletes its checkpoint"
 
     out = tmp_path / "killed"
-    args = _train_args(tmp_path, "killed", prepared_digits, epochs=epochs, accelerator="cpu")
+    args = _train_args(tmp_path, "killed", prepared_digits, accelerator="cpu", **train)
     _kill_after_epoch(args, 3)
     assert (out / "ck.safetensors").is_file()
     assert not (out / "model.safetensors").exists()
@@ -184,7 +232,11 @@ def test_killed_run_resumes_to_identical_weights_and_deletes_its_checkpoint(tmp_
     # the learning curves hold every epoch once, rebuilt from the checkpoint's history
     tsv = (out / "metrics" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()
     ref_tsv = (reference / "metrics" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()
-    assert tsv == ref_tsv and len(tsv) == epochs + 1
+    run = json.loads((reference / "metrics" / "run.json").read_text())
+    assert tsv == ref_tsv and len(tsv) == run["epochs_run"] + 1
+    resumed_run = json.loads((out / "metrics" / "run.json").read_text())
+    keys = ("epochs_run", "best_epoch", "best_val_accuracy", "stopped_early", "kept")
+    assert {k: resumed_run[k] for k in keys} == {k: run[k] for k in keys}
 
 
 def test_checkpoint_from_other_params_is_not_resumed(tmp_path, prepared_digits):

@@ -6,7 +6,9 @@ stage (`stage.py`) reads the files and writes report.md.
 
 from __future__ import annotations
 
-from ..params import show_value
+from dataclasses import fields
+
+from ..params import TrainParams, show_value
 
 FIGURES_DIR = "figures"
 # Thresholds of the lessons; each lesson line quotes the number it was derived from.
@@ -58,20 +60,56 @@ def run_summary_section(run: dict, info: dict, train_params: dict) -> list[str]:
     rows = [
         ["dataset", f"{info['dataset']}: {counts['train']} train / {counts['val']} val / {counts['test']} test images, "
                     f"shape {info['shape']}, {info['num_classes']} classes"],
-        ["model", f"{run['model']}, {run['parameters']:,} parameters"],
+        ["model", model_description(run)],
+        ["normalisation", f"mean and std of the {run.get('normalization', 'train split')}"],
         ["train params", params],
+        ["recipe", recipe_description(train_params)],
         ["precision", run.get("precision", "—")],
         ["accelerator", run["accelerator"]],
         ["devices", f"{run['num_devices']}: {devices}{ids}"],
         ["strategy", f"{run['strategy']}" + (" (nn.DataParallel)" if run.get("data_parallel") else "")
                      + (f", {run['world_size']} processes" if run.get("world_size", 1) > 1 else "")],
-        ["batch", f"global {run['global_batch']}, per device {run['per_device_batch']}"],
-        ["epochs", str(run["epochs"]) + (f" (resumed after epoch {resumed})" if resumed else "")],
+        ["batch", f"global {run['global_batch']}, per device {run['per_device_batch']}"
+                  + (f" ({run['accumulate']} passes per step)" if run.get("accumulate", 1) > 1 else "")],
+        ["epochs", epochs_description(run, resumed)],
         ["wall time per epoch", epoch_time],
         ["throughput", f"{fmt_rate(run['samples_per_second'])} samples/s"],
         ["peak memory (MiB)", f"{fmt_memory(run.get('peak_memory_mb', []))} ({run.get('peak_memory_kind', '')})"],
     ]
     return ["## Run summary", "", *md_table(["", ""], rows), ""]
+
+
+def model_description(run: dict) -> str:
+    """The model, its size, its stem and where its starting weights came from."""
+    text = f"{run['model']}, {run['parameters']:,} parameters"
+    if run.get("small_input_stem") is not None:
+        text += ", small-image stem" if run["small_input_stem"] else ", ImageNet stem"
+    source = run.get("pretrained")
+    if source is None:
+        return text + ", trained from scratch"
+    if "torchvision" in source:
+        return text + f", fine-tuned from torchvision's {source['torchvision']}"
+    twin = f", the same as {source['same_as']}" if source.get("same_as") else ""
+    return text + f", fine-tuned from {source['file']} (sha256 {source['sha256'][:16]}...{twin})"
+
+
+def recipe_description(train_params: dict) -> str:
+    """The recipe keys that are not at their defaults (label smoothing, EMA, MixUp, ...)."""
+    recipe = ("label_smoothing", "warmup_epochs", "ema", "mixup_alpha", "cutmix_alpha", "clip_grad_norm",
+              "accumulate", "keep", "patience", "freeze_epochs", "backbone_lr")
+    defaults = {f.name: f.default for f in fields(TrainParams)}
+    changed = [f"{k} {show_value(train_params[k])}" for k in recipe if train_params.get(k, defaults[k]) != defaults[k]]
+    return ", ".join(changed) if changed else "none (all recipe keys at their defaults)"
+
+
+def epochs_description(run: dict, resumed: int | None) -> str:
+    text = str(run["epochs"]) + (f" (resumed after epoch {resumed})" if resumed else "")
+    if run.get("stopped_early"):
+        text += f"; stopped early after epoch {run['epochs_run']} (train.patience)"
+    if "best_epoch" in run:
+        text += (f"; best val accuracy {run['best_val_accuracy']:.4f} at epoch {run['best_epoch']}; "
+                 f"weights kept: {run['kept']}")
+    return text
 
 
 def quality_section(test: dict, per_class: dict, predictions: list[dict], curves: dict) -> list[str]:
@@ -82,6 +120,8 @@ def quality_section(test: dict, per_class: dict, predictions: list[dict], curves
         "## Quality",
         "",
         f"- test accuracy: {test['accuracy']} ({100 * test['accuracy']:.2f}%)",
+        *([f"- test top-5 accuracy: {test['top5_accuracy']} ({100 * test['top5_accuracy']:.2f}%)"]
+          if "top5_accuracy" in test else []),
         f"- test loss: {test['loss']}",
         f"- misclassified: {n_wrong} of {len(predictions)} test images",
         "",

@@ -14,6 +14,7 @@ Only the scaling probe needs torch; everything else is files in, files out.
 from __future__ import annotations
 
 import csv
+from dataclasses import replace
 from pathlib import Path
 
 from ..errors import UserError
@@ -116,7 +117,9 @@ def probe_scaling(p: Params, model_path: Path, data_dir: Path, run: dict):
 
     if not p.analyze.probe:
         return None, [], gpu_inventory()
-    result = run_probe(model_path, data_dir, TrainParams(**run["train_params"]), run["per_device_batch"],
+    # One forward pass per step (no accumulation): the probe times what each device computes per pass.
+    cfg = replace(TrainParams(**run["train_params"]), accumulate=1)
+    result = run_probe(model_path, data_dir, cfg, run["per_device_batch"],
                        run["global_batch"], p.analyze.probe_steps, p.analyze.probe_ddp)
     data = probe_json(result)
     return data, data["rows"], gpu_inventory()

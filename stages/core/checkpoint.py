@@ -1,9 +1,12 @@
 """Per-epoch training checkpoints: one safetensors file, so a kill can never leave half of one.
 
 Tensors: the unwrapped model's state (`model.*`), the optimizer's per-parameter state
-(`optim.<index>.<name>`) and the RNG states (`rng.*`). The rest — epoch, step, history,
-optimizer hyper-parameters, grad-scaler state and the fingerprint of the params and
-data the run depends on — is JSON in the file's metadata. Nothing is pickled.
+(`optim.<index>.<name>`), the RNG states (`rng.*`), and where the recipe keeps more state, the
+weights' moving average (`ema.*`, train.ema) and the kept weights of the best epoch so far
+(`best.*`, train.keep: best). The rest — epoch, step, history (whose validation accuracies give
+the best epoch and the patience count), optimizer hyper-parameters, grad-scaler state and the
+fingerprint of the params and data the run depends on — is JSON in the file's metadata.
+Nothing is pickled.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ class Checkpoint:
     optim_state: dict
     scaler_state: dict | None
     rng: dict[str, torch.Tensor]
+    ema_state: dict[str, torch.Tensor] | None = None  # the AveragedModel's state_dict (train.ema)
+    best_state: dict[str, torch.Tensor] | None = None  # the kept weights at the best epoch (train.keep: best)
 
 
 def file_digest(paths: list[Path]) -> str:
@@ -85,12 +90,25 @@ def restore_rng(rng: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
 
 
+def prefixed(prefix: str, state: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": v for k, v in (state or {}).items()}
+
+
+def unprefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """The tensors saved under `prefix.`, or None when there are none."""
+    found = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(f"{prefix}.")}
+    return found or None
+
+
 def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scaler, epoch: int,
-                    step: int, history: list[dict], fingerprint: dict) -> None:
+                    step: int, history: list[dict], fingerprint: dict, ema: nn.Module | None = None,
+                    best_state: dict[str, torch.Tensor] | None = None) -> None:
     optim_tensors, optim_meta = flatten_optimizer_state(optimizer.state_dict())
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors = prefixed("model", model.state_dict())
     tensors.update(optim_tensors)
     tensors.update(rng_states())
+    tensors.update(prefixed("ema", ema.state_dict() if ema is not None else None))
+    tensors.update(prefixed("best", best_state))
     meta = {
         "format": FORMAT,
         "epoch": epoch,
@@ -112,10 +130,12 @@ def load_checkpoint(path: Path) -> Checkpoint:
         step=meta["step"],
         history=meta["history"],
         fingerprint=meta["fingerprint"],
-        model_state={k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")},
+        model_state=unprefixed("model", tensors) or {},
         optim_state=unflatten_optimizer_state(tensors, meta["optimizer"]),
         scaler_state=meta["scaler"],
         rng={k: v for k, v in tensors.items() if k.startswith("rng.")},
+        ema_state=unprefixed("ema", tensors),
+        best_state=unprefixed("best", tensors),
     )
 
 

@@ -1,14 +1,18 @@
 """The training and evaluation loops, written out: wrap the model, train_one_epoch, evaluate.
 
 The train stage (`stages/train.py`) drives them epoch by epoch; the scaling probe and the
-benchmarks call the same functions, so what they time is what training runs.
+benchmarks call the same functions, so what they time is what training runs. The recipe's
+knobs (train.label_smoothing, warmup_epochs, ema, mixup_alpha, cutmix_alpha, clip_grad_norm,
+accumulate, backbone_lr) are plain steps of `train_one_epoch`, each a no-op when off.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +22,7 @@ from ..params import TrainParams
 from .batches import Split, gather_batch
 from .devices import DevicePlan
 from .distributed import DistContext, all_reduce_sum
+from .models import classifier_head
 from .precision import autocast_context, resolve_precision
 from .transforms import FLIP_DATASETS, crop_padding, normalize, random_crop_flip, stats_tensors
 
@@ -57,15 +62,67 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+def ddp_wrapper(model: nn.Module) -> nn.parallel.DistributedDataParallel | None:
+    """The DistributedDataParallel wrapper among the model's wrappers (for `no_sync`), or None."""
+    while not isinstance(model, nn.parallel.DistributedDataParallel):
+        if isinstance(model, nn.DataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return None
+    return model
+
+
+def parameter_groups(model: nn.Module, cfg: TrainParams) -> list:
+    """All parameters in one group; with train.backbone_lr below 1, the backbone and the classifier
+    head apart, each group's `lr_scale` multiplying the scheduled lr."""
+    if cfg.backbone_lr == 1.0:
+        return list(model.parameters())
+    head = classifier_head(unwrap(model)) + "."
+    named = list(unwrap(model).named_parameters())
+    return [{"params": [p for n, p in named if not n.startswith(head)], "lr_scale": cfg.backbone_lr},
+            {"params": [p for n, p in named if n.startswith(head)], "lr_scale": 1.0}]
+
+
 def make_optimizer(model: nn.Module, cfg: TrainParams) -> torch.optim.Optimizer:
+    params = parameter_groups(model, cfg)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def cosine_lr(base_lr: float, step: int, total_steps: int) -> float:
     """Cosine decay from base_lr to 0 over the whole run, per optimizer step."""
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
+
+
+def scheduled_lr(base_lr: float, step: int, total_steps: int, warmup_steps: int) -> float:
+    """Linear warm-up to base_lr over the first warmup_steps optimizer steps (train.warmup_epochs),
+    then the cosine decay to 0 over the steps left."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    return cosine_lr(base_lr, step - warmup_steps, total_steps - warmup_steps)
+
+
+def make_ema(model: nn.Module, decay: float):
+    """torch's exponential moving average of the plain model's weights and BatchNorm statistics
+    (train.ema): after each optimizer step, average = decay * average + (1 - decay) * weights."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(unwrap(model), multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def make_mix(cfg: TrainParams, num_classes: int):
+    """torchvision's batched MixUp and/or CutMix (train.mixup_alpha, cutmix_alpha); with both, each batch
+    gets one of them at random. They take (images, labels) and give soft labels (N, classes)."""
+    if not (cfg.mixup_alpha or cfg.cutmix_alpha):
+        return None
+    from torchvision.transforms import v2
+
+    mixes = ([v2.MixUp(alpha=cfg.mixup_alpha, num_classes=num_classes)] if cfg.mixup_alpha else []) + \
+            ([v2.CutMix(alpha=cfg.cutmix_alpha, num_classes=num_classes)] if cfg.cutmix_alpha else [])
+    return mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -93,6 +150,9 @@ class LoopState:
     augment_pad: int  # 0 = no crop
     augment_flip: bool
     total_steps: int
+    warmup_steps: int
+    ema: nn.Module | None  # torch's AveragedModel of the plain model (train.ema), or None
+    mix: object | None  # MixUp / CutMix (train.mixup_alpha, cutmix_alpha), or None
     step: int = 0  # optimizer steps taken so far (the lr schedule's position)
 
 
@@ -103,13 +163,17 @@ def build_loop_state(model: nn.Module, cfg: TrainParams, ctx: DistContext, devic
     mean, std = stats_tensors(info["mean"], info["std"], device)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 and device.type == "cuda" else None
     size = info["shape"][-1]
+    steps_per_epoch = n_train // cfg.batch_size
     return LoopState(
         optimizer=make_optimizer(model, cfg), cfg=cfg, ctx=ctx, device=device, mean=mean, std=std,
         amp_dtype=amp_dtype, scaler=scaler,
         channels_last=use_channels_last(model, device),
         augment_pad=crop_padding(size) if cfg.augment else 0,
         augment_flip=cfg.augment and info.get("dataset") in FLIP_DATASETS,
-        total_steps=cfg.epochs * (n_train // cfg.batch_size),
+        total_steps=cfg.epochs * steps_per_epoch,
+        warmup_steps=cfg.warmup_epochs * steps_per_epoch,
+        ema=make_ema(model, cfg.ema) if cfg.ema else None,
+        mix=make_mix(cfg, info["num_classes"]),
     )
 
 
@@ -129,15 +193,19 @@ class EpochStats:
 
 
 def train_one_epoch(model: nn.Module, split: Split, epoch: int, st: LoopState, progress=None) -> EpochStats:
-    """One pass over a fresh permutation of the split. Each rank takes its slice of every
-    global batch; the last incomplete global batch is dropped so all ranks step together.
-    `progress(step, steps, loss)`, if given, is called after every step."""
+    """One pass over a fresh permutation of the split, one optimizer step per global batch
+    (train.batch_size samples). Each step runs train.accumulate forward/backward passes of
+    batch_size / accumulate samples, each rank taking its slice of every one; gradients add up
+    across them (DDP all-reduces only on the last). The last incomplete global batch is dropped
+    so all ranks step together. `progress(step, steps, loss)`, if given, is called after every step."""
     cfg, ctx = st.cfg, st.ctx
     model.train()
     global_batch = cfg.batch_size
-    local_batch = global_batch // ctx.world_size
+    micro_batch = global_batch // cfg.accumulate  # samples per forward pass, all ranks together
+    local_batch = micro_batch // ctx.world_size  # this rank's samples per forward pass
     steps = len(split) // global_batch
     perm = epoch_permutation(len(split), cfg.seed, epoch).to(split.images.device)
+    ddp = ddp_wrapper(model)
     aug_gen = None
     if st.augment_pad or st.augment_flip:
         aug_gen = torch.Generator(device=st.device).manual_seed(cfg.seed * 7919 + epoch * 131 + ctx.rank)
@@ -148,29 +216,46 @@ def train_one_epoch(model: nn.Module, split: Split, epoch: int, st: LoopState, p
         torch.cuda.synchronize(st.device)
     start = time.perf_counter()
     for s in range(steps):
-        idx = perm[s * global_batch + ctx.rank * local_batch : s * global_batch + (ctx.rank + 1) * local_batch]
-        x_u8, y = gather_batch(split, idx, st.device)
-        x = normalize(x_u8, st.mean, st.std)  # (b, C, H, W) float32
-        if aug_gen is not None:
-            x = random_crop_flip(x, st.augment_pad, st.augment_flip, aug_gen)
-        if st.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
         for group in st.optimizer.param_groups:
-            group["lr"] = cosine_lr(cfg.lr, st.step, st.total_steps)
-        with autocast_context(st.device, st.amp_dtype):
-            logits = model(x)
-        loss = F.cross_entropy(logits.float(), y)
+            group["lr"] = scheduled_lr(cfg.lr, st.step, st.total_steps, st.warmup_steps) * group.get("lr_scale", 1.0)
         st.optimizer.zero_grad(set_to_none=True)
+        for micro in range(cfg.accumulate):
+            first = s * global_batch + micro * micro_batch + ctx.rank * local_batch
+            x_u8, y = gather_batch(split, perm[first : first + local_batch], st.device)
+            x = normalize(x_u8, st.mean, st.std)  # (b, C, H, W) float32
+            if aug_gen is not None:
+                x = random_crop_flip(x, st.augment_pad, st.augment_flip, aug_gen)
+            target = y
+            if st.mix is not None:
+                x, target = st.mix(x, y)  # target: (b, classes) mixed one-hot labels
+            if st.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            # DDP all-reduces gradients in backward: only once per optimizer step, on its last pass.
+            last = micro == cfg.accumulate - 1
+            with ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext():
+                with autocast_context(st.device, st.amp_dtype):
+                    logits = model(x)
+                loss = F.cross_entropy(logits.float(), target, label_smoothing=cfg.label_smoothing)
+                # The mean over the whole step's batch: each of its passes counts 1/accumulate.
+                scaled = loss / cfg.accumulate if cfg.accumulate > 1 else loss
+                if st.scaler is not None:
+                    st.scaler.scale(scaled).backward()
+                else:
+                    scaled.backward()
+            loss_sum += loss.detach()
+            correct += (logits.detach().argmax(dim=1) == y).sum()  # against the unmixed labels
+        if cfg.clip_grad_norm:
+            if st.scaler is not None:
+                st.scaler.unscale_(st.optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
         if st.scaler is not None:
-            st.scaler.scale(loss).backward()
             st.scaler.step(st.optimizer)
             st.scaler.update()
         else:
-            loss.backward()
             st.optimizer.step()
         st.step += 1
-        loss_sum += loss.detach()
-        correct += (logits.detach().argmax(dim=1) == y).sum()
+        if st.ema is not None:
+            st.ema.update_parameters(unwrap(model))
         if progress is not None:
             progress(s + 1, steps, loss)
     if st.device.type == "cuda":
@@ -184,6 +269,13 @@ def train_one_epoch(model: nn.Module, split: Split, epoch: int, st: LoopState, p
 # --- evaluation: validation during training, and the evaluate stage's test pass ------------
 
 
+class Evaluation(NamedTuple):
+    loss: float  # mean cross-entropy
+    accuracy: float  # a fraction
+    predicted: torch.Tensor  # int64 labels, on the CPU
+    top5_accuracy: float | None  # the true label among the 5 highest scores; None with 5 classes or fewer
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -195,14 +287,15 @@ def evaluate(
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
-) -> tuple[float, float, torch.Tensor]:
-    """Mean cross-entropy, accuracy (a fraction) and predicted labels (int64, on the CPU).
+) -> Evaluation:
+    """Mean cross-entropy, accuracy, predicted labels and top-5 accuracy of `model` on the images.
 
     images: uint8 (N, C, H, W) on any device; moved batch by batch if not on `device`.
     """
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    top5 = torch.zeros((), dtype=torch.int64, device=device)
     preds = []
     for start in range(0, len(labels), batch_size):
         x = images[start : start + batch_size].to(device, non_blocking=True)
@@ -214,7 +307,10 @@ def evaluate(
             logits = model(x)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
         preds.append(logits.argmax(dim=1))
+        if logits.shape[1] > 5:
+            top5 += (logits.topk(5, dim=1).indices == y[:, None]).any(dim=1).sum()
     model.train(was_training)
     predicted = torch.cat(preds).cpu()
     accuracy = (predicted == labels.cpu()).double().mean().item()
-    return loss_sum.item() / len(labels), accuracy, predicted
+    top5_accuracy = top5.item() / len(labels) if logits.shape[1] > 5 else None
+    return Evaluation(loss_sum.item() / len(labels), accuracy, predicted, top5_accuracy)

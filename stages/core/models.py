@@ -1,11 +1,17 @@
-"""Model builders by name. Each takes the prepared data's channels, image size and class count."""
+"""Models by name, fitted to the prepared data: its channels, image size and number of classes.
+
+The project's own small-cnn and mlp, and every classification model torchvision ships
+(`python -m stages models` lists them), built with torchvision's own builders: the classifier
+head sized for the data's classes, the first conv for its channels, and resnets with a
+small-image stem for small images (`model.small_input_stem`).
+"""
 
 from __future__ import annotations
 
 from torch import nn
 
 from ..errors import UserError
-from ..params import MODELS
+from ..params import SMALL_STEM_BELOW, ModelName, is_resnet, torchvision_model_names
 
 
 def _conv_bn(c_in: int, c_out: int) -> list[nn.Module]:
@@ -30,16 +36,6 @@ def small_cnn(in_channels: int, image_size: int, num_classes: int) -> nn.Module:
     return nn.Sequential(*layers)
 
 
-def resnet18(in_channels: int, image_size: int, num_classes: int) -> nn.Module:
-    """torchvision's ResNet-18 with a stem for small images: 3x3 stride-1 conv, no max-pool."""
-    from torchvision.models import resnet18 as tv_resnet18
-
-    model = tv_resnet18(weights=None, num_classes=num_classes)
-    model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
-    model.maxpool = nn.Identity()
-    return model
-
-
 def mlp(in_channels: int, image_size: int, num_classes: int) -> nn.Module:
     """A two-layer perceptron: no BatchNorm and no dropout, so parallel runs match a single one exactly."""
     return nn.Sequential(
@@ -50,14 +46,131 @@ def mlp(in_channels: int, image_size: int, num_classes: int) -> nn.Module:
     )
 
 
-def build_model(name: str, in_channels: int, image_size: int, num_classes: int) -> nn.Module:
+# --- torchvision's models -------------------------------------------------------------------
+
+
+def uses_small_stem(name: str, image_size: int, setting: str | bool = "auto") -> bool:
+    """Whether a resnet gets the small-image stem (model.small_input_stem): `auto` gives it to images
+    under SMALL_STEM_BELOW px, where the ImageNet stem's 4x downsampling would leave layer4 a 1x1 map."""
+    if not is_resnet(name):
+        return False
+    return image_size < SMALL_STEM_BELOW if setting == "auto" else bool(setting)
+
+
+def torchvision_options(name: str, image_size: int) -> dict:
+    """Builder arguments some torchvision models need besides num_classes."""
+    if name in ("googlenet", "inception_v3"):
+        # One output in training too (no auxiliary classifiers), and the init torchvision documents.
+        return {"aux_logits": False, "init_weights": True}
+    if name.startswith("vit_"):
+        return {"image_size": image_size}  # patch grid and position embeddings for this size
+    if name == "maxvit_t":
+        return {"input_size": (image_size, image_size)}
+    return {}
+
+
+def first_conv(model: nn.Module) -> tuple[str, nn.Conv2d]:
+    """The stem's conv, the one that sees the image: the first Conv2d in module order (for every
+    torchvision classification model: resnet's conv1, vit's conv_proj, features.0.0, ...)."""
+    return next((name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d))
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def torchvision_model(name: str, in_channels: int, image_size: int, num_classes: int, small_stem: bool) -> nn.Module:
+    from torchvision import models
+
+    try:
+        model = models.get_model(name, weights=None, num_classes=num_classes, **torchvision_options(name, image_size))
+    except (AssertionError, ValueError) as exc:  # e.g. a ViT whose patches do not tile the image
+        raise UserError(f"model.name = {name!r} cannot be built for {image_size}x{image_size} images "
+                        f"({first_line(exc)}){smallest_input(name)}: set data.image_size to fit, or choose "
+                        "another model") from None
+    if small_stem:
+        # A 3x3 stride-1 conv and no max-pool: small images keep their resolution into layer1.
+        model.conv1 = nn.Conv2d(in_channels, model.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+    else:
+        conv_name, conv = first_conv(model)
+        if conv.in_channels != in_channels:  # greyscale data into an RGB architecture
+            replace_module(model, conv_name, nn.Conv2d(
+                in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                conv.groups, conv.bias is not None, conv.padding_mode))
+    return model
+
+
+def build_model(name: str, in_channels: int, image_size: int, num_classes: int,
+                small_input_stem: str | bool = "auto") -> nn.Module:
+    """The model `name` for (in_channels, image_size, image_size) images and `num_classes` classes.
+    `small_input_stem` (resnets only): auto, True or False, as model.small_input_stem."""
     if name == "small-cnn":
         return small_cnn(in_channels, image_size, num_classes)
-    elif name == "resnet18":
-        return resnet18(in_channels, image_size, num_classes)
     elif name == "mlp":
         return mlp(in_channels, image_size, num_classes)
-    raise UserError(f"model.name = {name!r} is not allowed; expected one of {', '.join(MODELS)}")
+    elif name not in torchvision_model_names():  # also the allow-list for names read from a model file
+        raise UserError(f"model.name = {name!r} is not allowed; expected {ModelName()}")
+    small_stem = uses_small_stem(name, image_size, small_input_stem)
+    return torchvision_model(name, in_channels, image_size, num_classes, small_stem)
+
+
+def check_input_size(model: nn.Module, name: str, in_channels: int, image_size: int) -> None:
+    """Refuse, before training, images too small for the architecture (inception_v3 under 75 px,
+    alexnet under 63 px, ...), naming the reason and torchvision's documented minimum.
+
+    One forward pass of one image, in eval mode (no BatchNorm statistics change), on the meta
+    device: shapes only, no arithmetic, whatever the model's size. Should an operator not run on
+    the meta device, the same pass runs for real on the CPU and decides."""
+    import torch
+
+    if name in ("small-cnn", "mlp"):
+        return  # both fit any size the params allow
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            try:
+                shapes_only = {key: torch.empty_like(t, device="meta")
+                               for key, t in [*model.named_parameters(), *model.named_buffers()]}
+                torch.func.functional_call(model, shapes_only,
+                                           (torch.empty(1, in_channels, image_size, image_size, device="meta"),))
+            except (RuntimeError, ValueError, AssertionError, NotImplementedError):
+                model(torch.zeros(1, in_channels, image_size, image_size))
+    except (RuntimeError, ValueError, AssertionError) as exc:
+        raise UserError(f"model.name = {name!r} cannot take {image_size}x{image_size} images "
+                        f"({first_line(exc)}){smallest_input(name)}: set data.image_size larger, or choose another "
+                        "model") from None
+    finally:
+        model.train(was_training)
+
+
+def smallest_input(name: str) -> str:
+    """torchvision's documented smallest input for a model's weights, as a clause of an error message."""
+    from torchvision import models
+
+    smallest = models.get_model_weights(name).DEFAULT.meta.get("min_size")
+    return f"; torchvision gives {smallest[0]}x{smallest[1]} as its smallest input" if smallest else ""
+
+
+def first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def classifier_head(model: nn.Module) -> str:
+    """The name of the classifier head, the module the data's classes size (resnet's fc, vit's heads.head,
+    efficientnet's classifier.1, ...): the last module with parameters of its own, in every model here."""
+    return [name for name, m in model.named_modules() if next(m.parameters(recurse=False), None) is not None][-1]
+
+
+def set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
+    """Freeze (or unfreeze) every parameter but the classifier head's (train.freeze_epochs). BatchNorm
+    statistics still follow the data while frozen, as the model is in training mode."""
+    head = classifier_head(model) + "."
+    for name, p in model.named_parameters():
+        if not name.startswith(head):
+            p.requires_grad_(trainable)
 
 
 def is_conv_net(model: nn.Module) -> bool:
