@@ -10,6 +10,12 @@ Sections (each runs on its own; a failure becomes an ERROR row and the rest stil
   (iii) bf16 vs fp32 samples/s of the core loop, small-cnn and resnet18, 3x32x32, channels_last
   (iv)  data resident on the GPU (place_split) vs a per-sample DataLoader (pin_memory): samples/s
   (v)   the core loop vs a bare PyTorch loop on the GPU, same model, data and precision
+  (vi)  the step's floor: the same step captured once as a CUDA graph and replayed, against the
+        core's step, eager and with train.compile: reduce-overhead (small-cnn, batch 256)
+  (vii) resnet18 on CIFAR-shaped data (50,000 x 3x32x32) at batch 512, bf16, channels_last, through
+        the core as the train stage drives it, eager and compiled
+  (viii) a peer side by side: airbench (--airbench PATH, a clone of KellerJordan/cifar10-airbench)
+        on the same GPU, its samples/s next to the core's
 
 Needs only torch (+ torchvision for resnet18) and the training core: no DVC, DVCLive or pydantic.
 """
@@ -34,8 +40,11 @@ import torch  # noqa: E402
 from stages.core.precision import precision_name  # noqa: E402
 
 FORBIDDEN_MODULES = ("dvc", "dvclive", "pydantic")
-TARGET_CORE_VS_BARE = 0.9
+TARGET_CORE_VS_BARE = 0.95
 TARGET_CORE_VS_DATALOADER = 3.0
+TARGET_STEP_MS = 1.0  # (vi) small-cnn, batch 256: the train stage's step
+TARGET_STEP_VS_FLOOR = 1.15  # (vi) the train stage's step against the captured-graph floor
+TARGET_RESNET_CIFAR = 40_000  # (vii) samples/s
 SAME_WEIGHTS_TOLERANCE = 1e-6  # fp32, same kernels, same order: expect exactly 0
 
 
@@ -57,11 +66,13 @@ class Sizes:
     target_seconds: float = 1.5
     repeats: int = 3
     loader_workers: int = 4  # the extra DataLoader row; 0 workers is the target row
+    floor_batch: int = 256  # (vi)
+    cifar_batch: int = 512  # (vii)
 
 
 SMOKE = Sizes(shape=(3, 8, 8), pool_images=256, equivalence_batch=16, equivalence_steps=3, batch_small_cnn=32,
               batch_resnet=8, batch_resnet_large=16, loop_batch=32, warmup_steps=1, min_steps=2, target_seconds=0.1,
-              repeats=1, loader_workers=2)
+              repeats=1, loader_workers=2, floor_batch=32, cifar_batch=32)
 
 
 @dataclass
@@ -91,6 +102,8 @@ class Check:
     images: torch.Tensor | None = None  # uint8 pool on the CPU
     labels: torch.Tensor | None = None
     rows: list[Row] = field(default_factory=list)
+    airbench: Path | None = None  # a clone of KellerJordan/cifar10-airbench, for (viii)
+    resnet_cifar_rate: float | None = None  # (vii)'s best samples/s, shown beside airbench's
 
     def add(self, *args, **kwargs) -> None:
         kwargs.setdefault("peak_mib", peak_mib(self.device))
@@ -287,12 +300,87 @@ def check_loops_resnet(c: Check) -> None:
           f">= {TARGET_CORE_VS_BARE:g}", t["core"].best / t["bare"].best >= TARGET_CORE_VS_BARE)
 
 
+def needs_cuda(c: Check, section: str) -> bool:
+    if c.device.type != "cuda":
+        c.add(section, "section", error="skipped: needs CUDA (a CUDA graph has no CPU form)", peak_mib=None)
+        return False
+    return True
+
+
+def check_step_floor(c: Check) -> None:
+    """(vi) How far the core's step is from the least a GPU can do for it: one captured graph."""
+    from benchmarks.loops import CapturedStepLoop, CoreLoop, race
+
+    sec = "(vi) step vs floor"
+    if not needs_cuda(c, sec):
+        return
+    s = c.sizes
+    w = sized(c, workload(c, "small-cnn", s.floor_batch, "auto"))
+    eager = CoreLoop(w)
+    compiled = CoreLoop(w, compile="reduce-overhead")
+    compiled.name = "core reduce-overhead"
+    floor = CapturedStepLoop(w)
+    t = race([eager, compiled, floor], s.repeats, s.warmup_steps, c.device)
+    step_ms = {name: 1e3 * min(timing.seconds) / w.steps for name, timing in t.items()}
+    label = f"small-cnn {precision_name(w.amp_dtype)} batch {w.batch_size}"
+    c.add(sec, f"floor: one CUDA graph replay per step, {label}", step_ms["graph"], "ms/step")
+    c.add(sec, "core step, eager", step_ms["core"], "ms/step")
+    best = min(step_ms["core"], step_ms["core reduce-overhead"])
+    c.add(sec, "core step, train.compile: reduce-overhead", step_ms["core reduce-overhead"], "ms/step",
+          f"<= {TARGET_STEP_MS:g}", step_ms["core reduce-overhead"] <= TARGET_STEP_MS)
+    c.add(sec, "best core step / floor", best / step_ms["graph"], "x", f"<= {TARGET_STEP_VS_FLOOR:g}",
+          best / step_ms["graph"] <= TARGET_STEP_VS_FLOOR)
+
+
+def check_resnet_cifar(c: Check) -> None:
+    """(vii) resnet18 on CIFAR-shaped data, batch 512, bf16, channels_last, through the core."""
+    from benchmarks.loops import CoreLoop, race
+
+    sec = "(vii) resnet18 cifar-shaped"
+    s = c.sizes
+    precision = "bf16" if c.device.type == "cuda" else "fp32"
+    w = sized(c, workload(c, "resnet18", s.cifar_batch, precision))
+    loops = [CoreLoop(w)]
+    if c.device.type == "cuda":
+        loops.append(CoreLoop(w, compile="reduce-overhead"))
+        loops[-1].name = "core reduce-overhead"
+    t = race(loops, s.repeats, s.warmup_steps, c.device)
+    for name, timing in t.items():
+        c.add(sec, f"{name}, {len(c.labels):,} images {tuple(c.sizes.shape)}, {precision} batch {w.batch_size}",
+              timing.best, "samples/s")
+    best = max(timing.best for timing in t.values())
+    c.add(sec, "best", best, "samples/s", f">= {TARGET_RESNET_CIFAR:,}", best >= TARGET_RESNET_CIFAR)
+    c.resnet_cifar_rate = best
+
+
+def check_airbench(c: Check) -> None:
+    """(viii) airbench on the same GPU, its samples/s beside the core's resnet18 on the same data shape."""
+    from benchmarks.airbench_peer import run_airbench
+
+    sec = "(viii) airbench peer"
+    if c.airbench is None:
+        c.add(sec, "section", error="skipped: no --airbench PATH (a clone of KellerJordan/cifar10-airbench)",
+              peak_mib=None)
+        return
+    if not needs_cuda(c, sec):
+        return
+    result = run_airbench(c.airbench)
+    c.add(sec, f"airbench94_muon, {result['epochs']} epochs x batch {result['batch']}, its own timer",
+          result["samples_per_second"], "samples/s", peak_mib=None)
+    if c.resnet_cifar_rate:
+        c.add(sec, "core resnet18 (vii) / airbench", c.resnet_cifar_rate / result["samples_per_second"], "x",
+              "(info)", peak_mib=None)
+
+
 SECTIONS = [
     ("(i) dp vs single", check_data_parallel),
     ("(ii) ddp(1) vs single", check_ddp),
     ("(iii) bf16 vs fp32", check_precision),
     ("(iv)+(v) small-cnn loops", check_loops_small_cnn),
     ("(v) resnet18 loops", check_loops_resnet),
+    ("(vi) step vs floor", check_step_floor),
+    ("(vii) resnet18 cifar-shaped", check_resnet_cifar),
+    ("(viii) airbench peer", check_airbench),
 ]
 
 
@@ -344,8 +432,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny sizes (and the CPU when there is no GPU): checks it runs")
     p.add_argument("--cpu", action="store_true", help="use the CPU even when CUDA is visible (with --smoke)")
-    p.add_argument("--budget", type=float, default=180.0, help="skip sections that would start after this many seconds")
+    p.add_argument("--budget", type=float, default=420.0,
+                   help="skip sections that would start after this many seconds (default 420)")
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the table and machine to PATH")
+    p.add_argument("--airbench", type=Path, default=None, metavar="PATH",
+                   help="a clone of github.com/KellerJordan/cifar10-airbench, run beside the core in (viii)")
     return p.parse_args(argv)
 
 
@@ -360,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     if cuda:
         torch.backends.cudnn.benchmark = True  # as the train stage sets it when not deterministic
-    c = Check(device, SMOKE if args.smoke else Sizes())
+    c = Check(device, SMOKE if args.smoke else Sizes(), airbench=args.airbench)
     try:
         from benchmarks.loops import describe, machine, synthetic_images
     except Exception as exc:  # noqa: BLE001 - the import chain itself is what broke: say so plainly

@@ -6,6 +6,9 @@
               permutation, normalise, forward, cross-entropy, backward, step
   dataloader  the tutorial way: a Dataset whose __getitem__ returns one normalised float
               image, a DataLoader(batch_size, shuffle=True), each batch moved to the device
+  graph       the floor on a GPU: the bare loop's whole step (gather, normalise, forward,
+              loss, backward, AdamW) captured once as a CUDA graph and replayed; per step the
+              host copies the batch's indices into the graph and launches it, nothing more
 
 All loops train the same model (same seed, so the same initial weights) with the same
 optimizer, lr, precision and memory format, so what differs is only the data path and
@@ -99,11 +102,12 @@ def stats_on(w: Workload) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, std
 
 
-def autocast(w: Workload):
-    """bf16/fp16 autocast for the forward pass, or nothing at all for fp32."""
+def autocast(w: Workload, cache_enabled: bool = True):
+    """bf16/fp16 autocast for the forward pass, or nothing at all for fp32. Inside a CUDA graph
+    capture, autocast's weight cache must be off (cached casts would be stale on replay)."""
     if w.amp_dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(w.device.type, dtype=w.amp_dtype)
+    return torch.autocast(w.device.type, dtype=w.amp_dtype, cache_enabled=cache_enabled)
 
 
 def plain_model(w: Workload) -> tuple[nn.Module, bool]:
@@ -116,9 +120,9 @@ def plain_model(w: Workload) -> tuple[nn.Module, bool]:
     return model.to(w.device, memory_format=fmt), channels_last
 
 
-def adamw(model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    # The core's default optimizer and weight decay, so both loops do the same update work.
-    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=TrainParams().weight_decay)
+def adamw(model: nn.Module, lr: float, **options) -> torch.optim.Optimizer:
+    # The core's default optimizer and weight decay, so every loop does the same update work.
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=TrainParams().weight_decay, **options)
 
 
 # --- the loops: each has samples, warm_up(steps) and run_epoch() -----------------------
@@ -232,6 +236,70 @@ class DataLoaderLoop(PlainLoop):
                 break
             self.step(x.to(self.w.device, non_blocking=True), y.to(self.w.device, non_blocking=True))
 
+
+
+class CapturedStepLoop:
+    """The floor for one training step on a GPU: the bare loop's step, captured as one CUDA graph.
+
+    The images and labels are resident; the graph holds the gather by a static index buffer, the
+    normalisation, forward, cross-entropy, backward and the optimizer step (AdamW with
+    capturable=True, so its step counters live on the GPU). A replay launches all of it at once:
+    what is left of a step's time is the GPU's own work, which no loop can go below for this
+    model, batch and precision. Capture follows PyTorch's whole-network recipe: warm up on a side
+    stream, set the grads to None, capture; backward then writes (not adds) the grads on replay.
+    """
+
+    name = "graph"
+
+    def __init__(self, w: Workload):
+        if w.device.type != "cuda":
+            raise RuntimeError("a CUDA graph needs a CUDA device")
+        self.w = w
+        self.model, self.channels_last = plain_model(w)
+        self.model.train()
+        self.optimizer = adamw(self.model, w.lr, capturable=True)
+        self.images, self.labels = w.images.to(w.device), w.labels.to(w.device)
+        self.mean, self.std = stats_on(w)
+        self.index = torch.zeros(w.batch_size, dtype=torch.int64, device=w.device)  # the graph's input
+        self.samples = w.samples
+        self.graph = self._capture()
+
+    def _step(self) -> None:
+        x = (self.images[self.index].float() / 255.0 - self.mean) / self.std
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(self.w, cache_enabled=False):
+            loss = F.cross_entropy(self.model(x), self.labels[self.index])
+        loss.backward()
+        self.optimizer.step()
+
+    def _capture(self) -> torch.cuda.CUDAGraph:
+        self.index.copy_(torch.arange(self.w.batch_size, device=self.w.device) % len(self.labels))
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: cuDNN autotuning and the optimizer's state, outside the graph
+            for _ in range(3):
+                self.optimizer.zero_grad(set_to_none=True)
+                self._step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        self.optimizer.zero_grad(set_to_none=True)  # backward allocates the grads in the graph's pool
+        with torch.cuda.graph(graph):
+            self._step()
+        return graph
+
+    def _steps(self, steps: int) -> None:
+        b = self.w.batch_size
+        perm = torch.randperm(len(self.labels), device=self.w.device)
+        for s in range(steps):
+            self.index.copy_(perm[s * b:(s + 1) * b])
+            self.graph.replay()
+
+    def warm_up(self, steps: int) -> None:
+        self._steps(min(steps, self.w.steps))
+
+    def run_epoch(self) -> None:
+        self._steps(self.w.steps)
 
 # --- timing ----------------------------------------------------------------------------
 

@@ -1,0 +1,35 @@
+"""The benchmarks run where CI runs, on the CPU: the GPU check's --smoke mode goes through every
+section with tiny sizes (its timings mean nothing there; the equivalence rows do)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from .helpers import ROOT
+
+CUDA_ONLY = {"(vi) step vs floor", "(viii) airbench peer"}
+
+
+def test_gpu_check_smoke_runs_every_section_on_the_cpu(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--smoke", "--cpu", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    assert report["smoke"] and report["machine"]["device"] == "cpu"
+    assert not [r for r in rows if r["status"] == "ERROR"], [r for r in rows if r["status"] == "ERROR"]
+    sections = {r["section"].split()[0] for r in rows}
+    assert {"(i)", "(ii)", "(iii)", "(iv)", "(v)", "(vi)", "(vii)", "(viii)"} <= sections
+    skipped = {r["section"] for r in rows if r["status"] == "SKIPPED"}
+    assert skipped == CUDA_ONLY, skipped  # everything else runs on the CPU, the same code as on a GPU
+    # The wrappers must not change what is learned: DataParallel on one device, DDP in a one-process
+    # group and the plain model end with the same weights (exactly, in fp32 on the CPU).
+    same = [r for r in rows if r["measurement"].startswith("max |w - w_plain|")]
+    assert len(same) == 3 and all(r["value"] == 0 for r in same), same
+    moved = next(r for r in rows if "max |w - w_start|" in r["measurement"])
+    assert moved["value"] > 0  # and they did learn something
+    imports = next(r for r in rows if r["section"] == "setup")
+    assert imports["value"] == "none"  # no dvc, dvclive or pydantic behind the core
