@@ -57,6 +57,10 @@ class Float:
         return f"a number in {'(' if self.lo_open else '['}{self.lo}, {self.hi}{')' if self.hi_open else ']'}"
 
 
+# train.compile: off, torch.compile's default mode, or one of its named modes.
+COMPILE_MODES = (False, True, "default", "reduce-overhead", "max-autotune")
+
+
 @dataclass(frozen=True)
 class OneOf:
     options: tuple
@@ -209,7 +213,8 @@ class TrainParams:
                           "dp = nn.DataParallel in one process | ddp = one process per device")
     precision: str = param("auto", OneOf(PRECISIONS),
                            "auto (bf16 on GPUs that support it, fp32 on the cpu) | bf16 | fp16 | fp32")
-    compile: bool = param(False, Bool(), "torch.compile the model")
+    compile: bool | str = param(False, OneOf(COMPILE_MODES),
+                                "torch.compile: false | true | reduce-overhead (CUDA graphs) | max-autotune")
     augment: bool = param(False, Bool(), "random crop with padding (+ horizontal flip for photos), on the device")
     deterministic: bool = param(False, Bool(), "deterministic GPU kernels (slower); CPU runs are deterministic anyway")
     max_restarts: int = param(0, Int(0, 100), "ddp: restart the group this often when a rank dies, from the last epoch")

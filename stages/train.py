@@ -59,15 +59,16 @@ from .core.distributed import (
 )
 from .core.gpu_claims import GpuClaim, claim_gpus
 from .core.launch import launch_ranks
-from .core.loop import build_loop_state, evaluate, prepare_model, train_one_epoch, unwrap
+from .core.loop import build_loop_state, compile_mode, evaluate, prepare_model, train_one_epoch, unwrap
 from .core.models import build_model, check_input_size, count_parameters, set_backbone_trainable, uses_small_stem
 from .core.precision import precision_name
 from .core.pretrained import fetch_weights, fit_pretrained, pretrained_normalization, read_pretrained
 from .core.rank_status import RestartReport, describe, restart_report, start_rank_status
+from .core.readout import LatestValue
 from .core.weights import model_metadata, save_model
 from .errors import UserError
 from .io import write_json
-from .params import Params, TrainParams, free_gpu_count, is_resnet, weights_kind
+from .params import Params, TrainParams, free_gpu_count, is_resnet, show_value, weights_kind
 from .prepared import load_prepared
 
 LAUNCH_ENV = "STAGES_LAUNCH"  # what this command tells the DDP ranks it starts: the planned devices, the claim
@@ -238,7 +239,7 @@ def train(p: Params, plan: DevicePlan, ctx: DistContext, data_dir: Path, model_p
     live = open_live(metrics_dir, history) if ctx.is_main else None
 
     # The epochs: train, validate (rank 0) the weights to be kept, log, checkpoint, stop early.
-    progress = Progress(ctx.is_main, cfg.epochs, cfg.batch_size)
+    progress = Progress(ctx.is_main, cfg.epochs, cfg.batch_size, device)
     # A run killed after it stopped early resumes only to write its outputs.
     last_epoch = start_epoch if cfg.patience and early_stop(history, cfg.patience) else cfg.epochs
     for epoch in range(start_epoch + 1, last_epoch + 1):
@@ -246,9 +247,14 @@ def train(p: Params, plan: DevicePlan, ctx: DistContext, data_dir: Path, model_p
             # The wrappers (DDP's gradient reducer) see which parameters train when built: wrap again.
             set_backbone_trainable(model, True)
             wrapped = prepare_model(model, cfg, plan, ctx, device)
+            st.recompiles()
             frozen = False
             log(f"epoch {epoch}: the backbone trains from now on, at {cfg.backbone_lr:g} x the lr")
+        compiled_before = st.compile_seconds
         stats = train_one_epoch(wrapped, train_split, epoch, st, progress.for_epoch(epoch))
+        if st.compile_seconds > compiled_before:
+            log(f"epoch {epoch}: compiling (train.compile: {show_value(cfg.compile)}) took "
+                f"{st.compile_seconds - compiled_before:.1f} s, not counted in samples/s")
         record = {"epoch": epoch, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
                   "seconds": stats.seconds, "samples": stats.samples,
                   "samples_per_second": stats.samples_per_second}
@@ -313,6 +319,8 @@ def train(p: Params, plan: DevicePlan, ctx: DistContext, data_dir: Path, model_p
         "kept": f"best (epoch {best})" if cfg.keep == "best" else f"last (epoch {len(history)})",
         "resumed_from_epoch": start_epoch or None,
         "epoch_seconds": [round(r["seconds"], 4) for r in history],
+        "compile": compile_mode(cfg.compile),
+        "compile_seconds": round(st.compile_seconds, 3),  # this process's; not in epoch_seconds or samples/s
         "stage_seconds": round(time.perf_counter() - started, 3),
         "data_on_device": train_split.images.device.type == "cuda",
         "torch_version": torch.__version__,
@@ -445,11 +453,14 @@ def process_seconds() -> float | None:
 
 
 class Progress:
-    """A tqdm bar per epoch in a terminal; nothing per step otherwise (the epoch line says it all)."""
+    """A tqdm bar per epoch in a terminal; nothing per step otherwise (the epoch line says it all).
 
-    def __init__(self, enabled: bool, epochs: int, samples_per_step: int):
+    The bar never waits for the GPU: it shows the newest loss that has reached the host (see
+    `LatestValue`), so the CPU keeps queueing steps ahead of the GPU."""
+
+    def __init__(self, enabled: bool, epochs: int, samples_per_step: int, device: torch.device):
         self.enabled = enabled and sys.stderr.isatty()
-        self.epochs, self.samples_per_step = epochs, samples_per_step
+        self.epochs, self.samples_per_step, self.device = epochs, samples_per_step, device
 
     def for_epoch(self, epoch: int):
         if not self.enabled:
@@ -457,15 +468,17 @@ class Progress:
         from tqdm import tqdm
 
         bar = None
+        latest = LatestValue(self.device)
 
         def update(step: int, steps: int, loss: torch.Tensor) -> None:
             nonlocal bar
             if bar is None:
                 bar = tqdm(total=steps, desc=f"epoch {epoch}/{self.epochs}", leave=False, unit="step")
             bar.update(1)
-            if step % 10 == 0 or step == steps:  # .item() syncs the GPU: not every step
+            latest.offer(loss)
+            if step % 10 == 0 or step == steps:
                 rate = bar.format_dict["rate"] or 0.0
-                bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{rate * self.samples_per_step:,.0f}")
+                bar.set_postfix(loss=f"{latest.value():.4f}", samples_s=f"{rate * self.samples_per_step:,.0f}")
             if step == steps:
                 bar.close()
 

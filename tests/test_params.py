@@ -56,7 +56,8 @@ def test_params_yaml_is_the_schema_rendered():
         ("train", "accumulate", 0, "train.accumulate = 0 is not allowed; expected an integer from 1 to 1024"),
         ("train", "backbone_lr", 0, "train.backbone_lr = 0 is not allowed; expected a number in (0.0, 1.0]"),
         ("data", "dataset", "imagenet", "data.dataset = 'imagenet' is not allowed; expected one of digits, mnist"),
-        ("train", "compile", "yes", "train.compile = 'yes' is not allowed; expected true or false"),
+        ("train", "compile", "fast",
+         "train.compile = 'fast' is not allowed; expected one of false, true, default, reduce-overhead, max-autotune"),
         ("train", "epochs", 2.5, "train.epochs = 2.5 is not allowed"),
     ],
 )

@@ -73,7 +73,9 @@ def run_summary_section(run: dict, info: dict, train_params: dict) -> list[str]:
                   + (f" ({run['accumulate']} passes per step)" if run.get("accumulate", 1) > 1 else "")],
         ["epochs", epochs_description(run, resumed)],
         ["wall time per epoch", epoch_time],
-        ["throughput", f"{fmt_rate(run['samples_per_second'])} samples/s"],
+        ["throughput", f"{fmt_rate(run['samples_per_second'])} samples/s"
+                       + (f" (not counting {run['compile_seconds']:.1f} s of torch.compile, mode {run['compile']})"
+                          if run.get("compile") else "")],
         ["peak memory (MiB)", f"{fmt_memory(run.get('peak_memory_mb', []))} ({run.get('peak_memory_kind', '')})"],
     ]
     return ["## Run summary", "", *md_table(["", ""], rows), ""]

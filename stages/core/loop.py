@@ -46,9 +46,24 @@ def prepare_model(model: nn.Module, cfg: TrainParams, plan: DevicePlan, ctx: Dis
     elif ctx.distributed:
         ids = [device.index] if device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    if cfg.compile:
-        model = torch.compile(model)
+    mode = compile_mode(cfg.compile)
+    if mode is not None:
+        model = torch.compile(model, mode=mode)
     return model
+
+
+def compile_mode(setting: bool | str) -> str | None:
+    """torch.compile's mode for train.compile (None: not compiled). reduce-overhead records the
+    compiled forward and backward as CUDA graphs, so a step launches a few graphs instead of one
+    kernel at a time: what bounds small models, whose kernels are shorter than their launches."""
+    if setting is False:
+        return None
+    return "default" if setting is True else setting
+
+
+# The first steps of a compiled model compile it (and, with reduce-overhead, warm up and record its
+# CUDA graphs: cudagraph trees record on the third call); their time is compile time, not training.
+COMPILE_WARMUP_STEPS = 3
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -85,11 +100,15 @@ def parameter_groups(model: nn.Module, cfg: TrainParams) -> list:
             {"params": [p for n, p in named if n.startswith(head)], "lr_scale": 1.0}]
 
 
-def make_optimizer(model: nn.Module, cfg: TrainParams) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, cfg: TrainParams, device: torch.device) -> torch.optim.Optimizer:
+    """SGD or AdamW. On CUDA the fused kernels: one launch updates every parameter, and with a
+    GradScaler the inf check stays on the GPU (no host sync). The CPU keeps the default
+    implementation, so CPU runs keep their bytes."""
     params = parameter_groups(model, cfg)
+    fused = {"fused": True} if device.type == "cuda" else {}
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **fused)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
 
 
 def cosine_lr(base_lr: float, step: int, total_steps: int) -> float:
@@ -154,6 +173,13 @@ class LoopState:
     ema: nn.Module | None  # torch's AveragedModel of the plain model (train.ema), or None
     mix: object | None  # MixUp / CutMix (train.mixup_alpha, cutmix_alpha), or None
     step: int = 0  # optimizer steps taken so far (the lr schedule's position)
+    untimed_steps: int = 0  # steps still to run before timing counts (a compiled model compiles in them)
+    compile_seconds: float = 0.0  # wall time of those steps, over the run
+
+    def recompiles(self) -> None:
+        """The model was wrapped (and compiled) again: its first steps compile again."""
+        if compile_mode(self.cfg.compile) is not None:
+            self.untimed_steps = COMPILE_WARMUP_STEPS
 
 
 def build_loop_state(model: nn.Module, cfg: TrainParams, ctx: DistContext, device: torch.device, info: dict,
@@ -165,7 +191,7 @@ def build_loop_state(model: nn.Module, cfg: TrainParams, ctx: DistContext, devic
     size = info["shape"][-1]
     steps_per_epoch = n_train // cfg.batch_size
     return LoopState(
-        optimizer=make_optimizer(model, cfg), cfg=cfg, ctx=ctx, device=device, mean=mean, std=std,
+        optimizer=make_optimizer(model, cfg, device), cfg=cfg, ctx=ctx, device=device, mean=mean, std=std,
         amp_dtype=amp_dtype, scaler=scaler,
         channels_last=use_channels_last(model, device),
         augment_pad=crop_padding(size) if cfg.augment else 0,
@@ -174,6 +200,7 @@ def build_loop_state(model: nn.Module, cfg: TrainParams, ctx: DistContext, devic
         warmup_steps=cfg.warmup_epochs * steps_per_epoch,
         ema=make_ema(model, cfg.ema) if cfg.ema else None,
         mix=make_mix(cfg, info["num_classes"]),
+        untimed_steps=COMPILE_WARMUP_STEPS if compile_mode(cfg.compile) is not None else 0,
     )
 
 
@@ -184,7 +211,7 @@ def build_loop_state(model: nn.Module, cfg: TrainParams, ctx: DistContext, devic
 class EpochStats:
     loss: float
     accuracy: float
-    samples: int
+    samples: int  # trained in `seconds` (the steps that compiled are in neither)
     seconds: float
 
     @property
@@ -197,7 +224,10 @@ def train_one_epoch(model: nn.Module, split: Split, epoch: int, st: LoopState, p
     (train.batch_size samples). Each step runs train.accumulate forward/backward passes of
     batch_size / accumulate samples, each rank taking its slice of every one; gradients add up
     across them (DDP all-reduces only on the last). The last incomplete global batch is dropped
-    so all ranks step together. `progress(step, steps, loss)`, if given, is called after every step."""
+    so all ranks step together. `progress(step, steps, loss)`, if given, is called after every step
+    with the loss as a device tensor (reading it is the caller's choice: `.item()` waits for the GPU).
+    Nothing here waits for the GPU between steps: the sums stay on the device until the epoch ends.
+    The first steps of a compiled model are timed apart, into `st.compile_seconds`."""
     cfg, ctx = st.cfg, st.ctx
     model.train()
     global_batch = cfg.batch_size
@@ -215,7 +245,15 @@ def train_one_epoch(model: nn.Module, split: Split, epoch: int, st: LoopState, p
     if st.device.type == "cuda":
         torch.cuda.synchronize(st.device)
     start = time.perf_counter()
+    untimed = min(st.untimed_steps, steps)
     for s in range(steps):
+        if s == untimed and untimed:  # compiled (and captured): the timing starts here
+            if st.device.type == "cuda":
+                torch.cuda.synchronize(st.device)
+            now = time.perf_counter()
+            st.compile_seconds += now - start
+            st.untimed_steps -= untimed
+            start = now
         for group in st.optimizer.param_groups:
             group["lr"] = scheduled_lr(cfg.lr, st.step, st.total_steps, st.warmup_steps) * group.get("lr_scale", 1.0)
         st.optimizer.zero_grad(set_to_none=True)
@@ -263,7 +301,11 @@ def train_one_epoch(model: nn.Module, split: Split, epoch: int, st: LoopState, p
     seconds = time.perf_counter() - start
     totals = all_reduce_sum(torch.stack([loss_sum.double() * local_batch, correct.double()]), ctx)
     samples = steps * global_batch
-    return EpochStats(totals[0].item() / samples, totals[1].item() / samples, samples, seconds)
+    if untimed == steps and untimed:  # an epoch too short to leave a timed step: all of it compiled
+        st.compile_seconds += seconds
+        st.untimed_steps -= untimed
+    timed = (steps - untimed) * global_batch
+    return EpochStats(totals[0].item() / samples, totals[1].item() / samples, timed, seconds if timed else 0.0)
 
 
 # --- evaluation: validation during training, and the evaluate stage's test pass ------------
