@@ -107,6 +107,8 @@ def param(default: Any, allowed: Any, help: str) -> Any:
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "imagefolder")
 MODELS = ("small-cnn", "resnet18", "mlp")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+RESIZE_MODES = ("crop", "stretch")
+PLACEMENTS = ("auto", "device", "stream")
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,8 @@ class DataParams:
                                  "share held out for testing when the source has no test split (digits, imagefolder)")
     split_seed: int = param(0, Int(0), "seed of the train/val/test split")
     image_size: int = param(32, Int(4, 1024), "imagefolder only: images are resized to image_size x image_size")
+    resize: str = param("crop", OneOf(RESIZE_MODES),
+                        "imagefolder only: crop (shorter side to image_size, then the centre) | stretch")
     channels: int = param(3, OneOf((1, 3)), "imagefolder only: 1 (grayscale) or 3 (RGB)")
     skip_bad_images: bool = param(False, Bool(),
                                   "imagefolder only: skip unreadable images with a warning instead of failing")
@@ -151,6 +155,8 @@ class TrainParams:
     compile: bool = param(False, Bool(), "torch.compile the model")
     augment: bool = param(False, Bool(), "random crop with padding (+ horizontal flip for photos), on the device")
     deterministic: bool = param(False, Bool(), "deterministic GPU kernels (slower); CPU runs are deterministic anyway")
+    data_placement: str = param("auto", OneOf(PLACEMENTS),
+                                "auto (on the GPU if the split fits, else streamed) | device | stream")
 
 
 @dataclass(frozen=True)

@@ -109,8 +109,9 @@ def train(p: Params, plan: DevicePlan, ctx: DistContext, data_dir: Path, model_p
         f"devices {where}, strategy {strategy}, global batch {cfg.batch_size}, per-device batch {per_device}, "
         f"precision {precision_name(st.amp_dtype)}, model {p.model.name} ({count_parameters(model):,} parameters)")
 
-    train_split = place_split(train_images, train_labels, device)
-    val_split = place_split(val_images, val_labels, device)
+    train_split = place_split(train_images, train_labels, device, cfg.data_placement)
+    val_split = place_split(val_images, val_labels, device, cfg.data_placement)
+    log(f"data: {len(train_split):,} training images, {train_split.where()}")
     live = open_live(metrics_dir, history) if ctx.is_main else None
 
     # The epochs: train, validate (rank 0), log, checkpoint.
@@ -123,8 +124,8 @@ def train(p: Params, plan: DevicePlan, ctx: DistContext, data_dir: Path, model_p
         history.append(record)
         if not ctx.is_main:
             continue
-        val_loss, val_acc, _ = evaluate(unwrap(wrapped), val_split.images, val_split.labels, st.mean, st.std,
-                                        p.evaluate.batch_size, device, st.amp_dtype, st.channels_last)
+        val_loss, val_acc, _ = evaluate(unwrap(wrapped), val_split, st.mean, st.std, p.evaluate.batch_size, device,
+                                        st.amp_dtype, st.channels_last)
         record.update(val_loss=val_loss, val_accuracy=val_acc)
         log_epoch(live, record)
         save_checkpoint(checkpoint_path, unwrap(wrapped), st.optimizer, st.scaler, epoch, st.step, history,
@@ -162,6 +163,7 @@ def train(p: Params, plan: DevicePlan, ctx: DistContext, data_dir: Path, model_p
         "epoch_seconds": [round(r["seconds"], 4) for r in history],
         "stage_seconds": round(time.perf_counter() - started, 3),
         "data_on_device": train_split.images.device.type == "cuda",
+        "data_streamed": train_split.streamed,
         "torch_version": torch.__version__,
         "train_params": p.section_dict("train"),
         "samples_per_second": round(throughput, 1),

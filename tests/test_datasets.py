@@ -298,15 +298,15 @@ def test_decoding_flattens_transparency_on_white_and_scales_16_bit(tmp_path):
     palette.putpalette([0, 0, 0] * 256)
     palette.save(tmp_path / "palette.png", transparency=0)  # palette entry 0 is transparent
     Image.fromarray(np.full((4, 4), 32768, np.uint16)).save(tmp_path / "deep.png")  # 16-bit grey, half way
-    assert (decode_image(str(tmp_path / "clear.png"), "RGB", 4) == 255).all()
-    assert (decode_image(str(tmp_path / "palette.png"), "L", 4) == 255).all()
-    assert abs(int(decode_image(str(tmp_path / "half.png"), "L", 4).mean()) - 127) <= 2
-    assert decode_image(str(tmp_path / "deep.png"), "L", 4).tolist() == np.full((1, 4, 4), 128).tolist()
+    assert (decode_image(str(tmp_path / "clear.png"), "RGB", 4, "stretch") == 255).all()
+    assert (decode_image(str(tmp_path / "palette.png"), "L", 4, "stretch") == 255).all()
+    assert abs(int(decode_image(str(tmp_path / "half.png"), "L", 4, "stretch").mean()) - 127) <= 2
+    assert decode_image(str(tmp_path / "deep.png"), "L", 4, "stretch").tolist() == np.full((1, 4, 4), 128).tolist()
 
 
 def test_decoding_keeps_colours_in_rgb_order(tmp_path):
     Image.new("RGB", (30, 20), (200, 100, 50)).save(tmp_path / "orange.png")
-    assert decode_image(str(tmp_path / "orange.png"), "RGB", 4)[:, 0, 0].tolist() == [200, 100, 50]
+    assert decode_image(str(tmp_path / "orange.png"), "RGB", 4, "stretch")[:, 0, 0].tolist() == [200, 100, 50]
 
 
 def test_decoding_follows_exif_orientation(tmp_path):
@@ -315,7 +315,7 @@ def test_decoding_follows_exif_orientation(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
     Image.fromarray(stored).save(tmp_path / "phone.jpg", exif=exif, quality=95)
-    shown = decode_image(str(tmp_path / "phone.jpg"), "L", 8)[0]
+    shown = decode_image(str(tmp_path / "phone.jpg"), "L", 8, "stretch")[0]
     assert shown[:3].mean() < 30 and shown[-3:].mean() > 225  # displayed: black on top, white below
 
 

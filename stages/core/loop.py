@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..params import TrainParams
-from .batches import Split, gather_batch
+from .batches import Split, batch_stream
 from .devices import DevicePlan
 from .distributed import DistContext, all_reduce_sum
 from .precision import autocast_context, resolve_precision
@@ -72,6 +72,14 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The same permutation on every rank (and after a resume): derived from (seed, epoch) only."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(n, generator=gen)
+
+
+def rank_batches(perm: torch.Tensor, global_batch: int, ctx: DistContext) -> list[torch.Tensor]:
+    """This rank's rows of every complete global batch of `perm`: rank r takes the r-th of
+    world_size equal slices, so the ranks together see exactly the single process's batches."""
+    local = global_batch // ctx.world_size
+    return [perm[s * global_batch + ctx.rank * local : s * global_batch + (ctx.rank + 1) * local]
+            for s in range(len(perm) // global_batch)]
 
 
 # --- what one run's epochs share ----------------------------------------------------------
@@ -137,7 +145,7 @@ def train_one_epoch(model: nn.Module, split: Split, epoch: int, st: LoopState, p
     global_batch = cfg.batch_size
     local_batch = global_batch // ctx.world_size
     steps = len(split) // global_batch
-    perm = epoch_permutation(len(split), cfg.seed, epoch).to(split.images.device)
+    batches = rank_batches(epoch_permutation(len(split), cfg.seed, epoch).to(split.images.device), global_batch, ctx)
     aug_gen = None
     if st.augment_pad or st.augment_flip:
         aug_gen = torch.Generator(device=st.device).manual_seed(cfg.seed * 7919 + epoch * 131 + ctx.rank)
@@ -147,32 +155,31 @@ def train_one_epoch(model: nn.Module, split: Split, epoch: int, st: LoopState, p
     if st.device.type == "cuda":
         torch.cuda.synchronize(st.device)
     start = time.perf_counter()
-    for s in range(steps):
-        idx = perm[s * global_batch + ctx.rank * local_batch : s * global_batch + (ctx.rank + 1) * local_batch]
-        x_u8, y = gather_batch(split, idx, st.device)
-        x = normalize(x_u8, st.mean, st.std)  # (b, C, H, W) float32
-        if aug_gen is not None:
-            x = random_crop_flip(x, st.augment_pad, st.augment_flip, aug_gen)
-        if st.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        for group in st.optimizer.param_groups:
-            group["lr"] = cosine_lr(cfg.lr, st.step, st.total_steps)
-        with autocast_context(st.device, st.amp_dtype):
-            logits = model(x)
-        loss = F.cross_entropy(logits.float(), y)
-        st.optimizer.zero_grad(set_to_none=True)
-        if st.scaler is not None:
-            st.scaler.scale(loss).backward()
-            st.scaler.step(st.optimizer)
-            st.scaler.update()
-        else:
-            loss.backward()
-            st.optimizer.step()
-        st.step += 1
-        loss_sum += loss.detach()
-        correct += (logits.detach().argmax(dim=1) == y).sum()
-        if progress is not None:
-            progress(s + 1, steps, loss)
+    with batch_stream(split, batches, st.device) as stream:
+        for s, (x_u8, y) in enumerate(stream):
+            x = normalize(x_u8, st.mean, st.std)  # (b, C, H, W) float32
+            if aug_gen is not None:
+                x = random_crop_flip(x, st.augment_pad, st.augment_flip, aug_gen)
+            if st.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            for group in st.optimizer.param_groups:
+                group["lr"] = cosine_lr(cfg.lr, st.step, st.total_steps)
+            with autocast_context(st.device, st.amp_dtype):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y)
+            st.optimizer.zero_grad(set_to_none=True)
+            if st.scaler is not None:
+                st.scaler.scale(loss).backward()
+                st.scaler.step(st.optimizer)
+                st.scaler.update()
+            else:
+                loss.backward()
+                st.optimizer.step()
+            st.step += 1
+            loss_sum += loss.detach()
+            correct += (logits.detach().argmax(dim=1) == y).sum()
+            if progress is not None:
+                progress(s + 1, steps, loss)
     if st.device.type == "cuda":
         torch.cuda.synchronize(st.device)
     seconds = time.perf_counter() - start
@@ -187,8 +194,7 @@ def train_one_epoch(model: nn.Module, split: Split, epoch: int, st: LoopState, p
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
+    split: Split,
     mean: torch.Tensor,
     std: torch.Tensor,
     batch_size: int,
@@ -198,23 +204,23 @@ def evaluate(
 ) -> tuple[float, float, torch.Tensor]:
     """Mean cross-entropy, accuracy (a fraction) and predicted labels (int64, on the CPU).
 
-    images: uint8 (N, C, H, W) on any device; moved batch by batch if not on `device`.
-    """
+    The split's rows are read in order, batch by batch: indexed where it lives if resident,
+    streamed from its mapping otherwise (`core.batches`)."""
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     preds = []
-    for start in range(0, len(labels), batch_size):
-        x = images[start : start + batch_size].to(device, non_blocking=True)
-        y = labels[start : start + batch_size].to(device, non_blocking=True)
-        x = normalize(x, mean, std)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast_context(device, amp_dtype):
-            logits = model(x)
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
-        preds.append(logits.argmax(dim=1))
+    batches = [slice(start, start + batch_size) for start in range(0, len(split), batch_size)]
+    with batch_stream(split, batches, device) as stream:
+        for x, y in stream:
+            x = normalize(x, mean, std)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast_context(device, amp_dtype):
+                logits = model(x)
+            loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
+            preds.append(logits.argmax(dim=1))
     model.train(was_training)
     predicted = torch.cat(preds).cpu()
-    accuracy = (predicted == labels.cpu()).double().mean().item()
-    return loss_sum.item() / len(labels), accuracy, predicted
+    accuracy = (predicted == split.labels.cpu()).double().mean().item()
+    return loss_sum.item() / len(split), accuracy, predicted
