@@ -67,19 +67,25 @@ class Peak:
 
 
 class TreeSampler:
-    """Samples a process tree on a thread until `stop()`; the peaks are in `.peak`."""
+    """Samples a process tree on a thread until `stop()`; the peaks are in `.peak`.
 
-    def __init__(self, pid: int, interval: float = 0.05):
-        self.pid, self.interval, self.peak = pid, interval, Peak()
+    RssAnon every `interval` (a counter the kernel keeps: cheap); Pss_Anon every `pss_every`-th
+    time, since reading smaps_rollup walks the process's page tables under its memory-map lock,
+    which would slow the very processes being measured."""
+
+    def __init__(self, pid: int, interval: float = 0.05, pss_every: int = 10):
+        self.pid, self.interval, self.pss_every, self.peak = pid, interval, pss_every, Peak()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="memory-sampler", daemon=True)
 
     def sample(self) -> None:
         pids = process_tree(self.pid)
         anon = sum(kib_field(f"/proc/{p}/status", "RssAnon") for p in pids) / 1024
-        pss = sum(kib_field(f"/proc/{p}/smaps_rollup", "Pss_Anon") for p in pids) / 1024
         peak = self.peak
-        peak.rss_anon_mb, peak.pss_anon_mb = max(peak.rss_anon_mb, anon), max(peak.pss_anon_mb, pss)
+        peak.rss_anon_mb = max(peak.rss_anon_mb, anon)
+        if peak.samples % self.pss_every == 0:
+            pss = sum(kib_field(f"/proc/{p}/smaps_rollup", "Pss_Anon") for p in pids) / 1024
+            peak.pss_anon_mb = max(peak.pss_anon_mb, pss)
         peak.processes, peak.samples = max(peak.processes, len(pids)), peak.samples + 1
 
     def _run(self) -> None:

@@ -29,6 +29,7 @@ import multiprocessing.pool
 import os
 import signal
 import sys
+import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -232,17 +233,30 @@ class Task:
         return MODES[self.shape[0]]
 
 
+_buffers = threading.local()  # one per decoder (process or thread)
+
+
+def task_buffer(n: int, shape: tuple[int, int, int]) -> np.ndarray:
+    """A decoder's rows buffer, reused from task to task: a fresh 3 MB array per task would cost
+    page faults and zeroing on every image."""
+    buffer = getattr(_buffers, "rows", None)
+    if buffer is None or buffer.shape[1:] != shape or len(buffer) < n:
+        buffer = _buffers.rows = np.empty((max(n, FILES_PER_TASK), *shape), dtype=np.uint8)
+    return buffer[:n]
+
+
 def decode_task(task: Task) -> tuple[np.ndarray | None, list[tuple[int, str]]]:
     """Decode a task's files into their rows of the split file (one write for all of them).
 
     Returns the task's pixel-value counts per channel (train split) and its unreadable files as
     (row, reason); their rows stay zero, to be dropped or refused by the caller."""
-    rows = np.zeros((len(task.paths), *task.shape), dtype=np.uint8)
+    rows = task_buffer(len(task.paths), task.shape)
     bad = []
     for i, path in enumerate(task.paths):
         result = decode_image(path, task.mode, task.shape[1], task.resize)
         if isinstance(result, str):
             bad.append((i, result))
+            rows[i] = 0
         else:
             rows[i] = result
     write_at(task.file, task.images_offset + task.start * rows[0].nbytes, rows)
