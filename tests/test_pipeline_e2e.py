@@ -152,7 +152,8 @@ def test_an_edit_to_a_module_reruns_exactly_the_stages_that_import_it(project):
             changed = set(json.loads(sh(repo, "dvc", "status", "--json").stdout))
         finally:
             path.write_text(original)
-        assert changed == expected, f"editing {module}: dvc reruns {sorted(changed)}, its importers are {sorted(expected)}"
+        assert changed == expected, \
+            f"editing {module}: dvc reruns {sorted(changed)}, its importers are {sorted(expected)}"
     assert json.loads(sh(repo, "dvc", "status", "--json").stdout) == {}
 
 
