@@ -148,13 +148,14 @@ class CoreLoop:
             # prepare_model only wraps for two or more GPUs; wrap anyway to exercise scatter/gather.
             self.model = nn.DataParallel(self.model, device_ids=[w.device.index or 0])
         self.state = build_loop_state(self.model, self.cfg, ctx, w.device, w.info(), len(w.labels))
-        self.split = place_split(w.images, w.labels, w.device)
+        self.split = place_split(w.images, w.labels, w.device, self.cfg.data_placement)
         self.samples = w.samples
         self.epoch = 0
 
     def warm_up(self, steps: int) -> None:
         n = min(steps * self.w.batch_size, len(self.w.labels))
-        train_one_epoch(self.model, place_split(self.w.images[:n], self.w.labels[:n], self.w.device), 0, self.state)
+        split = place_split(self.w.images[:n], self.w.labels[:n], self.w.device, self.cfg.data_placement)
+        train_one_epoch(self.model, split, 0, self.state)
 
     def run_epoch(self) -> None:
         self.epoch += 1

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .core.batches import Split
 from .core.loop import evaluate
 from .core.transforms import stats_tensors
 from .core.weights import load_model
@@ -28,7 +29,9 @@ def evaluate_stage(weights: str | Path, data_dir: str | Path, out_dir: str | Pat
     model = load_model(weights, device=device)
     meta = model.stages_metadata
     mean, std = stats_tensors(meta["mean"], meta["std"], device)
-    loss, accuracy, predicted, top5 = evaluate(model, images, labels, mean, std, batch_size, device)
+    # Streamed from the mapping: one pass needs no copy of the split on the GPU or in memory.
+    split = Split(images, labels, streamed=device.type == "cuda")
+    loss, accuracy, predicted, top5 = evaluate(model, split, mean, std, batch_size, device)
 
     names = meta["class_names"]
     precision, recall, f1, support = precision_recall_fscore_support(

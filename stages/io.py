@@ -22,22 +22,33 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+def temp_beside(path: str | Path) -> Path:
+    """A new empty temporary file in `path`'s folder (created if missing), to be renamed onto `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    return Path(tmp)
+
+
+def replace_with(tmp: str | Path, path: str | Path) -> None:
+    """Flush `tmp` to disk, give it the usual file mode and rename it onto `path` in one step."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes files owner-only; give them the usual mode
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    tmp = temp_beside(path)
     try:
-        yield Path(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes files owner-only; give them the usual mode
-        os.replace(tmp, path)
+        yield tmp
+        replace_with(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if tmp.exists():
+            tmp.unlink()
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -82,6 +93,45 @@ def save_tensors(path: str | Path, tensors: dict, metadata: dict[str, Any] | Non
             f.write(blob[:8])
             f.write(text.ljust(size, b" "))  # safetensors pads its header with spaces, too
             f.write(memoryview(blob)[8 + size :])
+
+
+# The dtypes a file written in chunks may hold, by safetensors' name, with their item size. safetensors
+# lays tensors out by dtype, larger first, then by name; I64 and U8 are all the prepared splits need.
+CHUNKED_DTYPES = {"I64": 8, "U8": 1}
+
+
+def safetensors_layout(tensors: dict[str, tuple[str, tuple[int, ...]]], metadata: dict[str, Any] | None = None
+                       ) -> tuple[bytes, dict[str, int]]:
+    """The bytes `save_tensors` writes before the tensor data, for tensors of these (dtype, shape),
+    and the file offset where each tensor's data starts.
+
+    Written by hand so that a file can be filled in chunks, row by row, without the tensors in
+    memory (safetensors itself writes a whole file from memory). The header is what safetensors
+    writes (compact JSON, metadata keys sorted as `save_tensors` sorts them, padded with spaces
+    to a multiple of 8); tests/test_prepared.py checks the bytes against `save_tensors`.
+    """
+    header: dict[str, Any] = {"__metadata__": {k: json.dumps(v, sort_keys=True)
+                                               for k, v in sorted((metadata or {}).items())}}
+    order = sorted(tensors, key=lambda name: (-CHUNKED_DTYPES[tensors[name][0]], name))
+    start = 0
+    for name in order:
+        dtype, shape = tensors[name]
+        nbytes = CHUNKED_DTYPES[dtype]
+        for size in shape:
+            nbytes *= size
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [start, start + nbytes]}
+        start += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    prefix = len(text).to_bytes(8, "little") + text
+    return prefix, {name: len(prefix) + header[name]["data_offsets"][0] for name in order}
+
+
+def write_at(path: str | Path, offset: int, data) -> None:
+    """Write a bytes-like object (a contiguous numpy array, say) into an existing file at `offset`."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(memoryview(data).cast("B"))
 
 
 def load_tensors(path: str | Path, device: str = "cpu") -> tuple[dict, dict[str, Any]]:

@@ -163,6 +163,8 @@ WEIGHTS_FILE_SUFFIXES = (".safetensors", ".pth", ".pt")
 # Local weights files for the pipeline live here: the folder is a dep of the train stage in dvc.yaml.
 PRETRAINED_DIR = "models/pretrained"
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+RESIZE_MODES = ("crop", "stretch")
+PLACEMENTS = ("auto", "device", "stream")
 
 
 @dataclass(frozen=True)
@@ -177,6 +179,8 @@ class DataParams:
                                  "share held out for testing when the source has no test split (digits, imagefolder)")
     split_seed: int = param(0, Int(0), "seed of the train/val/test split")
     image_size: int = param(32, Int(4, 1024), "imagefolder only: images are resized to image_size x image_size")
+    resize: str = param("crop", OneOf(RESIZE_MODES),
+                        "imagefolder only: crop (shorter side to image_size, then the centre) | stretch")
     channels: int = param(3, OneOf((1, 3)), "imagefolder only: 1 (grayscale) or 3 (RGB)")
     skip_bad_images: bool = param(False, Bool(),
                                   "imagefolder only: skip unreadable images with a warning instead of failing")
@@ -235,6 +239,8 @@ class TrainParams:
     patience: int = param(0, Int(0, 100_000), "stop after this many epochs without a better val accuracy (0 = off)")
     freeze_epochs: int = param(0, Int(0, 100_000), "first epochs train the head only, the backbone frozen")
     backbone_lr: float = param(1.0, Float(0.0, 1.0, lo_open=True), "the backbone's lr as a fraction of lr")
+    data_placement: str = param("auto", OneOf(PLACEMENTS),
+                                "auto (on the GPU if the split fits, else streamed) | device | stream")
 
 
 @dataclass(frozen=True)

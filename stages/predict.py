@@ -16,6 +16,7 @@ so a refused file leaves the previous CSV as it was.
 from __future__ import annotations
 
 import csv
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
@@ -26,17 +27,16 @@ from .core.transforms import normalize, stats_tensors
 from .core.weights import load_model
 from .errors import UserError
 from .io import atomic_path
+from .params import RESIZE_MODES
 from .sources.imagefolder import (
+    cpu_count,
     decode_image,
     image_extensions,
     images_below,
-    make_pool,
     progress_bar,
     report_skipped,
     warn,
 )
-
-RESIZE_MODES = ("stretch",)  # what decode_image does; the model file says which one its data used
 
 
 def find_images(inputs: list[Path]) -> list[str]:
@@ -68,7 +68,7 @@ def preprocessing(meta: dict, path: Path):
         raise UserError(f"{path} was trained on images resized by {meta['resize']!r}; this version of predict "
                         f"knows {', '.join(RESIZE_MODES)}")
     _, height, _ = meta["input_shape"]
-    return partial(decode_image, mode=meta["image_mode"], size=height)
+    return partial(decode_image, mode=meta["image_mode"], size=height, resize=meta["resize"])
 
 
 @torch.no_grad()
@@ -102,7 +102,9 @@ def predict(model_path: Path, inputs: list[Path], out: Path, top_k: int = 1, bat
     skipped: list[tuple[str, str]] = []
     labelled = 0
     chunks = [paths[start : start + batch_size] for start in range(0, len(paths), batch_size)]
-    pool = make_pool(len(paths))
+    # Threads, not prepare-data's forked decoders: one batch at a time is decoded while the model runs
+    # on the last, and threads hand the arrays over without pickling them.
+    pool = ThreadPoolExecutor(min(cpu_count(), max(1, len(paths))))
     try:
         with atomic_path(out) as tmp, open(tmp, "w", newline="") as f, progress_bar(len(paths), "predict") as bar:
             writer = csv.writer(f, lineterminator="\n")

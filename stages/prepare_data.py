@@ -1,8 +1,10 @@
 """The prepare-data stage: a source -> seeded, stratified train/val/test splits on disk.
 
-Reads the dataset that `data.dataset` names (`sources/`), carves the splits the source does
-not have, and writes the prepared folder (`prepared.py`): one safetensors file per split and
-`info.json` with class names, shape, the train split's per-channel mean/std and counts.
+Reads the dataset that `data.dataset` names (`sources/`), chooses the rows of each split from
+the labels alone (carving the splits the source does not have), then writes the prepared folder
+(`prepared.py`) split file by split file, in chunks: arrays are copied row block by row block,
+image files are decoded on every core straight into their rows. Then `info.json`, with class
+names, shape, the train split's per-channel mean/std (counted on the way) and counts.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 
 from .errors import UserError
 from .params import DataParams
-from .prepared import IMAGE_MODES, SPLITS, write_info, write_split
+from .prepared import IMAGE_MODES, SPLITS, ChannelStats, PreparedWriter, copy_rows
 from .sources import Source, load_source
 
 
@@ -32,64 +34,72 @@ def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[
     return torch.sort(torch.cat(keep)).values, torch.sort(torch.cat(take)).values
 
 
-def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std in [0, 1] units, summed in chunks (no float copy of the whole set)."""
-    c = images.shape[1]
-    total = torch.zeros(c, dtype=torch.float64)
-    total_sq = torch.zeros(c, dtype=torch.float64)
-    for start in range(0, len(images), chunk):
-        x = images[start : start + chunk].to(torch.float64) / 255.0
-        total += x.sum(dim=(0, 2, 3))
-        total_sq += (x * x).sum(dim=(0, 2, 3))
-    count = images.shape[0] * images.shape[2] * images.shape[3]
-    mean = total / count
-    std = (total_sq / count - mean * mean).clamp_min(1e-12).sqrt()
-    return [round(v, 6) for v in mean.tolist()], [round(max(v, 1e-3), 6) for v in std.tolist()]
+def choose_rows(source: Source, p: DataParams) -> dict[str, tuple[str, torch.Tensor]]:
+    """split -> (the source's split it comes from, its rows there, ascending): the source's own
+    splits as they are, test and then val carved out of train where the source has none.
 
-
-def make_splits(source: Source, p: DataParams) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """The source's splits, with test and then val carved out of train where the source has none."""
-    splits = dict(source.splits)
-    if "train" not in splits:
+    Chosen from the labels alone, before any image is decoded, so an image folder's files keep
+    their split whether or not other files turn out unreadable."""
+    if "train" not in source.labels:
         raise UserError(f"data.dataset = {p.dataset!r} gave no training images")
-    if "test" not in splits:
-        images, labels = splits["train"]
-        keep, take = stratified_split(labels, p.test_fraction, p.split_seed)
-        splits["train"], splits["test"] = (images[keep], labels[keep]), (images[take], labels[take])
-    if "val" not in splits:
-        images, labels = splits["train"]
-        keep, take = stratified_split(labels, p.val_fraction, p.split_seed + 1)
-        splits["train"], splits["val"] = (images[keep], labels[keep]), (images[take], labels[take])
+    rows = {name: (name, torch.arange(len(labels))) for name, labels in source.labels.items()}
+    for split, fraction, seed in (("test", p.test_fraction, p.split_seed), ("val", p.val_fraction, p.split_seed + 1)):
+        if split not in rows:
+            train_rows = rows["train"][1]
+            keep, take = stratified_split(source.labels["train"][train_rows], fraction, seed)
+            rows["train"], rows[split] = ("train", train_rows[keep]), ("train", train_rows[take])
     for name in SPLITS:
-        if len(splits[name][1]) == 0:
+        if len(rows[name][1]) == 0:
             raise UserError(f"the {name} split is empty; use more images or change data.val_fraction / "
                             "data.test_fraction")
-    return splits
+    return {name: rows[name] for name in SPLITS}
+
+
+def image_shape(source: Source, p: DataParams) -> tuple[int, int, int]:
+    if source.files:
+        return p.channels, p.image_size, p.image_size
+    return tuple(source.images["train"].shape[1:])
 
 
 def prepare_data(p: DataParams, out_dir: str | Path) -> dict:
     """Run the stage: read the source, split, write the splits and info.json; return the info."""
     source = load_source(p)
-    splits = make_splits(source, p)
-    train_images = splits["train"][0]
-    mean, std = channel_stats(train_images)
-    num_classes = len(source.class_names)
-    for name in SPLITS:
-        write_split(out_dir, name, *splits[name])
-    info = {
-        "dataset": p.dataset,
-        "class_names": source.class_names,
-        "num_classes": num_classes,
-        "shape": list(train_images.shape[1:]),
-        "mean": mean,
-        "std": std,
-        "counts": {name: len(splits[name][1]) for name in SPLITS},
-        "class_counts": {name: torch.bincount(splits[name][1], minlength=num_classes).tolist() for name in SPLITS},
-        "skipped_bad_images": source.skipped_bad_images,
-        # How a new image file becomes pixels like these (`predict` reads it from the model file).
-        # Only image folders are resized here; for the others it is how predict fits a photo.
-        "image_mode": IMAGE_MODES[train_images.shape[1]],
-        "resize": "stretch",
-    }
-    write_info(out_dir, info)
+    rows = choose_rows(source, p)
+    labels = {split: source.labels[native][idx].numpy() for split, (native, idx) in rows.items()}
+    shape = image_shape(source, p)
+    stats = ChannelStats(shape[0])  # of the train split, counted while it is written
+    skipped: list[tuple[str, str]] = []
+    with PreparedWriter(out_dir, labels, shape) as out:
+        if source.files:
+            from .sources.imagefolder import decode_into, report_skipped
+
+            files = {split: [source.files[native][i] for i in idx.tolist()] for split, (native, idx) in rows.items()}
+            skipped = decode_into(out.splits, files, p.resize, p.skip_bad_images, stats)
+            report_skipped(skipped)
+        else:
+            for split, (native, idx) in rows.items():
+                copy_rows(out.splits[split], source.images[native], idx, stats if split == "train" else None)
+        written = {split: torch.from_numpy(writer.labels) for split, writer in out.splits.items()}
+        for split in SPLITS:
+            if len(written[split]) == 0:  # every file of the split was unreadable
+                raise UserError(f"no readable images in the {split} split under {p.root} "
+                                f"({len(skipped)} unreadable files skipped)")
+        mean, std = stats.mean_std()
+        num_classes = len(source.class_names)
+        info = {
+            "dataset": p.dataset,
+            "class_names": source.class_names,
+            "num_classes": num_classes,
+            "shape": list(shape),
+            "mean": mean,
+            "std": std,
+            "counts": {name: len(written[name]) for name in SPLITS},
+            "class_counts": {name: torch.bincount(written[name], minlength=num_classes).tolist() for name in SPLITS},
+            "skipped_bad_images": len(skipped),
+            # How a new image file becomes pixels like these (`predict` reads it from the model file).
+            # Only image folders are resized here; for the others it is how predict fits a photo.
+            "image_mode": IMAGE_MODES[shape[0]],
+            "resize": p.resize if source.files else "stretch",
+        }
+        out.commit(info)
     return info

@@ -6,29 +6,190 @@ A folder holding, per split ("train", "val", "test"), `<split>.safetensors` with
     dataset, class_names, num_classes, shape [C, H, W], mean and std (per channel, in [0, 1]
     units, of the train split), counts and class_counts per split, skipped_bad_images,
     image_mode (the 8-bit PIL mode the pixels are in: "L" for 1 channel, "RGB" for 3) and
-    resize (how an image file is brought to H x W: "stretch", both sides scaled to the size);
+    resize (how an image file is brought to H x W: "crop" or "stretch", data.resize);
     the last two travel into the model file, so that `predict` prepares new images the same way
+
+The split files are written in place, chunk by chunk (`SplitWriter`): the layout is known once
+the labels are, so no stage ever holds a whole split in memory to write it. They are read
+memory-mapped (`load_prepared`): the pages live in the page cache, shared by every process on
+the machine that reads the same file, and only the batches a stage gathers become its own memory.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .errors import UserError
-from .io import load_tensors, read_json, save_tensors, write_json
+from .io import load_tensors, read_json, replace_with, safetensors_layout, temp_beside, write_at, write_json
 
 SPLITS = ("train", "val", "test")
 IMAGE_MODES = {1: "L", 3: "RGB"}  # channels -> the PIL mode every source's uint8 pixels are in
+CHUNK_BYTES = 32 << 20  # image rows copied per write when a writer copies rows itself
 
 
 def split_path(data_dir: str | Path, split: str) -> Path:
     return Path(data_dir) / f"{split}.safetensors"
 
 
-def write_split(data_dir: str | Path, split: str, images: torch.Tensor, labels: torch.Tensor) -> None:
-    save_tensors(split_path(data_dir, split), {"images": images, "labels": labels})
+# --- writing ---------------------------------------------------------------------------------
+
+
+class SplitWriter:
+    """One split file, written in place beside its final path and renamed onto it at `commit`.
+
+    The header and the labels are written at once; the images area is left to be filled row by
+    row, by this process (`write_rows`) or by decoder processes given `images_offset` and
+    `row_bytes`. Rows that could not be filled (unreadable images) are dropped by `drop_rows`,
+    which writes the file again without them. The bytes are those `save_tensors` writes for the
+    same tensors.
+    """
+
+    def __init__(self, data_dir: str | Path, split: str, labels: np.ndarray, shape: tuple[int, int, int]):
+        self.split, self.final = split, split_path(data_dir, split)
+        self.shape = tuple(int(v) for v in shape)
+        self.row_bytes = int(np.prod(self.shape))
+        self.tmp = temp_beside(self.final)
+        self.labels = self._create(self.tmp, np.ascontiguousarray(labels, dtype=np.int64))
+
+    def _create(self, path: Path, labels: np.ndarray) -> np.ndarray:
+        n = len(labels)
+        prefix, offsets = safetensors_layout({"labels": ("I64", (n,)), "images": ("U8", (n, *self.shape))},
+                                             metadata={})
+        self.images_offset = offsets["images"]
+        with open(path, "wb") as f:
+            f.write(prefix)
+            f.write(labels.astype("<i8").tobytes())
+            f.truncate(self.images_offset + n * self.row_bytes)  # the image rows: a hole, filled by writers
+        return labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def write_rows(self, start: int, rows: np.ndarray) -> None:
+        """Write uint8 rows (n, C, H, W) at row `start`."""
+        write_at(self.tmp, self.images_offset + start * self.row_bytes, np.ascontiguousarray(rows, dtype=np.uint8))
+
+    def drop_rows(self, rows: list[int]) -> None:
+        """Write the file again without `rows` (their images could not be read), copying the rest in chunks."""
+        if not rows:
+            return
+        keep = np.ones(len(self.labels), dtype=bool)
+        keep[rows] = False
+        old, old_offset = self.tmp, self.images_offset
+        self.tmp = temp_beside(self.final)
+        self.labels = self._create(self.tmp, self.labels[keep])
+        kept = np.flatnonzero(keep)
+        chunk = max(1, CHUNK_BYTES // self.row_bytes)
+        with open(old, "rb") as src:
+            for start in range(0, len(kept), chunk):
+                block = np.empty((min(chunk, len(kept) - start), self.row_bytes), dtype=np.uint8)
+                for i, row in enumerate(kept[start : start + chunk]):
+                    src.seek(old_offset + int(row) * self.row_bytes)
+                    src.readinto(memoryview(block[i]))
+                self.write_rows(start, block)
+        old.unlink()
+
+    def sync(self) -> None:
+        """Flush the file to disk (done early, on a background thread, for a split that is complete)."""
+        with open(self.tmp, "rb+") as f:
+            os.fsync(f.fileno())
+
+    def commit(self) -> None:
+        """Flush the file and rename it onto its final path."""
+        replace_with(self.tmp, self.final)
+
+    def discard(self) -> None:
+        if self.tmp.exists():
+            self.tmp.unlink()
+
+
+class PreparedWriter:
+    """The split files of one prepared folder, renamed into place together with info.json only
+    when all of them are complete; on an error none of them replaces what was there."""
+
+    def __init__(self, data_dir: str | Path, labels: dict[str, np.ndarray], shape: tuple[int, int, int]):
+        self.data_dir = Path(data_dir)
+        self.splits: dict[str, SplitWriter] = {}
+        try:
+            for name, split_labels in labels.items():
+                self.splits[name] = SplitWriter(data_dir, name, split_labels, shape)
+        except BaseException:
+            self.discard()
+            raise
+
+    def __enter__(self) -> PreparedWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.discard()  # after commit there is nothing left to discard
+
+    def commit(self, info: dict) -> None:
+        for writer in self.splits.values():
+            writer.commit()
+        write_info(self.data_dir, info)
+
+    def discard(self) -> None:
+        for writer in self.splits.values():
+            writer.discard()
+
+
+def copy_rows(writer: SplitWriter, images: torch.Tensor, rows: torch.Tensor, stats: ChannelStats | None) -> None:
+    """Write `images[rows]` into a split file a chunk at a time (no copy of the whole split)."""
+    chunk = max(1, CHUNK_BYTES // writer.row_bytes)
+    for start in range(0, len(rows), chunk):
+        block = images[rows[start : start + chunk]].numpy()
+        writer.write_rows(start, block)
+        if stats is not None:
+            stats.add(channel_histogram(block))
+
+
+# --- per-channel statistics of the train split --------------------------------------------------
+
+
+def channel_histogram(images: np.ndarray) -> np.ndarray:
+    """(C, 256) int64 counts of each value per channel of uint8 images (n, C, H, W).
+
+    Pillow's histogram is a tight C loop, about 6x numpy.bincount here, which matters when it
+    runs on every decoded image."""
+    from PIL import Image
+
+    n, c, h, w = images.shape
+    counts = np.zeros((c, 256), dtype=np.int64)
+    if n == 0:
+        return counts
+    for k in range(c):
+        plane = np.ascontiguousarray(images[:, k]).reshape(n * h, w)
+        counts[k] = Image.fromarray(plane, mode="L").histogram()
+    return counts
+
+
+class ChannelStats:
+    """Per-channel mean and std of uint8 images from exact integer histograms: the same numbers
+    whatever the chunking, the order or the number of decoder processes."""
+
+    def __init__(self, channels: int):
+        self.counts = np.zeros((channels, 256), dtype=np.int64)
+
+    def add(self, counts: np.ndarray) -> None:
+        self.counts += counts
+
+    def mean_std(self) -> tuple[list[float], list[float]]:
+        """Mean and std in [0, 1] units, rounded to 6 digits (std at least 0.001)."""
+        values = np.arange(256, dtype=np.int64)
+        pixels = self.counts.sum(axis=1)
+        total = (self.counts * values).sum(axis=1)  # exact: int64 holds 255^2 x 10^13 pixels
+        total_sq = (self.counts * values * values).sum(axis=1)
+        mean = total / (255.0 * np.maximum(pixels, 1))
+        var = total_sq / (255.0**2 * np.maximum(pixels, 1)) - mean * mean
+        std = np.sqrt(np.maximum(var, 1e-24))
+        return [round(float(v), 6) for v in mean], [round(max(float(v), 1e-3), 6) for v in std]
+
+
+# --- reading ---------------------------------------------------------------------------------
 
 
 def write_info(data_dir: str | Path, info: dict) -> None:
@@ -40,12 +201,16 @@ def read_info(data_dir: str | Path) -> dict:
 
 
 def load_prepared(data_dir: str | Path, split: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """One prepared split: (uint8 images, int64 labels, info). Damaged files are named in the error."""
+    """One prepared split: (uint8 images, int64 labels, info), memory-mapped, not read into memory.
+
+    safetensors maps the file (copy-on-write, so nothing can change it) and its tensors are views
+    of the mapping; a missing, truncated or damaged file is a UserError naming it."""
     info = read_info(data_dir)
     path = split_path(data_dir, split)
     tensors, _ = load_tensors(path)
     images, labels = tensors.get("images"), tensors.get("labels")
     if (images is None or labels is None or images.dtype != torch.uint8 or images.ndim != 4
-            or len(images) != len(labels)):
+            or labels.dtype != torch.int64 or len(images) != len(labels)):
         raise UserError(f"{path} is damaged: expected uint8 'images' (N, C, H, W) and 'labels' of the same length")
     return images, labels, info
+

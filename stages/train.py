@@ -234,8 +234,9 @@ def train(p: Params, plan: DevicePlan, ctx: DistContext, data_dir: Path, model_p
         f"devices {where}, strategy {strategy}, global batch {cfg.batch_size}{passes}, per-device batch {per_device}, "
         f"precision {precision_name(st.amp_dtype)}, model {p.model.name} ({count_parameters(model):,} parameters)")
 
-    train_split = place_split(train_images, train_labels, device)
-    val_split = place_split(val_images, val_labels, device)
+    train_split = place_split(train_images, train_labels, device, cfg.data_placement)
+    val_split = place_split(val_images, val_labels, device, cfg.data_placement)
+    log(f"data: {len(train_split):,} training images, {train_split.where()}")
     live = open_live(metrics_dir, history) if ctx.is_main else None
 
     # The epochs: train, validate (rank 0) the weights to be kept, log, checkpoint, stop early.
@@ -262,8 +263,8 @@ def train(p: Params, plan: DevicePlan, ctx: DistContext, data_dir: Path, model_p
         stop = None
         if ctx.is_main:
             kept = kept_model(wrapped, st)
-            val = evaluate(kept, val_split.images, val_split.labels, st.mean, st.std, p.evaluate.batch_size, device,
-                           st.amp_dtype, st.channels_last)
+            val = evaluate(kept, val_split, st.mean, st.std, p.evaluate.batch_size, device, st.amp_dtype,
+                           st.channels_last)
             record.update(val_loss=val.loss, val_accuracy=val.accuracy)
             log_epoch(live, record)
             if cfg.keep == "best" and best_epoch(history) == epoch:
@@ -323,6 +324,7 @@ def train(p: Params, plan: DevicePlan, ctx: DistContext, data_dir: Path, model_p
         "compile_seconds": round(st.compile_seconds, 3),  # this process's; not in epoch_seconds or samples/s
         "stage_seconds": round(time.perf_counter() - started, 3),
         "data_on_device": train_split.images.device.type == "cuda",
+        "data_streamed": train_split.streamed,
         "torch_version": torch.__version__,
         "train_params": p.section_dict("train"),
         "samples_per_second": round(throughput, 1),
@@ -350,8 +352,8 @@ def check_batch_size(cfg: TrainParams, n_train: int, plan: DevicePlan, ctx: Dist
             f"some GPUs get no samples")
 
 
-# How a run is kept going, or whether a file may be fetched: not what it computes.
-LAUNCH_ONLY = {"train.max_restarts", "train.dist_timeout", "model.download"}
+# How a run is kept going, whether a file may be fetched, how the data reaches the device: not what it computes.
+LAUNCH_ONLY = {"train.max_restarts", "train.dist_timeout", "model.download", "train.data_placement"}
 
 
 def run_fingerprint(p: Params, data_dir: Path) -> dict:

@@ -22,7 +22,7 @@ def test_gpu_check_smoke_runs_every_section_on_the_cpu(tmp_path):
     assert report["smoke"] and report["machine"]["device"] == "cpu"
     assert not [r for r in rows if r["status"] == "ERROR"], [r for r in rows if r["status"] == "ERROR"]
     sections = {r["section"].split()[0] for r in rows}
-    assert {"(i)", "(ii)", "(iii)", "(iv)", "(v)", "(vi)", "(vii)", "(viii)"} <= sections
+    assert {"(i)", "(ii)", "(iii)", "(iv)", "(v)", "(vi)", "(vii)", "(viii)", "(ix)"} <= sections
     skipped = {r["section"] for r in rows if r["status"] == "SKIPPED"}
     assert skipped == CUDA_ONLY, skipped  # everything else runs on the CPU, the same code as on a GPU
     # The wrappers must not change what is learned: DataParallel on one device, DDP in a one-process

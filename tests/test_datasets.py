@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -128,6 +129,7 @@ def cli(*args: str):
 
 
 def prepare(tmp_path: Path, **data) -> tuple[Path, object]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     params = write_params(tmp_path / "params.yaml", data=data,
                           train={"epochs": 1, "batch_size": 16, "accelerator": "cpu"})
     out = tmp_path / "prepared"
@@ -298,15 +300,15 @@ def test_decoding_flattens_transparency_on_white_and_scales_16_bit(tmp_path):
     palette.putpalette([0, 0, 0] * 256)
     palette.save(tmp_path / "palette.png", transparency=0)  # palette entry 0 is transparent
     Image.fromarray(np.full((4, 4), 32768, np.uint16)).save(tmp_path / "deep.png")  # 16-bit grey, half way
-    assert (decode_image(str(tmp_path / "clear.png"), "RGB", 4) == 255).all()
-    assert (decode_image(str(tmp_path / "palette.png"), "L", 4) == 255).all()
-    assert abs(int(decode_image(str(tmp_path / "half.png"), "L", 4).mean()) - 127) <= 2
-    assert decode_image(str(tmp_path / "deep.png"), "L", 4).tolist() == np.full((1, 4, 4), 128).tolist()
+    assert (decode_image(str(tmp_path / "clear.png"), "RGB", 4, "stretch") == 255).all()
+    assert (decode_image(str(tmp_path / "palette.png"), "L", 4, "stretch") == 255).all()
+    assert abs(int(decode_image(str(tmp_path / "half.png"), "L", 4, "stretch").mean()) - 127) <= 2
+    assert decode_image(str(tmp_path / "deep.png"), "L", 4, "stretch").tolist() == np.full((1, 4, 4), 128).tolist()
 
 
 def test_decoding_keeps_colours_in_rgb_order(tmp_path):
     Image.new("RGB", (30, 20), (200, 100, 50)).save(tmp_path / "orange.png")
-    assert decode_image(str(tmp_path / "orange.png"), "RGB", 4)[:, 0, 0].tolist() == [200, 100, 50]
+    assert decode_image(str(tmp_path / "orange.png"), "RGB", 4, "stretch")[:, 0, 0].tolist() == [200, 100, 50]
 
 
 def test_decoding_follows_exif_orientation(tmp_path):
@@ -315,8 +317,49 @@ def test_decoding_follows_exif_orientation(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
     Image.fromarray(stored).save(tmp_path / "phone.jpg", exif=exif, quality=95)
-    shown = decode_image(str(tmp_path / "phone.jpg"), "L", 8)[0]
+    shown = decode_image(str(tmp_path / "phone.jpg"), "L", 8, "stretch")[0]
     assert shown[:3].mean() < 30 and shown[-3:].mean() > 225  # displayed: black on top, white below
+
+
+def bands(width: int, height: int, colours: list[tuple[int, int, int]], vertical: bool = True) -> Image.Image:
+    """Equal bands of solid colour, left to right (vertical) or top to bottom."""
+    pixels = np.zeros((height, width, 3), np.uint8)
+    for i, colour in enumerate(colours):
+        if vertical:
+            pixels[:, i * width // len(colours) : (i + 1) * width // len(colours)] = colour
+        else:
+            pixels[i * height // len(colours) : (i + 1) * height // len(colours)] = colour
+    return Image.fromarray(pixels)
+
+
+RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+
+
+@pytest.mark.parametrize("vertical", [True, False])
+def test_crop_keeps_the_centre_and_stretch_keeps_everything(tmp_path, vertical):
+    # 90 x 20 (or 20 x 90): the centre square, 35..55, lies inside the middle band, 30..60, with a
+    # margin for the filter's reach (bilinear at half size reads 2 pixels either side).
+    size = (90, 20) if vertical else (20, 90)
+    bands(*size, [RED, GREEN, BLUE], vertical).save(tmp_path / "wide.png")
+    crop = decode_image(str(tmp_path / "wide.png"), "RGB", 10, "crop")
+    assert crop.shape == (3, 10, 10)
+    assert (crop.reshape(3, -1).T == GREEN).all()  # only the middle band is left
+    stretch = decode_image(str(tmp_path / "wide.png"), "RGB", 12, "stretch")
+    first, last = (stretch[:, :, 0], stretch[:, :, -1]) if vertical else (stretch[:, 0], stretch[:, -1])
+    assert (first.T == RED).all() and (last.T == BLUE).all()  # squeezed: all three bands remain
+
+
+@pytest.mark.parametrize("size", [(160, 120), (120, 160), (97, 61), (64, 64)])
+def test_crop_matches_torchvisions_resize_and_center_crop(tmp_path, size):
+    from torchvision.transforms import v2
+
+    coarse = np.random.default_rng(0).integers(0, 256, (size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
+    photo = Image.fromarray(coarse).resize(size, Image.Resampling.BICUBIC)  # smooth, like a photo
+    photo.save(tmp_path / "photo.png")
+    ours = decode_image(str(tmp_path / "photo.png"), "RGB", 32, "crop").astype(int)
+    theirs = v2.CenterCrop(32)(v2.Resize(32, interpolation=v2.InterpolationMode.BILINEAR, antialias=True)(photo))
+    theirs = np.asarray(theirs).transpose(2, 0, 1).astype(int)
+    assert np.abs(ours - theirs).max() <= 1  # the same window, resampled in one step instead of two
 
 
 # --- bad image folders ---
@@ -400,3 +443,98 @@ def test_bad_image_through_python_m_stages_is_one_line_without_traceback(tmp_pat
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr + proc.stdout
     assert proc.stderr.strip().count("\n") == 0 and "cannot read image" in proc.stderr
+
+
+# --- image folders larger than one decoder task: decoded in parallel into the split files ---
+
+
+def write_numbered(root: Path, per_class: int) -> list[Path]:
+    """16x16 grey PNGs whose first two pixels spell the file's number (in listing order) and whose
+    other pixels are the class's grey level: any row out of place or mislabelled shows."""
+    paths = []
+    for label, name in enumerate(sorted(LEVELS)):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            number = label * per_class + i
+            pixels = np.full((16, 16), LEVELS[name], np.uint8)
+            pixels[0, 0], pixels[0, 1] = number % 256, number // 256
+            path = root / name / f"img{i:04d}.png"
+            Image.fromarray(pixels).save(path)
+            paths.append(path)
+    return paths
+
+
+def numbers(images) -> list[int]:
+    return (images[:, 0, 0, 0].long() + 256 * images[:, 0, 0, 1].long()).tolist()
+
+
+def check_numbered(splits: dict, class_names: list[str], per_class: int, missing: set[int] = frozenset()) -> dict:
+    """Rows in listing order, each labelled with its file's class, every file in exactly one split."""
+    seen = {}
+    for split, (images, labels, _) in splits.items():
+        found = numbers(images)
+        assert found == sorted(found), f"{split}: rows out of order"
+        assert [n // per_class for n in found] == labels.tolist(), f"{split}: a row has another file's label"
+        assert (images[:, :, 1:].int() == torch.tensor([LEVELS[class_names[k]] for k in labels])
+                .view(-1, 1, 1, 1).int()).all()
+        seen[split] = set(found)
+    everything = set.union(*seen.values())
+    assert sum(len(v) for v in seen.values()) == len(everything) == 3 * per_class - len(missing)
+    assert not everything & missing
+    return seen
+
+
+def test_parallel_decoders_write_the_bytes_one_process_writes(tmp_path, monkeypatch):
+    import stages.sources.imagefolder as imagefolder
+
+    root = tmp_path / "photos"
+    write_numbered(root, per_class=150)  # 450 files: 8 tasks, on every core
+    data = {"dataset": "imagefolder", "root": str(root), "image_size": 16, "channels": 1}
+    parallel, result = prepare(tmp_path / "parallel", **data)
+    assert result.exit_code == 0, result.output
+    if imagefolder.cpu_count() > 1:
+        assert f"images/s, {min(imagefolder.cpu_count(), 8)} processes)" in result.stdout
+    check_numbered(all_splits(parallel), ["dark", "light", "mid"], 150)
+    monkeypatch.setattr(imagefolder, "cpu_count", lambda: 1)  # decode in this process alone
+    alone = prepare_ok(tmp_path / "alone", **data)
+    for name in ("train.safetensors", "val.safetensors", "test.safetensors", "info.json"):
+        assert (parallel / name).read_bytes() == (alone / name).read_bytes(), name
+
+
+def test_unreadable_files_leave_every_other_file_in_its_split(tmp_path):
+    root = tmp_path / "photos"
+    paths = write_numbered(root, per_class=100)
+    broken = {3, 64, 65, 150, 299}  # in several tasks and classes
+    originals = {i: paths[i].read_bytes() for i in broken}
+    for i in broken:
+        paths[i].write_bytes(b"not a PNG")
+    data = {"dataset": "imagefolder", "root": str(root), "image_size": 16, "channels": 1, "skip_bad_images": True}
+    prepared, result = prepare(tmp_path / "skipped", **data)
+    assert result.exit_code == 0, result.output
+    assert result.stderr.count("warning: skipped unreadable image") == len(broken)
+    info = load_prepared(prepared, "train")[2]
+    assert info["skipped_bad_images"] == len(broken) and sum(info["counts"].values()) == 300 - len(broken)
+    skipped = check_numbered(all_splits(prepared), info["class_names"], 100, missing=broken)
+    for i, content in originals.items():  # the same files, readable this time
+        paths[i].write_bytes(content)
+    whole = check_numbered(all_splits(prepare_ok(tmp_path / "fixed", **data)), info["class_names"], 100)
+    for split in skipped:
+        assert skipped[split] == whole[split] - broken  # nobody moved to make room
+
+
+def test_unreadable_file_in_a_large_folder_keeps_the_last_good_splits(tmp_path):
+    root = tmp_path / "photos"
+    paths = write_numbered(root, per_class=100)
+    data = {"dataset": "imagefolder", "root": str(root), "image_size": 16, "channels": 1}
+    prepared = prepare_ok(tmp_path, **data)
+    before = {p.name: p.read_bytes() for p in prepared.iterdir()}
+    paths[250].write_bytes(paths[250].read_bytes()[:60])  # truncated PNG
+    paths[40].write_bytes(b"")
+    messages = set()
+    for _ in range(2):
+        _, result = prepare(tmp_path, **data)
+        assert_user_error(result, "cannot read image", "data.skip_bad_images: true")
+        messages.add(result.stderr)
+    line = messages.pop()
+    assert (str(paths[250]) in line) != (str(paths[40]) in line)  # one of them, the same every time
+    assert {p.name: p.read_bytes() for p in prepared.iterdir()} == before  # no temporary file left either

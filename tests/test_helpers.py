@@ -13,7 +13,8 @@ from stages.analyze.probe import ProbePoint, ProbeResult, merge_identical_modes,
 from stages.core.checkpoint import fingerprint_difference, flatten_optimizer_state, unflatten_optimizer_state
 from stages.core.loop import cosine_lr, epoch_permutation
 from stages.io import load_tensors, save_tensors
-from stages.prepare_data import channel_stats, stratified_split
+from stages.prepare_data import stratified_split
+from stages.prepared import ChannelStats, channel_histogram
 
 # --- prepare-data ------------------------------------------------------------------------------
 
@@ -30,12 +31,18 @@ def test_stratified_split_takes_the_fraction_of_every_class():
     assert not torch.equal(stratified_split(labels, 0.2, seed=1)[1], take)
 
 
-def test_channel_stats_match_numpy_over_chunks():
+def test_channel_stats_match_numpy_whatever_the_chunks():
     gen = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (50, 3, 5, 4), dtype=torch.uint8, generator=gen)
+    images = torch.randint(0, 256, (50, 3, 5, 4), dtype=torch.uint8, generator=gen).numpy()
     images[:, 2] = 77  # a constant channel: its std is floored, never 0 (it divides)
-    mean, std = channel_stats(images, chunk=7)
-    x = images.numpy().astype(np.float64) / 255.0
+    chunked, whole = ChannelStats(3), ChannelStats(3)
+    for start in (28, 0, 21, 49, 7, 14, 42, 35):  # any order and chunking: the same exact counts
+        chunked.add(channel_histogram(images[start : start + 7]))
+    whole.add(channel_histogram(images))
+    assert np.array_equal(chunked.counts, whole.counts) and whole.counts.sum() == images.size
+    mean, std = chunked.mean_std()
+    assert (mean, std) == whole.mean_std()
+    x = images.astype(np.float64) / 255.0
     np.testing.assert_allclose(mean, x.mean(axis=(0, 2, 3)), atol=1e-6)
     np.testing.assert_allclose(std[:2], x.std(axis=(0, 2, 3))[:2], atol=1e-6)
     assert std[2] == 1e-3

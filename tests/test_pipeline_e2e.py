@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from .browser import drawn_vega_plots
-from .helpers import ROOT, stage_processes
+from .helpers import DEFAULT_WEIGHTS_SHA256, ROOT, skip_unless_reference_torch, stage_processes
 from .test_layout import command_modules, stage_command
 
 pytestmark = pytest.mark.e2e
@@ -132,18 +132,8 @@ def test_repro_runs_every_stage_and_learns(project):
     assert (repo / "report" / "report.md").is_file()
 
 
-# models/model.safetensors from the default params.yaml on this machine's CPU with torch 2.15: the weights
-# are the project's reference from before torchvision's models, pretrained weights, the recipe and the
-# streamed data path (the file's metadata gained image_mode and resize since). New params are off by
-# default, and the defaults must keep giving these bytes.
-DEFAULT_WEIGHTS_SHA256 = "8ec8654f05f0521db1ad9577c342ae4dd44cb63a0e2e0b966ade271b3e83de26"
-
-
 def test_default_params_still_give_the_reference_weights(project):
-    import torch
-
-    if not torch.__version__.startswith("2.15."):
-        pytest.skip(f"the reference digest was made with torch 2.15, this is {torch.__version__}")
+    skip_unless_reference_torch()
     assert hashlib.sha256(project["first_weights"]).hexdigest() == DEFAULT_WEIGHTS_SHA256
 
 

@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from stages.core.batches import place_split
+from stages.core.batches import Split, place_split
 from stages.core.devices import plan_devices
 from stages.core.distributed import DistContext
 from stages.core.loop import (
@@ -161,9 +161,9 @@ def test_top5_accuracy_counts_the_label_among_the_five_highest_scores():
     scores = torch.tensor([[70, 60, 50, 40, 30, 20, 10]] * 4, dtype=torch.uint8).view(4, 1, 1, 7)
     labels = torch.tensor([0, 2, 5, 6])
     mean, std = torch.zeros(1, 1, 1), torch.full((1, 1, 1), 1 / 255)
-    result = evaluate(torch.nn.Flatten(), scores, labels, mean, std, batch_size=3, device=CPU)
+    result = evaluate(torch.nn.Flatten(), Split(scores, labels), mean, std, batch_size=3, device=CPU)
     assert (result.accuracy, result.top5_accuracy) == (0.25, 0.5)
-    five = evaluate(torch.nn.Flatten(), scores[..., :5], labels.clamp(max=4), mean, std, 3, CPU)
+    five = evaluate(torch.nn.Flatten(), Split(scores[..., :5], labels.clamp(max=4)), mean, std, 3, CPU)
     assert five.top5_accuracy is None  # 5 classes or fewer: every label is in the top 5
 
 
@@ -178,7 +178,7 @@ def val_evaluation(model_file, prepared):
     meta = model.stages_metadata
     mean, std = torch.tensor(meta["mean"]).view(-1, 1, 1), torch.tensor(meta["std"]).view(-1, 1, 1)
     images, labels, _ = load_prepared(prepared, "val")
-    return evaluate(model, images, labels, mean, std, 512, CPU)
+    return evaluate(model, Split(images, labels), mean, std, 512, CPU)
 
 
 def test_saved_weights_are_the_moving_average(tmp_path, prepared_digits):

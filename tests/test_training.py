@@ -21,7 +21,7 @@ from stages.core.models import build_model
 from stages.core.weights import model_metadata, save_model
 from stages.errors import UserError
 
-from .helpers import ROOT, run_stages, write_params
+from .helpers import DEFAULT_WEIGHTS_SHA256, ROOT, run_stages, skip_unless_reference_torch, write_params
 
 INFO = {"num_classes": 10, "shape": [1, 8, 8], "class_names": [str(i) for i in range(10)],
         "mean": [0.3], "std": [0.4], "dataset": "digits", "image_mode": "L", "resize": "stretch"}
@@ -374,3 +374,154 @@ def test_augmented_training_runs_on_the_stage(tmp_path, prepared_digits):
     out, proc = _train(tmp_path, "aug", prepared_digits, epochs=2, accelerator="cpu", augment=True)
     plain, _ = _train(tmp_path, "plain", prepared_digits, epochs=2, accelerator="cpu")
     assert (out / "model.safetensors").read_bytes() != (plain / "model.safetensors").read_bytes()
+
+
+# --- where batches come from: resident or streamed from the mapped split ---------------------
+
+
+def _core_run(prepared, placement: str, model_name: str = "small-cnn", epochs: int = 2):
+    """Train the core directly on the prepared digits with a given train.data_placement; the
+    final weights, the batches of epoch 1 and the validation results."""
+    from stages.core.batches import batch_stream, place_split
+    from stages.core.distributed import DistContext
+    from stages.core.loop import (
+        build_loop_state,
+        epoch_permutation,
+        evaluate,
+        prepare_model,
+        rank_batches,
+        train_one_epoch,
+    )
+    from stages.params import TrainParams
+    from stages.prepared import load_prepared
+
+    images, labels, info = load_prepared(prepared, "train")
+    val_images, val_labels, _ = load_prepared(prepared, "val")
+    cfg = TrainParams(epochs=epochs, batch_size=32, accelerator="cpu", data_placement=placement, augment=True)
+    device, ctx = torch.device("cpu"), DistContext()
+    split = place_split(images, labels, device, placement)
+    assert split.streamed == (placement == "stream")
+    batches = rank_batches(epoch_permutation(len(split), cfg.seed, 1), cfg.batch_size, ctx)
+    with batch_stream(split, batches, device) as stream:
+        seen = [(x.clone(), y.clone()) for x, y in stream]
+    torch.manual_seed(cfg.seed)
+    model = prepare_model(build_model(model_name, 1, 8, 10), cfg, plan_devices("cpu", 1, "dp"), ctx, device)
+    st = build_loop_state(model, cfg, ctx, device, info, len(labels))
+    for epoch in range(1, epochs + 1):
+        train_one_epoch(model, split, epoch, st)
+    val = evaluate(model, place_split(val_images, val_labels, device, placement), st.mean, st.std, 50, device)
+    return {k: v.clone() for k, v in unwrap(model).state_dict().items()}, seen, val
+
+
+def test_streamed_split_gives_the_batches_and_weights_of_the_resident_one(prepared_digits):
+    resident_weights, resident_batches, resident_val = _core_run(prepared_digits, "auto")
+    streamed_weights, streamed_batches, streamed_val = _core_run(prepared_digits, "stream")
+    assert len(resident_batches) == 1295 // 32
+    for (x_a, y_a), (x_b, y_b) in zip(resident_batches, streamed_batches, strict=True):
+        assert torch.equal(x_a, x_b) and torch.equal(y_a, y_b)
+    assert all(torch.equal(resident_weights[k], streamed_weights[k]) for k in resident_weights)
+    assert resident_val[:2] == streamed_val[:2] and torch.equal(resident_val[2], streamed_val[2])
+
+
+def test_ranks_together_take_the_single_process_batches():
+    from stages.core.distributed import DistContext
+    from stages.core.loop import epoch_permutation, rank_batches
+
+    perm = epoch_permutation(1000, 0, 3)
+    single = rank_batches(perm, 64, DistContext())
+    assert len(single) == 1000 // 64 and all(len(b) == 64 for b in single)
+    assert torch.equal(torch.cat(single), perm[: 15 * 64])  # the permutation in order, last partial batch dropped
+    for world in (2, 4):
+        ranks = [rank_batches(perm, 64, DistContext(rank=r, world_size=world)) for r in range(world)]
+        for step, batch in enumerate(single):
+            assert torch.equal(torch.cat([ranks[r][step] for r in range(world)]), batch)
+
+
+def test_batch_stream_raises_the_threads_error_and_stops_when_left(prepared_digits):
+    import threading
+
+    from stages.core.batches import Split, batch_stream
+    from stages.prepared import load_prepared
+
+    images, labels, _ = load_prepared(prepared_digits, "train")
+    split = Split(images, labels, streamed=True)
+    bad = [torch.arange(4), torch.tensor([0, 10**6])]  # the second batch names a row that is not there
+    with pytest.raises(IndexError), batch_stream(split, bad, torch.device("cpu")) as stream:
+        for _ in stream:
+            pass
+    many = [torch.arange(i, i + 8) for i in range(0, 1200, 8)]
+    with batch_stream(split, many, torch.device("cpu")) as stream:
+        x, y = next(iter(stream))  # leave after one batch, with the thread ahead and blocked on the queue
+        assert torch.equal(x, images[:8]) and torch.equal(y, labels[:8])
+    assert not [t for t in threading.enumerate() if t.name == "batch-stream"]
+
+
+def test_train_stage_streamed_and_resident_write_the_same_weights(tmp_path, prepared_digits):
+    resident, _ = _train(tmp_path, "resident", prepared_digits, epochs=2, accelerator="cpu")
+    streamed, proc = _train(tmp_path, "streamed", prepared_digits, epochs=2, accelerator="cpu",
+                            data_placement="stream")
+    assert "streamed from the memory-mapped split" in proc.stdout
+    assert (resident / "model.safetensors").read_bytes() == (streamed / "model.safetensors").read_bytes()
+    run = __import__("json").loads((streamed / "metrics" / "run.json").read_text())
+    assert run["data_streamed"] is True and run["data_on_device"] is False
+
+
+def test_ddp_ranks_streaming_their_batches_match_one_process(tmp_path, prepared_digits):
+    common = dict(model={"name": "mlp"}, epochs=1, batch_size=64, optimizer="sgd", momentum=0.0, weight_decay=0.0,
+                  lr=0.05, accelerator="cpu")
+    single, _ = _train(tmp_path, "single", prepared_digits, **common)
+    ddp, proc = _train(tmp_path, "ddp", prepared_digits, **dict(common, strategy="ddp", devices=2,
+                                                                 data_placement="stream"))
+    assert "strategy ddp (2 processes)" in proc.stdout
+    a, _ = _weights(single / "model.safetensors")
+    b, _ = _weights(ddp / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_default_run_writes_the_reference_weights(tmp_path, prepared_digits):
+    """The repo's params.yaml, prepared and trained on the CPU, reads the mapped split and gives the same
+    weights file as ever."""
+    import hashlib
+
+    skip_unless_reference_torch()
+    proc = run_stages("train", "--params", str(ROOT / "params.yaml"), "--data", str(prepared_digits),
+                      "--model", str(tmp_path / "model.safetensors"), "--metrics", str(tmp_path / "metrics"),
+                      "--checkpoint", str(tmp_path / "ck.safetensors"))
+    assert "indexed in the memory-mapped split" in proc.stdout
+    assert hashlib.sha256((tmp_path / "model.safetensors").read_bytes()).hexdigest() == DEFAULT_WEIGHTS_SHA256
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_streamed_split_on_cuda_gives_the_resident_batches_and_weights():
+    """Pinned buffers, the side stream and its events deliver every batch intact and in order."""
+    from stages.core.batches import Split, batch_stream, place_split
+    from stages.core.devices import DevicePlan
+    from stages.core.distributed import DistContext
+    from stages.core.loop import build_loop_state, prepare_model, train_one_epoch
+    from stages.params import TrainParams
+
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (2048, 3, 16, 16), dtype=torch.uint8, generator=gen)
+    labels = torch.randint(0, 10, (2048,), generator=gen)
+    device = torch.device("cuda", 0)
+    batches = [torch.randperm(2048, generator=gen)[:100] for _ in range(50)]
+    resident = place_split(images, labels, device, "device")
+    with batch_stream(Split(images, labels, streamed=True), batches, device) as stream:
+        for (x, y), idx in zip(stream, batches, strict=True):
+            assert x.device == device and torch.equal(x, resident.images[idx.to(device)])
+            assert torch.equal(y, resident.labels[idx.to(device)])
+    cfg = TrainParams(epochs=1, batch_size=64, lr=0.05, optimizer="sgd", momentum=0.0, weight_decay=0.0,
+                      precision="fp32", accelerator="cuda", deterministic=True)
+    results = []
+    for placement in ("device", "stream"):
+        torch.manual_seed(cfg.seed)
+        model = prepare_model(build_model("mlp", 3, 16, 10), cfg, DevicePlan("cuda", "dp", [0], 1), DistContext(),
+                              device)
+        st = build_loop_state(model, cfg, DistContext(), device, dict(INFO, shape=[3, 16, 16], mean=[0.5] * 3,
+                                                                     std=[0.25] * 3), len(labels))
+        train_one_epoch(model, place_split(images, labels, device, placement), 1, st)
+        results.append({k: v.detach().cpu() for k, v in model.state_dict().items()})
+    for k in results[0]:
+        torch.testing.assert_close(results[0][k], results[1][k], rtol=1e-5, atol=1e-6)

@@ -118,7 +118,7 @@ def probe_samples(images: torch.Tensor, labels: torch.Tensor, n: int) -> tuple[t
 
 def head(split: Split, n: int) -> Split:
     """The first n samples of a split: `train_one_epoch` then runs exactly n // batch steps."""
-    return Split(split.images[:n], split.labels[:n])
+    return replace(split, images=split.images[:n], labels=split.labels[:n])
 
 
 def time_steps(model: torch.nn.Module, split: Split, st, steps: int) -> tuple[float, float]:
@@ -202,7 +202,8 @@ def ddp_worker(request: dict) -> None:
         device = process_device(plan, ctx)
         steps = request["steps"]
         images, labels, info = load_prepared(request["data"], "train")
-        split = place_split(*probe_samples(images, labels, max(steps, WARMUP_STEPS) * cfg.batch_size), device)
+        split = place_split(*probe_samples(images, labels, max(steps, WARMUP_STEPS) * cfg.batch_size), device,
+                            cfg.data_placement)
         if accelerator == "cuda":
             reset_peak_memory([device.index])
         model, st = build_probe_model(Path(request["weights"]), cfg, plan, ctx, device, info, steps * cfg.batch_size)
@@ -259,8 +260,9 @@ def run_probe(weights: Path, data_dir: Path, cfg: TrainParams, per_device_batch:
     images, labels, info = load_prepared(data_dir, "train")
     largest = max(batch for strategy, _, batch in plan if strategy == "dp")
     device = torch.device("cuda", 0) if n_gpus else torch.device("cpu")
-    # Placed once, as training does: on the GPU when it fits, else pinned on the host.
-    split = place_split(*probe_samples(images, labels, max(steps, WARMUP_STEPS) * largest), device)
+    # Placed once, as training does: on the GPU when it fits, else streamed from the mapping.
+    split = place_split(*probe_samples(images, labels, max(steps, WARMUP_STEPS) * largest), device,
+                        cfg.data_placement)
     names = [torch.cuda.get_device_name(i) for i in range(n_gpus)] or ["cpu"]
     result = ProbeResult(accelerator, names, steps, per_device_batch, global_batch,
                          data_on_device=split.images.device.type == "cuda", notes=notes)

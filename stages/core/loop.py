@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..params import TrainParams
-from .batches import Split, gather_batch
+from .batches import Split, batch_stream
 from .devices import DevicePlan
 from .distributed import DistContext, all_reduce_sum
 from .models import classifier_head
@@ -150,6 +150,17 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=gen)
 
 
+def rank_batches(perm: torch.Tensor, global_batch: int, ctx: DistContext, accumulate: int = 1) -> list[torch.Tensor]:
+    """This rank's rows of every forward pass of `perm`'s complete global batches, in order: each
+    global batch is `accumulate` passes, and of each pass rank r takes the r-th of world_size equal
+    slices, so the ranks together see exactly the single process's batches."""
+    micro = global_batch // accumulate
+    local = micro // ctx.world_size
+    starts = [s * global_batch + m * micro + ctx.rank * local
+              for s in range(len(perm) // global_batch) for m in range(accumulate)]
+    return [perm[first : first + local] for first in starts]
+
+
 # --- what one run's epochs share ----------------------------------------------------------
 
 
@@ -234,7 +245,9 @@ def train_one_epoch(model: nn.Module, split: Split, epoch: int, st: LoopState, p
     micro_batch = global_batch // cfg.accumulate  # samples per forward pass, all ranks together
     local_batch = micro_batch // ctx.world_size  # this rank's samples per forward pass
     steps = len(split) // global_batch
-    perm = epoch_permutation(len(split), cfg.seed, epoch).to(split.images.device)
+    # Each rank's rows of every forward pass, in order: `accumulate` passes per optimizer step.
+    batches = rank_batches(epoch_permutation(len(split), cfg.seed, epoch).to(split.images.device), global_batch,
+                           ctx, cfg.accumulate)
     ddp = ddp_wrapper(model)
     aug_gen = None
     if st.augment_pad or st.augment_flip:
@@ -246,56 +259,57 @@ def train_one_epoch(model: nn.Module, split: Split, epoch: int, st: LoopState, p
         torch.cuda.synchronize(st.device)
     start = time.perf_counter()
     untimed = min(st.untimed_steps, steps)
-    for s in range(steps):
-        if s == untimed and untimed:  # compiled (and captured): the timing starts here
-            if st.device.type == "cuda":
-                torch.cuda.synchronize(st.device)
-            now = time.perf_counter()
-            st.compile_seconds += now - start
-            st.untimed_steps -= untimed
-            start = now
-        for group in st.optimizer.param_groups:
-            group["lr"] = scheduled_lr(cfg.lr, st.step, st.total_steps, st.warmup_steps) * group.get("lr_scale", 1.0)
-        st.optimizer.zero_grad(set_to_none=True)
-        for micro in range(cfg.accumulate):
-            first = s * global_batch + micro * micro_batch + ctx.rank * local_batch
-            x_u8, y = gather_batch(split, perm[first : first + local_batch], st.device)
-            x = normalize(x_u8, st.mean, st.std)  # (b, C, H, W) float32
-            if aug_gen is not None:
-                x = random_crop_flip(x, st.augment_pad, st.augment_flip, aug_gen)
-            target = y
-            if st.mix is not None:
-                x, target = st.mix(x, y)  # target: (b, classes) mixed one-hot labels
-            if st.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            # DDP all-reduces gradients in backward: only once per optimizer step, on its last pass.
-            last = micro == cfg.accumulate - 1
-            with ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext():
-                with autocast_context(st.device, st.amp_dtype):
-                    logits = model(x)
-                loss = F.cross_entropy(logits.float(), target, label_smoothing=cfg.label_smoothing)
-                # The mean over the whole step's batch: each of its passes counts 1/accumulate.
-                scaled = loss / cfg.accumulate if cfg.accumulate > 1 else loss
+    with batch_stream(split, batches, st.device) as stream:
+        for s in range(steps):
+            if s == untimed and untimed:  # compiled (and captured): the timing starts here
+                if st.device.type == "cuda":
+                    torch.cuda.synchronize(st.device)
+                now = time.perf_counter()
+                st.compile_seconds += now - start
+                st.untimed_steps -= untimed
+                start = now
+            lr = scheduled_lr(cfg.lr, st.step, st.total_steps, st.warmup_steps)
+            for group in st.optimizer.param_groups:
+                group["lr"] = lr * group.get("lr_scale", 1.0)
+            st.optimizer.zero_grad(set_to_none=True)
+            for micro in range(cfg.accumulate):
+                x_u8, y = next(stream)
+                x = normalize(x_u8, st.mean, st.std)  # (b, C, H, W) float32
+                if aug_gen is not None:
+                    x = random_crop_flip(x, st.augment_pad, st.augment_flip, aug_gen)
+                target = y
+                if st.mix is not None:
+                    x, target = st.mix(x, y)  # target: (b, classes) mixed one-hot labels
+                if st.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                # DDP all-reduces gradients in backward: only once per optimizer step, on its last pass.
+                last = micro == cfg.accumulate - 1
+                with ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext():
+                    with autocast_context(st.device, st.amp_dtype):
+                        logits = model(x)
+                    loss = F.cross_entropy(logits.float(), target, label_smoothing=cfg.label_smoothing)
+                    # The mean over the whole step's batch: each of its passes counts 1/accumulate.
+                    scaled = loss / cfg.accumulate if cfg.accumulate > 1 else loss
+                    if st.scaler is not None:
+                        st.scaler.scale(scaled).backward()
+                    else:
+                        scaled.backward()
+                loss_sum += loss.detach()
+                correct += (logits.detach().argmax(dim=1) == y).sum()  # against the unmixed labels
+            if cfg.clip_grad_norm:
                 if st.scaler is not None:
-                    st.scaler.scale(scaled).backward()
-                else:
-                    scaled.backward()
-            loss_sum += loss.detach()
-            correct += (logits.detach().argmax(dim=1) == y).sum()  # against the unmixed labels
-        if cfg.clip_grad_norm:
+                    st.scaler.unscale_(st.optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
             if st.scaler is not None:
-                st.scaler.unscale_(st.optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
-        if st.scaler is not None:
-            st.scaler.step(st.optimizer)
-            st.scaler.update()
-        else:
-            st.optimizer.step()
-        st.step += 1
-        if st.ema is not None:
-            st.ema.update_parameters(unwrap(model))
-        if progress is not None:
-            progress(s + 1, steps, loss)
+                st.scaler.step(st.optimizer)
+                st.scaler.update()
+            else:
+                st.optimizer.step()
+            st.step += 1
+            if st.ema is not None:
+                st.ema.update_parameters(unwrap(model))
+            if progress is not None:
+                progress(s + 1, steps, loss)
     if st.device.type == "cuda":
         torch.cuda.synchronize(st.device)
     seconds = time.perf_counter() - start
@@ -321,8 +335,7 @@ class Evaluation(NamedTuple):
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
+    split: Split,
     mean: torch.Tensor,
     std: torch.Tensor,
     batch_size: int,
@@ -332,27 +345,27 @@ def evaluate(
 ) -> Evaluation:
     """Mean cross-entropy, accuracy, predicted labels and top-5 accuracy of `model` on the images.
 
-    images: uint8 (N, C, H, W) on any device; moved batch by batch if not on `device`.
-    """
+    The split's rows are read in order, batch by batch: indexed where it lives if resident,
+    streamed from its mapping otherwise (`core.batches`)."""
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     top5 = torch.zeros((), dtype=torch.int64, device=device)
     preds = []
-    for start in range(0, len(labels), batch_size):
-        x = images[start : start + batch_size].to(device, non_blocking=True)
-        y = labels[start : start + batch_size].to(device, non_blocking=True)
-        x = normalize(x, mean, std)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast_context(device, amp_dtype):
-            logits = model(x)
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
-        preds.append(logits.argmax(dim=1))
-        if logits.shape[1] > 5:
-            top5 += (logits.topk(5, dim=1).indices == y[:, None]).any(dim=1).sum()
+    batches = [slice(start, start + batch_size) for start in range(0, len(split), batch_size)]
+    with batch_stream(split, batches, device) as stream:
+        for x, y in stream:
+            x = normalize(x, mean, std)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast_context(device, amp_dtype):
+                logits = model(x)
+            loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
+            preds.append(logits.argmax(dim=1))
+            if logits.shape[1] > 5:
+                top5 += (logits.topk(5, dim=1).indices == y[:, None]).any(dim=1).sum()
     model.train(was_training)
     predicted = torch.cat(preds).cpu()
-    accuracy = (predicted == labels.cpu()).double().mean().item()
-    top5_accuracy = top5.item() / len(labels) if logits.shape[1] > 5 else None
-    return Evaluation(loss_sum.item() / len(labels), accuracy, predicted, top5_accuracy)
+    accuracy = (predicted == split.labels.cpu()).double().mean().item()
+    top5_accuracy = top5.item() / len(split) if logits.shape[1] > 5 else None
+    return Evaluation(loss_sum.item() / len(split), accuracy, predicted, top5_accuracy)

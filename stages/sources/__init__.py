@@ -1,7 +1,9 @@
-"""Data sources -> uint8 image tensors (N, C, H, W) and int64 labels.
+"""Data sources -> int64 labels, and uint8 images (N, C, H, W) or the image files to decode.
 
 Each source returns the splits it has natively ("train", and "test" where the source has
-an official test split); prepare-data carves out the rest.
+an official test split); prepare-data carves out the rest. Small datasets that ship as arrays
+(digits, MNIST, CIFAR-10) come as tensors in memory; an image folder comes as its list of
+files, decoded only while prepare-data writes the splits, so it is never held in memory.
 
     digits.py                 scikit-learn's bundled 8x8 digits (the offline default)
     torchvision_datasets.py   MNIST, Fashion-MNIST, CIFAR-10 in torchvision's on-disk layout
@@ -10,7 +12,7 @@ an official test split); prepare-data carves out the rest.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -19,9 +21,10 @@ from ..params import DATASETS, DataParams
 
 @dataclass
 class Source:
-    splits: dict[str, tuple[torch.Tensor, torch.Tensor]]  # name -> (uint8 images NCHW, int64 labels)
     class_names: list[str]
-    skipped_bad_images: int = 0
+    labels: dict[str, torch.Tensor]  # native split -> int64 labels (N,)
+    images: dict[str, torch.Tensor] = field(default_factory=dict)  # arrays: split -> uint8 (N, C, H, W)
+    files: dict[str, list[str]] = field(default_factory=dict)  # image folders: split -> files, in label order
 
 
 def load_source(p: DataParams) -> Source:

@@ -16,4 +16,4 @@ def load_digits_source() -> Source:
     pixels = torch.from_numpy(bunch.images).mul(255.0 / 16.0).round().clamp(0, 255).to(torch.uint8)
     images = pixels.unsqueeze(1).contiguous()  # (N, 1, 8, 8)
     labels = torch.from_numpy(bunch.target).to(torch.int64)
-    return Source(splits={"train": (images, labels)}, class_names=[str(c) for c in bunch.target_names])
+    return Source([str(c) for c in bunch.target_names], labels={"train": labels}, images={"train": images})

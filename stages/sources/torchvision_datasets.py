@@ -111,8 +111,7 @@ def load_torchvision_source(p: DataParams) -> Source:
     train = open_split(p.dataset, kind, root, train=True, download=p.download)
     test = open_split(p.dataset, kind, root, train=False, download=False)  # the download above fetched both
     class_names = [str(c) for c in train.classes]
-    splits = {
-        "train": as_tensors(train, p.dataset, folder, len(class_names)),
-        "test": as_tensors(test, p.dataset, folder, len(class_names)),
-    }
-    return Source(splits=splits, class_names=class_names)
+    splits = {"train": as_tensors(train, p.dataset, folder, len(class_names)),
+              "test": as_tensors(test, p.dataset, folder, len(class_names))}
+    return Source(class_names, labels={name: labels for name, (_, labels) in splits.items()},
+                  images={name: images for name, (images, _) in splits.items()})
