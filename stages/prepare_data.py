@@ -91,7 +91,9 @@ def prepare_data(p: DataParams, out_dir: str | Path) -> dict:
             "class_names": source.class_names,
             "num_classes": num_classes,
             "shape": list(shape),
-            "resize": p.resize,
+            # Only image files are resized here (data.resize); arrays keep their size, and "stretch"
+            # is how a photo is fitted to them later.
+            "resize": p.resize if source.files else "stretch",
             "mean": mean,
             "std": std,
             "counts": {name: len(written[name]) for name in SPLITS},
