@@ -180,6 +180,7 @@ def test_mnist_family_from_idx_files(tmp_path, dataset, folder, classes):
     info = splits["train"][2]
     assert info["class_names"][:3] == classes and info["num_classes"] == 10
     assert info["shape"] == [1, 28, 28]
+    assert info["resize"] == "stretch"  # nothing resized here, whatever data.resize says
     # The official test split stays the test split; val is carved from train (one per class here).
     assert info["counts"] == {"train": 40, "val": 10, "test": 20}
     for images, labels, _ in splits.values():
@@ -264,6 +265,7 @@ def test_imagefolder_with_train_and_test_folders(tmp_path):
     assert info["counts"] == {"train": 27, "val": 3, "test": 8}
     assert info["class_counts"]["test"] == [4, 4, 0]
     assert info["skipped_bad_images"] == 0
+    assert info["resize"] == "crop"  # the default data.resize, recorded for predict
     check_grey_levels(splits, info["class_names"])
     train_one_epoch(tmp_path, prepared)
 
