@@ -157,6 +157,35 @@ def test_a_rank_that_never_arrives_is_named(tmp_path, prepared_digits):
     assert time.monotonic() - started < 60
 
 
+def test_launching_in_this_process_leaves_its_signal_handlers_as_they_were():
+    """torch's agent makes SIGTERM raise in the launching process and never restores it: a caller that
+    goes on (the analyze stage's probe, a test) and the processes it forks later must not inherit that."""
+    from stages.core.launch import launch_ranks
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    launch_ranks("platform", [], 1, 0, 60)  # `python -m platform` as one rank: prints and exits 0
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+def test_decoders_die_of_sigterm_whatever_handler_they_inherit():
+    """prepare-data stops its forked decoders with SIGTERM; a handler that raises (torch's agent's) would be
+    caught as an unreadable image, and the decoder would never exit."""
+    from stages.sources.imagefolder import ignore_interrupts
+
+    def raising(signum, frame):
+        raise RuntimeError("inherited")
+
+    previous = signal.signal(signal.SIGTERM, raising)
+    previous_int = signal.getsignal(signal.SIGINT)
+    try:
+        ignore_interrupts()  # what each decoder runs first
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
+
+
 def test_watchdog_ends_a_call_stuck_in_cpp():
     """gloo's connect ignores the group's timeout; the watchdog ends the process with one line."""
     code = ("import time; from stages.core.distributed import watchdog\n"

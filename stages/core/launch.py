@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,7 +54,7 @@ def launch_ranks(module: str, argv: list[str], nproc: int, max_restarts: int, ti
             # c10d's C++ warnings (socket timeouts while a peer goes away) repeat what the ranks say.
             "TORCH_CPP_LOG_LEVEL": os.environ.get("TORCH_CPP_LOG_LEVEL", "ERROR"),
         }
-        with environment(ranks_env), agent_logs(status_dir):
+        with environment(ranks_env), agent_logs(status_dir), own_signal_handlers():
             try:
                 elastic_launch(config, sys.executable)("-u", "-m", module, *argv)
             except ChildFailedError as exc:
@@ -64,6 +65,21 @@ def launch_ranks(module: str, argv: list[str], nproc: int, max_restarts: int, ti
             except RendezvousTimeoutError:  # raised with no message of its own
                 raise UserError(f"the {nproc} ddp ranks did not all start within {timeout_s:g} s "
                                 "(train.dist_timeout)") from None
+
+
+@contextlib.contextmanager
+def own_signal_handlers():
+    """Give back the signal handlers torch's agent replaces: it makes SIGTERM, SIGINT, SIGHUP and SIGQUIT
+    raise an exception in this process and never restores them, which would outlive the launch in a
+    caller that goes on (a test, the analyze stage's probe) and in every process it forks later."""
+    names = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
+    saved = {sig: signal.getsignal(sig) for sig in (getattr(signal, n) for n in names if hasattr(signal, n))}
+    try:
+        yield
+    finally:
+        if threading.current_thread() is threading.main_thread():  # where the agent set them
+            for sig, handler in saved.items():
+                signal.signal(sig, handler)
 
 
 def failure_line(failures: dict, status_dir: Path, max_restarts: int) -> str:

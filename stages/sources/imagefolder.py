@@ -270,8 +270,11 @@ def cpu_count() -> int:
 
 
 def ignore_interrupts() -> None:
-    """Decoder processes leave Ctrl-C to the stage, which stops them."""
+    """Decoder processes leave Ctrl-C to the stage, which stops them, and die of the SIGTERM it stops them
+    with: a handler inherited from the parent that raises instead (torch's elastic agent installs one)
+    would be caught as an unreadable image by the decoder, which would go on and never exit."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 @contextlib.contextmanager
