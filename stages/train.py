@@ -329,7 +329,10 @@ def train(p: Params, plan: DevicePlan, ctx: DistContext, data_dir: Path, model_p
         "train_params": p.section_dict("train"),
         "samples_per_second": round(throughput, 1),
         "peak_memory_mb": peaks,
-        "peak_memory_kind": "cuda allocated per device" if device.type == "cuda" else "process max RSS per process",
+        # On the CPU max RSS also counts the pages of the memory-mapped splits a process has read: shared
+        # page cache, not its own memory (README, "Data at scale").
+        "peak_memory_kind": "cuda allocated per device" if device.type == "cuda"
+        else "process max RSS per process, incl. the mapped splits' shared pages",
         **extra,  # launcher, restarts, gpu_claim
     })
     log(f"saved {model_path}  ({throughput:,.0f} samples/s over {len(history)} epochs)")
