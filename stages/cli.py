@@ -6,6 +6,7 @@ imports (torch, DVCLive, matplotlib) happen inside the commands, so `--help` is 
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -13,6 +14,11 @@ from typing import Annotated
 import typer
 
 from .errors import UserError
+
+# MKL (torch's CPU BLAS here) may use fewer threads than asked when the machine is busy, which changes
+# the order of its sums and so the last bits of a result: CPU runs would then depend on the load.
+# Read when MKL starts, before any command imports torch; the ranks a command starts inherit it.
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Stages of the image-classification pipeline. Run them all with `dvc repro`.")
