@@ -242,6 +242,11 @@ class TrainParams:
     data_placement: str = param("auto", OneOf(PLACEMENTS),
                                 "auto (on the GPU if the split fits, else streamed) | device | stream")
 
+    @property
+    def pass_batch(self) -> int:
+        """Samples per forward pass, all devices together: batch_size split into train.accumulate passes."""
+        return self.batch_size // self.accumulate
+
 
 @dataclass(frozen=True)
 class EvaluateParams:

@@ -153,7 +153,7 @@ def out_of_memory_advice(cfg: TrainParams, plan: DevicePlan, ctx: DistContext):
     try:
         yield
     except torch.OutOfMemoryError:
-        per_device = plan.per_device_batch(cfg.batch_size // cfg.accumulate, ctx)
+        per_device = plan.per_device_batch(cfg.pass_batch, ctx)
         raise UserError(f"CUDA ran out of memory with a per-device batch of {per_device} (train.batch_size = "
                         f"{cfg.batch_size}); try train.batch_size = {max(1, cfg.batch_size // 2)}, or "
                         f"train.accumulate = {cfg.accumulate * 2} to keep the batch in smaller passes") from None
@@ -224,12 +224,12 @@ def train(p: Params, plan: DevicePlan, ctx: DistContext, data_dir: Path, model_p
             + (f"resuming after epoch {start_epoch}" if resume else "no epoch had completed; starting afresh"))
     elif resume is not None:
         log(f"Resuming from {checkpoint_path} after epoch {start_epoch} of {cfg.epochs}")
-    per_device = plan.per_device_batch(cfg.batch_size // cfg.accumulate, ctx)
+    per_device = plan.per_device_batch(cfg.pass_batch, ctx)
     strategy = {"dp": "dp (nn.DataParallel)" if plan.use_data_parallel else "dp (single device)",
                 "ddp": f"ddp ({ctx.world_size} processes)"}[plan.strategy]
     where = f"cuda {plan.used_device_ids(ctx)}" if device.type == "cuda" else \
         "cpu" + (f" x{ctx.world_size} processes" if ctx.world_size > 1 else "")
-    passes = f" in {cfg.accumulate} passes of {cfg.batch_size // cfg.accumulate}" if cfg.accumulate > 1 else ""
+    passes = f" in {cfg.accumulate} passes of {cfg.pass_batch}" if cfg.accumulate > 1 else ""
     log(f"train: accelerator {device.type}{'' if device.type == 'cuda' else ' (no CUDA device; training on the CPU)'}, "
         f"devices {where}, strategy {strategy}, global batch {cfg.batch_size}{passes}, per-device batch {per_device}, "
         f"precision {precision_name(st.amp_dtype)}, model {p.model.name} ({count_parameters(model):,} parameters)")
@@ -242,13 +242,13 @@ def train(p: Params, plan: DevicePlan, ctx: DistContext, data_dir: Path, model_p
     # The epochs: train, validate (rank 0) the weights to be kept, log, checkpoint, stop early.
     progress = Progress(ctx.is_main, cfg.epochs, cfg.batch_size, device)
     # A run killed after it stopped early resumes only to write its outputs.
-    last_epoch = start_epoch if cfg.patience and early_stop(history, cfg.patience) else cfg.epochs
+    last_epoch = start_epoch if early_stop(history, cfg.patience) else cfg.epochs
     for epoch in range(start_epoch + 1, last_epoch + 1):
         if frozen and epoch > cfg.freeze_epochs:
             # The wrappers (DDP's gradient reducer) see which parameters train when built: wrap again.
             set_backbone_trainable(model, True)
             wrapped = prepare_model(model, cfg, plan, ctx, device)
-            st.recompiles()
+            st.model_wrapped()
             frozen = False
             log(f"epoch {epoch}: the backbone trains from now on, at {cfg.backbone_lr:g} x the lr")
         compiled_before = st.compile_seconds
@@ -350,7 +350,7 @@ def check_batch_size(cfg: TrainParams, n_train: int, plan: DevicePlan, ctx: Dist
     if batch_size % (ctx.world_size * cfg.accumulate):
         raise UserError(f"train.batch_size = {batch_size} must be divisible by the {ctx.world_size} ddp processes "
                         f"times train.accumulate = {cfg.accumulate}")
-    if plan.use_data_parallel and batch_size // cfg.accumulate < plan.num_devices(ctx):
+    if plan.use_data_parallel and cfg.pass_batch < plan.num_devices(ctx):
         log(f"warning: train.batch_size = {batch_size} is smaller than the {plan.num_devices(ctx)} GPUs; "
             f"some GPUs get no samples")
 

@@ -187,8 +187,8 @@ class LoopState:
     untimed_steps: int = 0  # steps still to run before timing counts (a compiled model compiles in them)
     compile_seconds: float = 0.0  # wall time of those steps, over the run
 
-    def recompiles(self) -> None:
-        """The model was wrapped (and compiled) again: its first steps compile again."""
+    def model_wrapped(self) -> None:
+        """The model was just wrapped: compiled, its first steps compile (and capture) and are timed apart."""
         if compile_mode(self.cfg.compile) is not None:
             self.untimed_steps = COMPILE_WARMUP_STEPS
 
@@ -201,7 +201,7 @@ def build_loop_state(model: nn.Module, cfg: TrainParams, ctx: DistContext, devic
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 and device.type == "cuda" else None
     size = info["shape"][-1]
     steps_per_epoch = n_train // cfg.batch_size
-    return LoopState(
+    st = LoopState(
         optimizer=make_optimizer(model, cfg, device), cfg=cfg, ctx=ctx, device=device, mean=mean, std=std,
         amp_dtype=amp_dtype, scaler=scaler,
         channels_last=use_channels_last(model, device),
@@ -211,8 +211,9 @@ def build_loop_state(model: nn.Module, cfg: TrainParams, ctx: DistContext, devic
         warmup_steps=cfg.warmup_epochs * steps_per_epoch,
         ema=make_ema(model, cfg.ema) if cfg.ema else None,
         mix=make_mix(cfg, info["num_classes"]),
-        untimed_steps=COMPILE_WARMUP_STEPS if compile_mode(cfg.compile) is not None else 0,
     )
+    st.model_wrapped()
+    return st
 
 
 # --- one epoch of training ------------------------------------------------------------------
@@ -242,8 +243,7 @@ def train_one_epoch(model: nn.Module, split: Split, epoch: int, st: LoopState, p
     cfg, ctx = st.cfg, st.ctx
     model.train()
     global_batch = cfg.batch_size
-    micro_batch = global_batch // cfg.accumulate  # samples per forward pass, all ranks together
-    local_batch = micro_batch // ctx.world_size  # this rank's samples per forward pass
+    local_batch = cfg.pass_batch // ctx.world_size  # this rank's samples per forward pass
     steps = len(split) // global_batch
     # Each rank's rows of every forward pass, in order: `accumulate` passes per optimizer step.
     batches = rank_batches(epoch_permutation(len(split), cfg.seed, epoch).to(split.images.device), global_batch,
