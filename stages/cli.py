@@ -122,10 +122,17 @@ def train(
     """Train the model on every visible GPU (DataParallel or DDP) or on the CPU; write weights and metrics."""
 
     def stage() -> None:
+        from contextlib import nullcontext
+
+        from .core.distributed import under_launcher
+        from .core.run_lock import one_run_per_checkpoint
         from .params import load_params
         from .train import train_stage
 
-        train_stage(load_params(params), data, model, metrics, checkpoint, sys.argv[1:])
+        p = load_params(params)
+        # The command a user or DVC starts holds the lock; the DDP ranks it (or torchrun) starts do not.
+        with nullcontext() if under_launcher() else one_run_per_checkpoint(checkpoint):
+            train_stage(p, data, model, metrics, checkpoint, sys.argv[1:])
 
     _run(stage)
 
