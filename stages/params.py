@@ -13,6 +13,7 @@ dependencies, so the torch-only core that imports it runs on a bare GPU machine.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import math
 import os
@@ -32,6 +33,9 @@ class Int:
     hi: int | None = None
 
     def allows(self, v: Any) -> bool:
+        # A whole float is that integer: `dvc exp run -S train.epochs=1e1` writes 10.0 (YAML 1.2 reads 1e1 as a float).
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
         return (isinstance(v, int) and not isinstance(v, bool) and (self.lo is None or v >= self.lo)
                 and (self.hi is None or v <= self.hi))
 
@@ -68,7 +72,11 @@ class OneOf:
     def allows(self, v: Any) -> bool:
         if isinstance(v, bool):  # true/false only where the options name them (True == 1 otherwise)
             return any(o is v for o in self.options)
-        return isinstance(v, (str, int)) and v in self.options
+        if isinstance(v, float) and v.is_integer():  # 1e0, as -S writes 1.0, is the integer 1
+            v = int(v)
+        if isinstance(v, int):  # an integer only where the options name it (1 == True otherwise)
+            return any(type(o) is int and o == v for o in self.options)
+        return isinstance(v, str) and v in self.options
 
     def __str__(self) -> str:
         return "one of " + ", ".join(show_value(o) for o in self.options)
@@ -97,6 +105,8 @@ class Devices:
     def allows(self, v: Any) -> bool:
         if v == "all":
             return True
+        if isinstance(v, float) and v.is_integer():  # a count written as 2e0 (-S writes 2.0)
+            v = int(v)
         if isinstance(v, str):
             return free_gpu_count(v) is not None
         if isinstance(v, int) and not isinstance(v, bool):
@@ -184,6 +194,22 @@ class DataParams:
     channels: int = param(3, OneOf((1, 3)), "imagefolder only: 1 (grayscale) or 3 (RGB)")
     skip_bad_images: bool = param(False, Bool(),
                                   "imagefolder only: skip unreadable images with a warning instead of failing")
+
+
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        """(channels, pixels a side) of the prepared images, known from the params alone."""
+        return DATASET_IMAGES.get(self.dataset, (self.channels, self.image_size))
+
+    @property
+    def reads_root(self) -> bool:
+        """Whether the dataset is read from data.root (every one but the embedded digits)."""
+        return self.dataset != "digits"
+
+
+# (channels, pixels a side) of each dataset whose images have one size; an image folder's come from
+# data.channels and data.image_size. prepare-data writes exactly these (the sources read them as they are).
+DATASET_IMAGES = {"digits": (1, 8), "mnist": (1, 28), "fashion-mnist": (1, 28), "cifar10": (3, 32)}
 
 
 @dataclass(frozen=True)
@@ -292,7 +318,8 @@ def show_value(value: Any) -> str:
     return str(value)
 
 
-def _show_in_error(value: Any) -> str:
+def show_in_error(value: Any) -> str:
+    """A value in an error message: strings quoted, so that 'free:3' or '' read as what was typed."""
     return repr(value) if isinstance(value, str) else show_value(value)
 
 
@@ -304,26 +331,57 @@ def validate(raw: Any, source: str = "params.yaml") -> Params:
         raise UserError(f"{source}: expected a mapping of sections ({', '.join(SECTIONS)}), got {type(raw).__name__}")
     for name in raw:
         if name not in SECTIONS:
-            raise UserError(f"{source}: unknown section '{name}'; allowed sections: {', '.join(SECTIONS)}")
+            raise UserError(f"{source}: unknown section '{name}'{did_you_mean(str(name), SECTIONS)}; "
+                            f"allowed sections: {', '.join(SECTIONS)}")
     built = {}
     for name, cls in SECTIONS.items():
         values = raw.get(name) or {}
         if not isinstance(values, dict):
-            raise UserError(f"{source}: section '{name}' must be a mapping of keys, got {_show_in_error(values)}")
+            raise UserError(f"{source}: section '{name}' must be a mapping of keys, got {show_in_error(values)}")
         declared = {f.name: f for f in fields(cls)}
         for key, value in values.items():
             if key not in declared:
-                allowed = ", ".join(f"{name}.{k}" for k in declared)
-                raise UserError(f"{source}: unknown key '{name}.{key}'; allowed keys: {allowed}")
+                allowed = [f"{name}.{k}" for k in declared]
+                guess = did_you_mean(str(key), declared, prefix=f"{name}.") or in_other_section(str(key))
+                what = "`python -m stages params` lists every key" if guess else f"allowed keys: {', '.join(allowed)}"
+                raise UserError(f"{source}: unknown key '{name}.{key}'{guess}; {what}")
             allowed = declared[key].metadata["allowed"]
             if not allowed.allows(value):
-                raise UserError(f"{source}: {name}.{key} = {_show_in_error(value)} is not allowed; expected {allowed}")
-        # An integer where a float is declared (lr: 1) is that float: the same value, one type.
-        built[name] = cls(**{k: float(v) if declared[k].type == "float" and isinstance(v, int) else v
-                             for k, v in values.items()})
+                raise UserError(f"{source}: {name}.{key} = {show_in_error(value)} is not allowed; expected {allowed}")
+        built[name] = cls(**{k: same_value_declared_type(v, declared[k]) for k, v in values.items()})
     params = Params(**built)
     check_combinations(params, source)
     return params
+
+
+def same_value_declared_type(value: Any, declared) -> Any:
+    """An allowed value in the type its key declares: an integer where a number is declared (lr: 1) is
+    that float, and a whole float anywhere else (epochs: 10.0, as `-S train.epochs=1e1` writes it; its
+    kind allowed it as the integer) that integer: the same value, one type."""
+    number = isinstance(declared.metadata["allowed"], Float)
+    if number and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not number and isinstance(value, float):
+        return int(value)
+    return value
+
+
+def did_you_mean(name: str, allowed, prefix: str = "") -> str:
+    """' (did you mean train.epochs?)' for the allowed name closest to a misspelled one (difflib's ratio
+    >= 0.6), or '' when none is close."""
+    close = difflib.get_close_matches(name, list(allowed), n=1, cutoff=0.6)
+    return f" (did you mean {prefix}{close[0]}?)" if close else ""
+
+
+def in_other_section(key: str) -> str:
+    """' (did you mean data.dataset?)' for a key written under the wrong section, or ''."""
+    found = [f"{name}.{key}" for name, cls in SECTIONS.items() if key in {f.name for f in fields(cls)}]
+    return f" (did you mean {' or '.join(found)}?)" if found else ""
+
+
+def plural(count: int, noun: str, nouns: str | None = None) -> str:
+    """'1 file', '2 files' ('1 process', '3 processes' with nouns given)."""
+    return f"{count} {noun if count == 1 else nouns or noun + 's'}"
 
 
 def check_combinations(p: Params, source: str) -> None:
@@ -338,6 +396,9 @@ def check_combinations(p: Params, source: str) -> None:
     if t.warmup_epochs and t.warmup_epochs >= t.epochs:
         raise UserError(f"{source}: train.warmup_epochs = {t.warmup_epochs} is not allowed with train.epochs = "
                         f"{t.epochs}; the warm-up must end before the last epoch")
+    if t.freeze_epochs and t.freeze_epochs >= t.epochs:
+        raise UserError(f"{source}: train.freeze_epochs = {t.freeze_epochs} is not allowed with train.epochs = "
+                        f"{t.epochs}; the backbone would never train: use fewer frozen epochs than train.epochs")
     if t.batch_size % t.accumulate:
         raise UserError(f"{source}: train.batch_size = {t.batch_size} is not allowed with train.accumulate = "
                         f"{t.accumulate}; the batch must split into {t.accumulate} equal forward passes")
@@ -345,19 +406,70 @@ def check_combinations(p: Params, source: str) -> None:
 
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate params.yaml; any problem is a UserError naming the key or the line."""
-    import yaml  # imported here so that `--help` stays light
+    return validate(read_params_file(path), source=str(path))
+
+
+def read_params_file(path: str | Path) -> Any:
+    """params.yaml as DVC reads it (dvc/utils/serialize/_yaml.py: ruamel.yaml's safe loader, YAML 1.2), so
+    that every value `dvc exp run -S` writes reads back as the same value: 3e-05 is a float, not a string
+    (YAML 1.1, PyYAML's, needs a dot), and `yes` is a string, not true. Every reader of params.yaml in the
+    project goes through here. A syntax error is one line naming the line where it is."""
+    from ruamel.yaml import YAML, YAMLError  # imported here so that `--help` stays light
 
     path = Path(path)
     if not path.exists() or path.is_dir():
         raise UserError(f"params file not found: {path}")
+    text = path.read_text()
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise UserError(f"{path}:{where} is not valid YAML: {problem}") from None
-    return validate(raw, source=str(path))
+        return YAML(typ="safe", pure=True).load(text)
+    except YAMLError as exc:
+        where = error_lines(exc, text)
+        problem = getattr(exc, "problem", None) or str(exc).strip().splitlines()[0]
+        if getattr(exc, "context", None) and getattr(exc, "context_mark", None):
+            problem += f" ({exc.context})"  # what the parser was reading: a quoted scalar, a flow sequence, ...
+        raise UserError(f"{path}: not valid YAML at{where}: {problem}") from None
+
+
+def error_lines(exc: Exception, text: str) -> str:
+    """' line N, column M' where a YAML error is. The parser marks where it noticed the error: often
+    the next token, on the line after the real one (past the end of a file whose last bracket or quote is
+    never closed, or after a key with no colon). Where it names the construct it was reading (a quoted
+    scalar, a flow sequence, a simple key: its context mark), that is where the error is; a plain value
+    that runs on from an earlier line (`epochs:3` with no space) is named by both lines."""
+    mark = getattr(exc, "problem_mark", None)
+    context, context_mark = getattr(exc, "context", None) or "", getattr(exc, "context_mark", None)
+    named_by_context = context_mark is not None and context.startswith(("while scanning", "while parsing a flow"))
+    if named_by_context:
+        mark = context_mark
+    if mark is None:
+        return ""
+    lines = text.splitlines()
+    line, column = mark.line, mark.column
+    last = max((i for i, t in enumerate(lines) if t.strip()), default=0)
+    if line > last:  # the end of the file: the last line with anything on it
+        return f" line {last + 1}"
+    start = None if named_by_context else plain_value_start(text, mark)
+    if start is not None and start < line:
+        return f" lines {start + 1}-{line + 1}"
+    return f" line {line + 1}, column {column + 1}"
+
+
+def plain_value_start(text: str, mark) -> int | None:
+    """The line where a plain value that runs on into the error's line starts (0-based), or None."""
+    from ruamel.yaml import YAML, YAMLError
+    from ruamel.yaml.tokens import ScalarToken
+
+    last = None
+    try:
+        for token in YAML(typ="safe", pure=True).scan(text):
+            if (token.start_mark.line, token.start_mark.column) >= (mark.line, mark.column):
+                break
+            last = token
+    except YAMLError:
+        pass
+    if isinstance(last, ScalarToken) and last.plain and last.end_mark.line >= mark.line:
+        return last.start_mark.line
+    return None
 
 
 def default_params_yaml() -> str:

@@ -38,7 +38,7 @@ from .core.devices import (
     configure_determinism,
     device_names,
     peak_memory_mb,
-    plan_devices,
+    plan_training,
     process_device,
     rank_plan,
     visible_devices_env,
@@ -86,7 +86,7 @@ def train_stage(p: Params, data_dir: Path, model_path: Path, metrics_dir: Path, 
                             "set train.strategy: ddp")
         run_rank(p, data_dir, model_path, metrics_dir, checkpoint_path, started)
         return
-    plan = plan_devices(cfg.accelerator, cfg.devices, cfg.strategy)
+    plan = plan_training(cfg)  # refused here once, before any rank starts
     fetch_weights(p.model, progress=sys.stderr.isatty())  # once, before any rank starts
     claim = claim_gpus(plan.claim) if plan.claim else None
     try:
@@ -192,7 +192,7 @@ def train(p: Params, plan: DevicePlan, ctx: DistContext, data_dir: Path, model_p
     c, h, _ = info["shape"]
     small_stem = uses_small_stem(p.model.name, h, p.model.small_input_stem)
     model = build_model(p.model.name, c, h, info["num_classes"], small_stem)
-    check_input_size(model, p.model.name, c, h)
+    check_input_size(model, p.model.name, c, h, info.get("dataset"))
     pretrained = read_pretrained(p.model)
     normalization = pretrained_normalization(pretrained, c)  # None: the train split's mean and std
     if pretrained is not None and resume is None:

@@ -9,12 +9,14 @@ from pathlib import Path
 
 import yaml
 
+from stages.params import read_params_file
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_params(path: Path, **sections) -> Path:
     """params.yaml from the project's defaults with `sections` merged in, e.g. train={"epochs": 1}."""
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = read_params_file(ROOT / "params.yaml")  # as the stages read it (YAML 1.2, as DVC does)
     for name, values in sections.items():
         params[name].update(values)
     path.write_text(yaml.safe_dump(params, sort_keys=False))

@@ -155,11 +155,13 @@ def test_every_imported_module_is_a_dep_and_no_other(stage):
 
 def test_the_dependency_reader_sees_lazy_and_relative_imports():
     # evaluate imports sklearn and the core inside functions and relatively; train reaches the
-    # checkpoint module only through its own imports; check-params never touches the core.
+    # checkpoint module only through its own imports; check-params plans devices and builds models as train
+    # does, but never loads data or trains.
     assert "stages.core.checkpoint" in command_modules("train")
     assert "stages.core.checkpoint" not in command_modules("evaluate")
     assert {"stages.core.weights", "stages.core.models", "stages.core"} <= command_modules("evaluate")
-    assert not any(m.startswith("stages.core") for m in command_modules("check-params"))
+    assert {"stages.core.devices", "stages.core.models"} <= command_modules("check-params")
+    assert "stages.core.loop" not in command_modules("check-params")
     assert "stages.analyze.probe" in command_modules("analyze")
 
 

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import pytest
-import yaml
 from typer.testing import CliRunner
 
 from stages.cli import app
 from stages.errors import UserError
-from stages.params import default_params_yaml, load_params, validate
+from stages.params import default_params_yaml, load_params, plural, read_params_file, validate
 
 from .helpers import ROOT, run_stages, write_params
 
@@ -19,7 +18,7 @@ def test_defaults_load_and_match_the_schema():
     assert p.model.name == "small-cnn"
     assert (p.train.strategy, p.train.accelerator, p.train.devices) == ("dp", "auto", "all")
     # every key in params.yaml is one the schema knows, and vice versa
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw = read_params_file(ROOT / "params.yaml")
     for section, values in raw.items():
         assert set(values) == set(p.section_dict(section)), section
 
@@ -29,7 +28,7 @@ def test_params_yaml_is_the_schema_rendered():
     exactly what `python -m stages params` prints, and it parses back to the schema's defaults."""
     text = default_params_yaml()
     assert (ROOT / "params.yaml").read_text() == text, "regenerate it: python -m stages params > params.yaml"
-    assert validate(yaml.safe_load(text)) == validate({})
+    assert load_params(ROOT / "params.yaml") == validate({})
     assert CliRunner().invoke(app, ["params"]).output == text
     assert "  lr: 0.002" in text and "# peak learning rate, decayed to 0 on a cosine" in text
 
@@ -37,7 +36,10 @@ def test_params_yaml_is_the_schema_rendered():
 @pytest.mark.parametrize(
     "section, key, value, expected",
     [
-        ("train", "epoch", 3, "unknown key 'train.epoch'"),
+        ("train", "epoch", 3, "unknown key 'train.epoch' (did you mean train.epochs?)"),
+        ("train", "weightdecay", 3, "unknown key 'train.weightdecay' (did you mean train.weight_decay?)"),
+        ("train", "dataset", "mnist", "unknown key 'train.dataset' (did you mean data.dataset?)"),
+        ("train", "zzz", 3, "unknown key 'train.zzz'; allowed keys: train.epochs, train.batch_size"),
         ("train", "lr", "fast", "train.lr = 'fast' is not allowed; expected a number in (0.0, 10.0]"),
         ("train", "epochs", -1, "train.epochs = -1 is not allowed; expected an integer from 1 to 100000"),
         ("train", "batch_size", 0, "train.batch_size = 0 is not allowed; expected an integer >= 1"),
@@ -81,6 +83,10 @@ def test_bad_values_are_refused_by_name(section, key, value, expected):
          "model.small_input_stem = true is not allowed with model.name = 'vgg11'"),
         ({"train": {"epochs": 5, "warmup_epochs": 5}},
          "train.warmup_epochs = 5 is not allowed with train.epochs = 5"),
+        ({"train": {"epochs": 3, "freeze_epochs": 3}},
+         "train.freeze_epochs = 3 is not allowed with train.epochs = 3; the backbone would never train"),
+        ({"train": {"epochs": 3, "freeze_epochs": 5}},
+         "train.freeze_epochs = 5 is not allowed with train.epochs = 3; the backbone would never train"),
         ({"train": {"batch_size": 64, "accumulate": 3}},
          "train.batch_size = 64 is not allowed with train.accumulate = 3"),
     ],
@@ -110,8 +116,9 @@ def test_default_params_do_not_import_torchvision():
 
 
 def test_unknown_section_and_valid_values():
-    with pytest.raises(UserError, match="unknown section 'trian'"):
+    with pytest.raises(UserError, match=r"unknown section 'trian' \(did you mean train\?\); allowed sections: data,"):
         validate({"trian": {}})
+    assert validate({"train": {"epochs": 3, "freeze_epochs": 2}}).train.freeze_epochs == 2
     p = validate({"train": {"devices": [0, 2], "lr": 1}, "data": {"channels": 1}})
     assert p.train.devices == [0, 2]
     assert p.train.lr == 1.0 and isinstance(p.train.lr, float)
@@ -161,3 +168,49 @@ def test_help_does_not_import_torch():
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "prepare-data" in proc.stdout and "analyze" in proc.stdout
+
+
+# --- params.yaml is read as DVC reads and writes it (YAML 1.2) -------------------------------
+
+
+def test_small_numbers_in_exponent_form_are_numbers(tmp_path):
+    """What DVC writes for `-S train.lr=3e-5` (3e-05) and what users type (1e-4) are floats in YAML 1.2,
+    which DVC reads and writes; PyYAML (YAML 1.1) read them as strings, and the params were refused."""
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  lr: 1e-4\n  weight_decay: 5e-05\n  momentum: 0.00003\n  clip_grad_norm: 1e3\n"
+                    "  epochs: 1e1\n  batch_size: 6.4e1\ndata:\n  val_fraction: 1.5e-1\n  channels: 1e0\n")
+    p = load_params(path)
+    assert (p.train.lr, p.train.weight_decay, p.train.momentum, p.train.clip_grad_norm) == (1e-4, 5e-5, 3e-5, 1e3)
+    assert (p.data.val_fraction, p.data.channels) == (0.15, 1)
+    # a whole number written as a float (-S train.epochs=1e1 writes 10.0) is the integer the key declares
+    assert (p.train.epochs, p.train.batch_size) == (10, 64)
+    assert all(isinstance(v, int) for v in (p.train.epochs, p.train.batch_size, p.data.channels))
+    assert isinstance(p.train.lr, float)
+
+
+def test_yaml_1_2_reads_yes_as_a_word_as_dvc_does(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  augment: yes\n")
+    with pytest.raises(UserError, match="train.augment = 'yes' is not allowed; expected true or false"):
+        load_params(path)
+
+
+@pytest.mark.parametrize("text, where", [
+    ("train:\n  epochs: 3\n  lr: [0.1\n", "line 3, column 7"),  # a bracket never closed: the parser stops at the end
+    ("train:\n  epochs: 3\n  lr 0.1\n  seed: 1\n", "line 3, column 3"),  # no colon: noticed on the next line
+    ("train:\n  epochs: 3\n  strategy: 'ddp\n  seed: 1\n", "line 3, column 13"),  # a quote never closed
+    ("train:\n  epochs: 3\n lr: 0.1\n", "line 3, column 2"),
+    ("train:\n  epochs:3\n  seed: 1\n", "lines 2-3"),  # no space after the colon: a value that runs on
+])
+def test_a_yaml_syntax_error_names_the_line_where_it_is(tmp_path, where, text):
+    bad = tmp_path / "params.yaml"
+    bad.write_text(text)
+    with pytest.raises(UserError) as err:
+        load_params(bad)
+    message = str(err.value)
+    assert message.startswith(f"{bad}: not valid YAML at {where}: ") and "\n" not in message
+
+
+def test_plural():
+    assert [plural(1, "file"), plural(2, "file"), plural(1, "process", "processes"), plural(3, "process", "processes")
+            ] == ["1 file", "2 files", "1 process", "3 processes"]

@@ -23,6 +23,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from stages.params import read_params_file
+
 from .browser import drawn_vega_plots
 from .helpers import DEFAULT_WEIGHTS_SHA256, ROOT, skip_unless_reference_torch, stage_processes
 from .test_layout import command_modules, stage_command
@@ -68,7 +70,7 @@ def commit(repo: Path, message: str) -> None:
 
 def set_param(repo: Path, section: str, key: str, value) -> None:
     path = repo / "params.yaml"
-    params = yaml.safe_load(path.read_text())
+    params = read_params_file(path)
     params[section][key] = value
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
@@ -323,7 +325,7 @@ def test_an_experiment_pushed_is_pulled_and_applied_in_the_clone_without_rerunni
     sh(repo, "dvc", "exp", "push", "origin", exp["name"])  # its git ref, and its outputs to the DVC remote
     sh(clone, "dvc", "exp", "pull", "origin", exp["name"])
     sh(clone, "dvc", "exp", "apply", exp["name"])
-    assert yaml.safe_load((clone / "params.yaml").read_text())["train"]["lr"] == 0.004
+    assert read_params_file(clone / "params.yaml")["train"]["lr"] == 0.004
     assert status(clone) == {}
     assert ran(sh(clone, "dvc", "repro").stdout) == []
     applied = json.loads((clone / "metrics/evaluate/metrics.json").read_text())

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ..errors import UserError
-from ..params import free_gpu_count
+from ..params import TrainParams, free_gpu_count, plural, show_in_error
 from .distributed import DistContext
 
 
@@ -46,42 +46,78 @@ class DevicePlan:
         return list(self.device_ids) or list(range(ctx.world_size))
 
 
+def cuda_device_count() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def resolve_accelerator(accelerator: str) -> str:
     """train.accelerator with 'auto' decided: cuda when a GPU is visible, else cpu."""
-    cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    cuda_count = cuda_device_count()
     if accelerator == "auto":
         return "cuda" if cuda_count > 0 else "cpu"
     if accelerator == "cuda" and cuda_count == 0:
-        raise UserError("train.accelerator = 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
+        raise UserError("train.accelerator = 'cuda' but no CUDA device is visible on this machine; use auto or cpu")
     return accelerator
 
 
 def plan_devices(accelerator: str, devices, strategy: str) -> DevicePlan:
     """Decide where training runs from train.accelerator / train.devices / train.strategy."""
-    accelerator = resolve_accelerator(accelerator)
+    resolved = resolve_accelerator(accelerator)
     claim = free_gpu_count(devices)
-    if accelerator == "cuda":
-        cuda_count = torch.cuda.device_count()
+    if resolved == "cuda":
+        cuda_count = cuda_device_count()
         if claim is not None:  # the ids are known once claimed
             return DevicePlan("cuda", strategy, [], claim if strategy == "ddp" else 1, claim=claim)
         if devices == "all":
             ids = list(range(cuda_count))
         elif isinstance(devices, int):
             if devices > cuda_count:
-                raise UserError(f"train.devices = {devices} but only {cuda_count} CUDA device(s) are visible")
+                raise UserError(f"train.devices = {devices} but only {plural(cuda_count, 'CUDA device')} "
+                                f"{'is' if cuda_count == 1 else 'are'} visible; use all or at most {cuda_count}")
             ids = list(range(devices))
         else:
             bad = [i for i in devices if i >= cuda_count]
             if bad:
-                raise UserError(f"train.devices = {devices} names device(s) {bad}; visible ids are 0..{cuda_count - 1}")
+                raise UserError(f"train.devices = {devices} names {'device' if len(bad) == 1 else 'devices'} "
+                                f"{', '.join(map(str, bad))}; visible ids are 0..{cuda_count - 1}")
             ids = list(devices)
         world = len(ids) if strategy == "ddp" else 1
         return DevicePlan("cuda", strategy, ids, world)
-    # CPU: one device for dp; `devices` worker processes for ddp (gloo); free:N means N processes.
+    # CPU: one process for dp; `devices` gloo processes for ddp (a count). GPU ids, GPU claims and
+    # DataParallel over several devices mean CUDA: refused, rather than silently training on one CPU.
+    why = ("train.accelerator = 'cpu'" if accelerator == "cpu" else "no CUDA device is visible on this machine")
+    if claim is not None or isinstance(devices, list):
+        what = "lists CUDA device ids" if isinstance(devices, list) else "claims free GPUs"
+        raise UserError(f"train.devices = {show_in_error(devices)} {what}, but {why}; on the cpu use all, or "
+                        "train.strategy: ddp with a process count such as train.devices: 2")
     if strategy == "ddp":
-        world = claim or (devices if isinstance(devices, int) else len(devices) if isinstance(devices, list) else 1)
-        return DevicePlan("cpu", "ddp", [], world)
+        return DevicePlan("cpu", "ddp", [], devices if isinstance(devices, int) else 1)
+    if isinstance(devices, int) and devices > 1:
+        raise UserError(f"train.devices = {devices} with train.strategy = 'dp' needs CUDA GPUs, but {why}; on the "
+                        f"cpu use all, or train.strategy: ddp for {devices} processes")
     return DevicePlan("cpu", "dp", [], 1)
+
+
+def plan_training(cfg: TrainParams) -> DevicePlan:
+    """The device plan of a run, with its global batch checked against the processes that share it:
+    the train command refuses here once, before it starts any rank (and check-params before DVC
+    removes the last model)."""
+    plan = plan_devices(cfg.accelerator, cfg.devices, cfg.strategy)
+    check_batch_split(cfg, plan.world_size)
+    return plan
+
+
+def check_batch_split(cfg: TrainParams, processes: int) -> None:
+    """train.batch_size must split evenly into train.accumulate passes on each DDP process."""
+    parts = processes * cfg.accumulate
+    if cfg.batch_size % parts == 0:
+        return
+    lower, upper = cfg.batch_size // parts * parts, (cfg.batch_size // parts + 1) * parts
+    fits = f"{lower} or {upper}" if lower else str(upper)
+    how = (f"{plural(processes, 'ddp process', 'ddp processes')} (train.devices = {show_in_error(cfg.devices)})"
+           + (f" times train.accumulate = {cfg.accumulate}" if cfg.accumulate > 1 else ""))
+    raise UserError(f"train.batch_size = {cfg.batch_size} is not allowed with {how}: the batch must split into "
+                    f"{parts} equal parts; use a multiple of {parts} such as {fits}, or another device count")
 
 
 def with_claimed(plan: DevicePlan, ids: list[int]) -> DevicePlan:

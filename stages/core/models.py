@@ -87,8 +87,7 @@ def torchvision_model(name: str, in_channels: int, image_size: int, num_classes:
         model = models.get_model(name, weights=None, num_classes=num_classes, **torchvision_options(name, image_size))
     except (AssertionError, ValueError) as exc:  # e.g. a ViT whose patches do not tile the image
         raise UserError(f"model.name = {name!r} cannot be built for {image_size}x{image_size} images "
-                        f"({first_line(exc)}){smallest_input(name)}: set data.image_size to fit, or choose "
-                        "another model") from None
+                        f"({first_line(exc)}){smallest_input(name)}: {small_image_advice(None, name)}") from None
     if small_stem:
         # A 3x3 stride-1 conv and no max-pool: small images keep their resolution into layer1.
         model.conv1 = nn.Conv2d(in_channels, model.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
@@ -116,17 +115,21 @@ def build_model(name: str, in_channels: int, image_size: int, num_classes: int,
     return torchvision_model(name, in_channels, image_size, num_classes, small_stem)
 
 
-def check_input_size(model: nn.Module, name: str, in_channels: int, image_size: int) -> None:
+def check_input_size(model: nn.Module, name: str, in_channels: int, image_size: int,
+                     dataset: str | None = None) -> None:
     """Refuse, before training, images too small for the architecture (inception_v3 under 75 px,
-    alexnet under 63 px, ...), naming the reason and torchvision's documented minimum.
+    alexnet under 63 px, ...), naming the reason, torchvision's documented minimum, and advice that
+    fits `dataset` (data.dataset; None: advice for every dataset).
 
     One forward pass of one image, in eval mode (no BatchNorm statistics change), on the meta
     device: shapes only, no arithmetic, whatever the model's size. Should an operator not run on
-    the meta device, the same pass runs for real on the CPU and decides."""
+    the meta device, the same pass runs for real on the CPU and decides (unless the model itself
+    was built on the meta device, as check-params builds it: then the train stage decides)."""
     import torch
 
     if name in ("small-cnn", "mlp"):
         return  # both fit any size the params allow
+    on_meta = any(t.is_meta for t in model.parameters())
     was_training = model.training
     model.eval()
     try:
@@ -136,14 +139,40 @@ def check_input_size(model: nn.Module, name: str, in_channels: int, image_size: 
                                for key, t in [*model.named_parameters(), *model.named_buffers()]}
                 torch.func.functional_call(model, shapes_only,
                                            (torch.empty(1, in_channels, image_size, image_size, device="meta"),))
-            except (RuntimeError, ValueError, AssertionError, NotImplementedError):
+            except NotImplementedError:
+                if on_meta:
+                    return
+                model(torch.zeros(1, in_channels, image_size, image_size))
+            except (RuntimeError, ValueError, AssertionError):
+                if on_meta:
+                    raise
                 model(torch.zeros(1, in_channels, image_size, image_size))
     except (RuntimeError, ValueError, AssertionError) as exc:
         raise UserError(f"model.name = {name!r} cannot take {image_size}x{image_size} images "
-                        f"({first_line(exc)}){smallest_input(name)}: set data.image_size larger, or choose another "
-                        "model") from None
+                        f"({first_line(exc)}){smallest_input(name)}: {small_image_advice(dataset, name)}") from None
     finally:
         model.train(was_training)
+
+
+def small_image_advice(dataset: str | None, name: str) -> str:
+    """What to do about images too small for a model: only an image folder's size is a param (data.image_size);
+    the other datasets' images have one size, so they need a model that fits small images."""
+    smallest = min_input_size(name)
+    larger = f"set data.image_size to at least {smallest}" if smallest else "set data.image_size larger"
+    models = "choose a model that fits small images, such as small-cnn, mlp or resnet18"
+    if dataset == "imagefolder":
+        return f"{larger}, or {models}"
+    if dataset is not None:
+        return f"data.dataset = {dataset!r} has images of one size: {models}"
+    return f"{models} (or, for an image folder, {larger})"
+
+
+def min_input_size(name: str) -> int | None:
+    """torchvision's documented smallest input side for a model's weights (None where it gives none)."""
+    from torchvision import models
+
+    smallest = models.get_model_weights(name).DEFAULT.meta.get("min_size")
+    return max(smallest) if smallest else None
 
 
 def smallest_input(name: str) -> str:
