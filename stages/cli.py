@@ -149,7 +149,7 @@ def evaluate(
         from .evaluate import evaluate_stage
         from .params import load_params
 
-        evaluate_stage(model, data, out, load_params(params).evaluate.batch_size)
+        evaluate_stage(model, data, out, load_params(params), params)
 
     _run(stage)
 
@@ -169,7 +169,7 @@ def analyze(
         from .analyze.stage import analyze_stage
         from .params import load_params
 
-        analyze_stage(load_params(params), data, model, train_metrics, eval_metrics, out)
+        analyze_stage(load_params(params), params, data, model, train_metrics, eval_metrics, out)
 
     _run(stage)
 
@@ -186,13 +186,18 @@ def predict(
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 256,
     skip_bad_images: Annotated[bool, typer.Option(help="Skip unreadable files with a warning instead of "
                                                   "stopping.")] = False,
+    params: Annotated[Path | None, typer.Option(
+        "--params", show_default=False, help="Refuse a model whose recorded model.* and train.* params differ "
+        "from this file's. Default: params.yaml, when it exists.")] = None,
+    check_params: Annotated[bool, typer.Option(help="Compare the model's params with the params file "
+                                               "(see --params).")] = True,
 ) -> None:
     """Label new images with a trained model, prepared exactly as prepare-data prepared the training images."""
 
     def command() -> None:
         from .predict import predict as run
 
-        summary = run(model, images, out, top_k, batch_size, skip_bad_images)
+        summary = run(model, images, out, top_k, batch_size, skip_bad_images, params, check_params)
         skipped = f", {summary['skipped']} unreadable files skipped" if summary["skipped"] else ""
         typer.echo(f"labelled {summary['labelled']} images on the {summary['device']} -> {out}{skipped}")
 

@@ -1,7 +1,9 @@
 """The evaluate stage: test metrics, per-class precision/recall/F1, predictions for the confusion plot.
 
 The test pass is the core's `evaluate()`, the same function training validates with; the model
-is rebuilt from its weights file alone, normalised with the statistics it was trained with.
+is rebuilt from its weights file alone, normalised with the statistics it was trained with, once
+it is known to fit the data and to have been trained with params.yaml's model and train params.
+The outputs are written only once all of them are computed, each renamed into place.
 """
 
 from __future__ import annotations
@@ -15,16 +17,20 @@ import torch
 from .core.batches import Split
 from .core.loop import evaluate
 from .core.transforms import stats_tensors
-from .core.weights import load_model
+from .core.weights import check_weights_use, load_model, read_metadata
 from .io import write_json, write_text
+from .params import Params
 from .prepared import load_prepared
 
 
-def evaluate_stage(weights: str | Path, data_dir: str | Path, out_dir: str | Path, batch_size: int) -> dict:
+def evaluate_stage(weights: str | Path, data_dir: str | Path, out_dir: str | Path, p: Params,
+                   params_path: str | Path) -> dict:
     from sklearn.metrics import precision_recall_fscore_support
 
     out_dir = Path(out_dir)
-    images, labels, _ = load_prepared(data_dir, "test")
+    batch_size = p.evaluate.batch_size
+    images, labels, info = load_prepared(data_dir, "test")
+    check_weights_use(read_metadata(weights), weights, params=(p, params_path), data=(info, data_dir))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(weights, device=device)
     meta = model.stages_metadata
@@ -45,15 +51,15 @@ def evaluate_stage(weights: str | Path, data_dir: str | Path, out_dir: str | Pat
     metrics = {"test": {"accuracy": round(accuracy, 6), "loss": round(loss, 6)}}
     if top5 is not None:  # more than 5 classes
         metrics["test"]["top5_accuracy"] = round(top5, 6)
-    write_json(out_dir / "metrics.json", metrics)
-    write_json(out_dir / "per_class.json", per_class)
 
     # One row per test image in test-set order: DVC's confusion template reads actual/predicted.
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["index", "actual", "predicted"])
-    for i, (a, p) in enumerate(zip(labels.tolist(), predicted.tolist())):
-        writer.writerow([i, names[a], names[p]])
+    for i, (a, b) in enumerate(zip(labels.tolist(), predicted.tolist())):
+        writer.writerow([i, names[a], names[b]])
+    write_json(out_dir / "metrics.json", metrics)
+    write_json(out_dir / "per_class.json", per_class)
     write_text(out_dir / "predictions.csv", buf.getvalue())
     top5_text = f"  top-5 accuracy {top5:.4f}" if top5 is not None else ""
     print(f"test accuracy {accuracy:.4f}{top5_text}  loss {loss:.4f}  on {len(labels)} images")

@@ -2,15 +2,21 @@
 
 Every write goes to a temporary file in the destination's folder and is renamed
 into place, so a stage that fails or is killed never leaves a half-written
-artifact, and the last good one stays until the new one is complete.
+artifact, and the last good one stays until the new one is complete. A folder is
+written the same way as a whole (`staged_dir`): filled beside, then swapped in,
+so it holds exactly the new run's files. The stages' outputs are `persist: true`
+in dvc.yaml (DVC does not delete them before a run), so this is what keeps the
+last good outputs through a refusal, a crash or Ctrl-C.
 Nothing here unpickles: tensors are safetensors, everything else is JSON.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,6 +55,78 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+STAGING = ".staging-"  # the folders staged_dir fills beside their destination
+RETIRED = ".retired-"  # the folders a swap moves aside, deleted right after
+
+
+def remove_leftovers(path: Path) -> None:
+    """Staged or retired copies of `path` that a killed run left beside it."""
+    for pattern in (f".{path.name}{STAGING}*", f".{path.name}{RETIRED}*"):
+        for old in path.parent.glob(pattern):
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+
+
+def swap_in(new: Path, path: Path) -> None:
+    """Put the folder `new` (on `path`'s file system) where `path` is, replacing what was there.
+
+    Two renames, since POSIX has no atomic exchange of a non-empty folder: the old folder is
+    moved aside, the new one takes its name, then the old one is deleted. Between the renames
+    `path` is briefly absent, never half-written."""
+    retired = None
+    if path.is_dir() and not path.is_symlink():
+        retired = Path(tempfile.mkdtemp(prefix=f".{path.name}{RETIRED}", dir=path.parent))
+        os.replace(path, retired / path.name)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+    os.replace(new, path)
+    if retired is not None:
+        shutil.rmtree(retired, ignore_errors=True)
+
+
+def install(src: str | Path, path: str | Path) -> None:
+    """Move the complete file or folder `src` to `path` in one rename or swap (copied beside `path`
+    first when `src` is on another file system)."""
+    src, path = Path(src), Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not src.is_dir():
+        tmp = temp_beside(path)
+        try:
+            os.replace(src, tmp)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            shutil.copyfile(src, tmp)
+            src.unlink()
+        replace_with(tmp, path)
+        return
+    beside = Path(tempfile.mkdtemp(prefix=f".{path.name}{STAGING}", dir=path.parent))
+    try:
+        os.replace(src, beside)  # onto the empty folder mkdtemp made
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        shutil.copytree(src, beside, dirs_exist_ok=True)
+        shutil.rmtree(src)
+    os.chmod(beside, 0o777 & ~_UMASK)  # mkdtemp makes folders owner-only; give them the usual mode
+    swap_in(beside, path)
+
+
+@contextlib.contextmanager
+def staged_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a new empty folder beside `path`; when the block succeeds it replaces `path` whole
+    (no file of an older run survives), and when it fails `path` stays as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(path)
+    staged = Path(tempfile.mkdtemp(prefix=f".{path.name}{STAGING}", dir=path.parent))
+    try:
+        yield staged
+        os.chmod(staged, 0o777 & ~_UMASK)
+        swap_in(staged, path)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)  # still there only when the block failed
 
 
 def write_text(path: str | Path, text: str) -> None:

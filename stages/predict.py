@@ -8,6 +8,10 @@ its mean and std. For datasets that are not files (digits, MNIST, Fashion-MNIST,
 that is how a photo becomes pixels like theirs: 8-bit grey (or RGB for CIFAR-10) at the
 model's size; nothing else (no inversion, no cropping to the object) is done.
 
+Before any file is read, the model file is checked: a model of this project (else one line
+says what the file is not), trained with the model.* and train.* params of the params file when
+there is one (`--params`, by default params.yaml where it exists; `--no-check-params` skips it).
+
 Files are decoded on a thread pool, one batch ahead of the model, which runs on the first
 CUDA device when there is one. The CSV is written to a temporary file and renamed into place,
 so a refused file leaves the previous CSV as it was.
@@ -24,10 +28,10 @@ import numpy as np
 import torch
 
 from .core.transforms import normalize, stats_tensors
-from .core.weights import load_model
+from .core.weights import check_weights_use, load_model, read_metadata
 from .errors import UserError
 from .io import atomic_path
-from .params import RESIZE_MODES
+from .params import RESIZE_MODES, load_params
 from .sources.imagefolder import (
     cpu_count,
     decode_image,
@@ -86,9 +90,24 @@ def csv_header(top_k: int) -> list[str]:
     return header
 
 
+def check_model_params(model_path: Path, params_path: Path | None) -> None:
+    """Refuse a model that other params made than `params_path`'s (None: params.yaml where it exists)."""
+    if params_path is None:
+        params_path = Path("params.yaml")
+        if not params_path.is_file():
+            return
+    try:
+        check_weights_use(read_metadata(model_path), model_path, params=(load_params(params_path), params_path))
+    except UserError as exc:
+        raise UserError(f"{exc}; or pass --no-check-params to label with it anyway") from None
+
+
 def predict(model_path: Path, inputs: list[Path], out: Path, top_k: int = 1, batch_size: int = 256,
-            skip_bad_images: bool = False) -> dict:
+            skip_bad_images: bool = False, params_path: Path | None = None, check_params: bool = True) -> dict:
     """Label every image in `inputs`; write one CSV row per readable image; return a summary."""
+    read_metadata(model_path)  # a model file of this project, before anything else
+    if check_params:
+        check_model_params(model_path, params_path)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(model_path, device=device)
     meta = model.stages_metadata

@@ -4,7 +4,10 @@ Reads the dataset that `data.dataset` names (`sources/`), chooses the rows of ea
 the labels alone (carving the splits the source does not have), then writes the prepared folder
 (`prepared.py`) split file by split file, in chunks: arrays are copied row block by row block,
 image files are decoded on every core straight into their rows. Then `info.json`, with class
-names, shape, the train split's per-channel mean/std (counted on the way) and counts.
+names, shape, the train split's per-channel mean/std (counted on the way) and counts. The folder
+is written beside the output folder and replaces it whole once complete (`staged_dir`), so a
+refusal midway (an unreadable image, say) leaves the last prepared data as it was, and a
+success leaves exactly the new files.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .io import staged_dir
 from .params import DataParams
 from .prepared import IMAGE_MODES, SPLITS, ChannelStats, PreparedWriter, copy_rows
 from .sources import Source, load_source
@@ -69,7 +73,7 @@ def prepare_data(p: DataParams, out_dir: str | Path) -> dict:
     shape = image_shape(source, p)
     stats = ChannelStats(shape[0])  # of the train split, counted while it is written
     skipped: list[tuple[str, str]] = []
-    with PreparedWriter(out_dir, labels, shape) as out:
+    with staged_dir(out_dir) as staged, PreparedWriter(staged, labels, shape) as out:
         if source.files:
             from .sources.imagefolder import decode_into, report_skipped
 

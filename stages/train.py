@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -65,9 +66,9 @@ from .core.precision import precision_name
 from .core.pretrained import fetch_weights, fit_pretrained, pretrained_normalization, read_pretrained
 from .core.rank_status import RestartReport, describe, restart_report, start_rank_status
 from .core.readout import LatestValue
-from .core.weights import model_metadata, save_model
+from .core.weights import model_metadata, save_model, trained_params
 from .errors import UserError
-from .io import write_json
+from .io import install, write_json
 from .params import Params, TrainParams, free_gpu_count, is_resnet, show_value, weights_kind
 from .prepared import load_prepared
 
@@ -237,7 +238,7 @@ def train(p: Params, plan: DevicePlan, ctx: DistContext, data_dir: Path, model_p
     train_split = place_split(train_images, train_labels, device, cfg.data_placement)
     val_split = place_split(val_images, val_labels, device, cfg.data_placement)
     log(f"data: {len(train_split):,} training images, {train_split.where()}")
-    live = open_live(metrics_dir, history) if ctx.is_main else None
+    live = open_live(live_staging(checkpoint_path), history) if ctx.is_main else None
 
     # The epochs: train, validate (rank 0) the weights to be kept, log, checkpoint, stop early.
     progress = Progress(ctx.is_main, cfg.epochs, cfg.batch_size, device)
@@ -286,15 +287,14 @@ def train(p: Params, plan: DevicePlan, ctx: DistContext, data_dir: Path, model_p
     kept = kept_model(wrapped, st)
     if best_state is not None:
         kept.load_state_dict(best_state)
-    save_model(model_path, kept, model_metadata(p.model.name, info, small_stem,
-                                                pretrained.source if pretrained else None, normalization))
+    metadata = model_metadata(p.model.name, info, small_stem, pretrained.source if pretrained else None,
+                              normalization, trained_params(p, LAUNCH_ONLY))
     throughput = sum(r["samples"] for r in history) / max(sum(r["seconds"] for r in history), 1e-9)
     for name, value in (("samples_per_second", round(throughput, 1)), ("num_devices", plan.num_devices(ctx)),
                         ("world_size", ctx.world_size)):
         live.log_metric(name, value, plot=False)
-    live.end()
     best = best_epoch(history)
-    write_json(metrics_dir / "run.json", {
+    run = {
         "accelerator": device.type,
         "strategy": plan.strategy,
         "data_parallel": plan.use_data_parallel,
@@ -334,7 +334,8 @@ def train(p: Params, plan: DevicePlan, ctx: DistContext, data_dir: Path, model_p
         "peak_memory_kind": "cuda allocated per device" if device.type == "cuda"
         else "process max RSS per process, incl. the mapped splits' shared pages",
         **extra,  # launcher, restarts, gpu_claim
-    })
+    }
+    write_outputs(model_path, kept, metadata, live, run, metrics_dir)
     log(f"saved {model_path}  ({throughput:,.0f} samples/s over {len(history)} epochs)")
     # Last: a kill before this line leaves the checkpoint, and the next run rewrites the outputs from it.
     checkpoint_path.unlink(missing_ok=True)
@@ -362,9 +363,7 @@ LAUNCH_ONLY = {"train.max_restarts", "train.dist_timeout", "model.download", "tr
 def run_fingerprint(p: Params, data_dir: Path) -> dict:
     """What the weights depend on: the model and train params, the content of a local weights file,
     and the prepared training data. (model.download decides only whether a file may be fetched.)"""
-    fingerprint = {f"{section}.{key}": value for section in ("model", "train")
-                   for key, value in p.section_dict(section).items()
-                   if f"{section}.{key}" not in LAUNCH_ONLY}
+    fingerprint = trained_params(p, LAUNCH_ONLY)
     if weights_kind(p.model.weights) == "file":
         fingerprint["model.weights sha256"] = file_digest([Path(p.model.weights)])[:16]
     fingerprint["prepared data sha256"] = file_digest(
@@ -429,14 +428,36 @@ def stop_on_every_rank(stop: bool, ctx: DistContext, device: torch.device) -> bo
     return all_reduce_sum(torch.tensor(float(stop), device=device), ctx).item() > 0
 
 
-def open_live(metrics_dir: Path, history: list[dict]):
-    """DVCLive in `metrics_dir`; a resumed run replays the epochs it kept, so the curves are whole."""
+def live_staging(checkpoint_path: Path) -> Path:
+    """Where DVCLive logs while the run lasts: beside the checkpoint (git-ignored, no DVC output),
+    so that a run that fails or is stopped leaves the last good metrics and curves as they were."""
+    return checkpoint_path.with_name(checkpoint_path.stem + ".live")
+
+
+def open_live(live_dir: Path, history: list[dict]):
+    """DVCLive in `live_dir` (a fresh folder: Live clears only the files it knows of); a resumed run
+    replays the epochs it kept, so the curves are whole."""
     from dvclive import Live
 
-    live = Live(dir=str(metrics_dir), save_dvc_exp=False, dvcyaml=None, report=None)
+    shutil.rmtree(live_dir, ignore_errors=True)
+    live = Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None, report=None)
     for record in history:
         log_epoch(live, record)
     return live
+
+
+def write_outputs(model_path: Path, model: torch.nn.Module, metadata: dict, live, run: dict, metrics_dir: Path) -> None:
+    """The stage's outputs, all at the very end, each written beside and renamed into place: the
+    weights, then DVCLive's folder moved from its staging place into `metrics_dir` (the curves'
+    folder swapped whole, so no curve of an older run survives), then run.json. dvc.yaml marks them
+    `persist: true`: DVC leaves the last good ones in place, and only a run that completes replaces them."""
+    live.end()
+    save_model(model_path, model, metadata)
+    live_dir = Path(live.dir)
+    for item in sorted(live_dir.iterdir()):
+        install(item, metrics_dir / item.name)
+    shutil.rmtree(live_dir, ignore_errors=True)
+    write_json(metrics_dir / "run.json", run)
 
 
 def log_epoch(live, record: dict) -> None:

@@ -38,7 +38,7 @@ def digits_model(tmp_path_factory, prepared_digits) -> dict:
     with open(root / "eval" / "predictions.csv") as f:
         evaluated = [row["predicted"] for row in csv.DictReader(f)]
     images, labels, info = load_prepared(prepared_digits, "test")
-    return {"model": model, "evaluated": evaluated, "images": images, "labels": labels,
+    return {"model": model, "params": params, "evaluated": evaluated, "images": images, "labels": labels,
             "class_names": info["class_names"]}
 
 
@@ -74,7 +74,7 @@ def test_predict_labels_digit_files_as_evaluate_did(tmp_path, digits_model):
     (tmp_path / "digits" / "README.txt").write_text("not an image: ignored with a warning")
     out = tmp_path / "predictions.csv"
     proc = run_stages("predict", str(tmp_path / "digits"), "--model", str(digits_model["model"]), "--out", str(out),
-                      "--top-k", "3", "--batch-size", "100")
+                      "--top-k", "3", "--batch-size", "100", "--params", str(digits_model["params"]))
     assert f"labelled {len(paths)} images on the cpu -> {out}" in proc.stdout
     assert "ignored 1 files" in proc.stderr
     header, rows = read_csv(out)
@@ -98,7 +98,8 @@ def test_predict_resizes_and_converts_other_files_like_prepare_data(tmp_path, di
     images = digits_model["images"]
     write_digit_files(tmp_path / "digits", images, size=size, mode=mode, ext=ext)
     out = tmp_path / "p.csv"
-    run_stages("predict", str(tmp_path / "digits"), "--model", str(digits_model["model"]), "--out", str(out))
+    run_stages("predict", str(tmp_path / "digits"), "--model", str(digits_model["model"]), "--out", str(out),
+               "--params", str(digits_model["params"]))
     header, rows = read_csv(out)
     assert header == ["path", "predicted", "probability"] and len(rows) == len(images)
     agree = np.mean([row["predicted"] == e for row, e in zip(rows, digits_model["evaluated"])])
@@ -122,7 +123,8 @@ def test_predict_gives_an_image_folder_model_its_prepared_inputs_exactly(tmp_pat
     run_stages("train", "--params", str(params), "--data", str(prepared), "--model", str(model),
                "--metrics", str(tmp_path / "m"), "--checkpoint", str(tmp_path / "ck.safetensors"))
     out = tmp_path / "p.csv"
-    run_stages("predict", str(root / "test"), "--model", str(model), "--out", str(out), "--top-k", "3")
+    run_stages("predict", str(root / "test"), "--model", str(model), "--out", str(out), "--top-k", "3",
+               "--params", str(params))
     _, rows = read_csv(out)
     images, labels, info = load_prepared(prepared, "test")
     assert len(rows) == len(labels) == 15
@@ -141,13 +143,13 @@ def test_unreadable_files_are_refused_by_name_or_skipped_on_request(tmp_path, di
     out = tmp_path / "p.csv"
     out.write_text("an earlier result\n")
     refused = run_stages("predict", str(folder), "--model", str(digits_model["model"]), "--out", str(out),
-                         check=False)
+                         "--params", str(digits_model["params"]), check=False)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert refused.stderr.strip().splitlines()[-1].startswith(f"error: cannot read image {folder / 'bad'}")
     assert "--skip-bad-images" in refused.stderr
     assert out.read_text() == "an earlier result\n"  # nothing written over it
     skipped = run_stages("predict", str(folder), "--model", str(digits_model["model"]), "--out", str(out),
-                         "--skip-bad-images")
+                         "--skip-bad-images", "--params", str(digits_model["params"]))
     for path in bad:
         assert f"warning: skipped unreadable image {path}" in skipped.stderr
     _, rows = read_csv(out)
@@ -176,7 +178,8 @@ def test_bad_arguments_are_one_line_errors(tmp_path, digits_model):
     for args, message in cases:
         if "--model" not in args:
             args = args + ["--model", str(digits_model["model"])]
-        result = runner.invoke(app, ["predict", *args, "--out", str(tmp_path / "p.csv")])
+        result = runner.invoke(app, ["predict", *args, "--out", str(tmp_path / "p.csv"),
+                                     "--params", str(digits_model["params"])])
         assert result.exit_code == 2, result.output
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr

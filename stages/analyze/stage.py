@@ -8,7 +8,11 @@ curves, and the evaluate stage's metrics, per-class scores and predictions. Writ
                          misclassified images, scaling (when the probe ran)
   report/scaling.json    the probe's settings, timed points and derived rows
 
-Only the scaling probe needs torch; everything else is files in, files out.
+Only the scaling probe needs torch; everything else is files in, files out. The weights are
+first checked against the data and params.yaml (the check evaluate and predict make, too). The
+figures are drawn into a folder beside report/figures that replaces it whole once the report is
+complete, then scaling.json and report.md are renamed into place: a refusal midway leaves the
+last report as it was.
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ import csv
 from dataclasses import replace
 from pathlib import Path
 
+from ..core.weights import check_weights_use, read_metadata
 from ..errors import UserError
-from ..io import load_tensors, read_json, write_json, write_text
+from ..io import load_tensors, read_json, staged_dir, write_json, write_text
 from ..params import Params
 from ..prepared import load_prepared, read_info
 from . import figures
@@ -103,14 +108,6 @@ def write_figures(figures_dir: Path, curves: dict, per_class: dict, predictions:
     return written
 
 
-def remove_stale_figures(figures_dir: Path, keep: list[Path]) -> None:
-    """A figure left from an earlier run (say scaling.png after the probe was turned off) would be
-    shown by `dvc plots` as if it were current."""
-    for png in figures_dir.glob("*.png"):
-        if png not in keep:
-            png.unlink()
-
-
 def probe_scaling(p: Params, model_path: Path, data_dir: Path, run: dict):
     from ..params import TrainParams
     from .probe import gpu_inventory, probe_json, run_probe
@@ -125,9 +122,11 @@ def probe_scaling(p: Params, model_path: Path, data_dir: Path, run: dict):
     return data, data["rows"], gpu_inventory()
 
 
-def analyze_stage(p: Params, data_dir: Path, model_path: Path, train_dir: Path, eval_dir: Path, out_dir: Path) -> None:
+def analyze_stage(p: Params, params_path: Path, data_dir: Path, model_path: Path, train_dir: Path, eval_dir: Path,
+                  out_dir: Path) -> None:
     data_dir, model_path, train_dir, eval_dir, out_dir = map(Path, (data_dir, model_path, train_dir, eval_dir, out_dir))
     info = read_info(data_dir)
+    check_weights_use(read_metadata(model_path), model_path, params=(p, params_path), data=(info, data_dir))
     run = read_json(train_dir / "run.json")
     test = read_json(eval_dir / "metrics.json")["test"]
     per_class = read_json(eval_dir / "per_class.json")
@@ -138,22 +137,21 @@ def analyze_stage(p: Params, data_dir: Path, model_path: Path, train_dir: Path, 
 
     probe, rows, gpus = probe_scaling(p, model_path, data_dir, run)
     figures_dir = out_dir / FIGURES_DIR
-    written = write_figures(figures_dir, curves, per_class, predictions, info["class_names"], data_dir,
-                            rows if probe is not None else None)
-    remove_stale_figures(figures_dir, written)
-
     train_seconds = run["stage_seconds"]  # the train process's wall time, start-up included
     skipped = "`analyze.probe` is false, so no training steps were timed; set it to true to measure scaling."
+    with staged_dir(figures_dir) as staged:  # holds exactly this run's figures once the block completes
+        written = write_figures(staged, curves, per_class, predictions, info["class_names"], data_dir,
+                                rows if probe is not None else None)
+        report = [
+            f"# Run report: {run['model']} on {info['dataset']}",
+            "",
+            *run_summary_section(run, info, train_params),
+            *quality_section(test, per_class, predictions, curves),
+            *scaling_section(probe, rows, train_seconds, skipped),
+            *lessons_section(lessons(run, rows, gpus, has_batchnorm(model_path), probe and probe["data_on_device"])),
+        ]
     write_json(out_dir / "scaling.json",
                probe if probe is not None else {"probe": "off", "reason": skipped, "rows": []})
-    report = [
-        f"# Run report: {run['model']} on {info['dataset']}",
-        "",
-        *run_summary_section(run, info, train_params),
-        *quality_section(test, per_class, predictions, curves),
-        *scaling_section(probe, rows, train_seconds, skipped),
-        *lessons_section(lessons(run, rows, gpus, has_batchnorm(model_path), probe and probe["data_on_device"])),
-    ]
     write_text(out_dir / "report.md", "\n".join(report))
     cost = (f"; probe {probe['seconds']:.2f} s ({probe['step_seconds']:.2f} s of steps) vs {train_seconds:.2f} s "
             "the train stage took" if probe is not None else "; probe off")
