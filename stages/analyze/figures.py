@@ -74,6 +74,8 @@ def per_class_bars(per_class: dict[str, dict], predicted: dict[str, int], path: 
     With more than `limit` classes the bars would be slivers: the `limit` lowest F1 are drawn.
     """
     plt = _pyplot()
+    from matplotlib.patches import Patch
+
     names = list(per_class)
     total = len(names)
     if total > limit:
@@ -81,8 +83,8 @@ def per_class_bars(per_class: dict[str, dict], predicted: dict[str, int], path: 
     n = len(names)
     fig, ax = plt.subplots(figsize=(min(max(6.0, 0.55 * n + 2), 24), 4))
     width = 0.27
-    for i, (score, color) in enumerate((("precision", "#4c72b0"), ("recall", "#dd8452"), ("f1", "#55a868"))):
-        ax.bar([], [], width, color=color, label=score if score != "f1" else "F1")  # the legend's entry
+    colors = {"precision": "#4c72b0", "recall": "#dd8452", "F1": "#55a868"}
+    for i, (score, color) in enumerate(zip(("precision", "recall", "f1"), colors.values())):
         for c, name in enumerate(names):
             support, guessed = per_class[name]["support"], predicted.get(name, 0)
             undefined = {"precision": guessed == 0, "recall": support == 0,
@@ -101,7 +103,9 @@ def per_class_bars(per_class: dict[str, dict], predicted: dict[str, int], path: 
     ax.set_ylabel("score")
     which = f": the {n} lowest F1 of {total} classes" if total > n else ""
     ax.set_title(f"Per-class precision, recall and F1 on the test split{which}")
-    ax.legend(ncol=3, loc="upper center", frameon=False)
+    # Handles of their own: a class whose scores are all n/a draws no bar to take a legend entry from.
+    ax.legend(handles=[Patch(color=color, label=label) for label, color in colors.items()], ncol=3,
+              loc="upper center", frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return _save(fig, path)

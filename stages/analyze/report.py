@@ -30,7 +30,7 @@ LARGE_GAP = 0.10  # train minus val accuracy at the last epoch; a few points are
 ONE_CLASS_SHARE = 0.90  # one class predicted for this share of the test images (and more than it holds): collapse
 LOW_RECALL = 0.10  # a class found in under 1 of 10 of its test images
 MAX_NAMED_CLASSES = 10  # classes named in one lesson line; the per-class table has them all
-RISING_EPOCHS = 3  # the window over which the val curve must still be climbing at the end
+RISING_EPOCHS = 3  # the last epochs over which the val curve must still be climbing
 RISING_PER_EPOCH = 0.005  # half a point of val accuracy per epoch, about 1 image per epoch on digits' 143
 
 
@@ -406,16 +406,18 @@ def model_lessons(curves: dict, per_class: dict, predictions: list[dict]) -> lis
         out.append(f"{plural(len(low), 'class')} of {classes_present} with recall under {LOW_RECALL:.2f} (the model "
                    f"almost never recognises them): {named}{more}. See what they are taken for under Confusion "
                    "matrix, and check their training images: too few, or mislabelled.")
-    if len(val_acc) >= 2 and val_acc[-1] >= max(val_acc):
-        window = min(RISING_EPOCHS, len(val_acc) - 1)
-        rise = val_acc[-1] - val_acc[-1 - window]
+    # Still rising: over the last RISING_EPOCHS epochs val accuracy gained at least RISING_PER_EPOCH an epoch,
+    # the last epoch improved on the one before and is the best, and val loss fell too (accuracy up with
+    # loss up is overconfidence, not learning). The window is short so an early climb does not count.
+    if len(val_acc) >= 2 and val_acc[-1] > val_acc[-2] and val_acc[-1] >= max(val_acc):
+        first = max(len(val_acc) - RISING_EPOCHS, 0)  # index of the window's first epoch
+        per_epoch = (val_acc[-1] - val_acc[first]) / (len(val_acc) - 1 - first)
         val_loss = curves["loss"]["val"]
-        loss_fell = len(val_loss) < len(val_acc) or val_loss[-1] < val_loss[-1 - window]
-        if rise >= RISING_PER_EPOCH * window and loss_fell:
-            out.append(f"Validation accuracy was still rising at the last epoch: {val_acc[-1 - window]:.3f} → "
-                       f"{val_acc[-1]:.3f} over the last {plural(window, 'epoch')} (+{100 * rise:.1f} points, at "
-                       f"least {100 * RISING_PER_EPOCH:.1f} per epoch), its best; more `train.epochs` would "
-                       "likely help.")
+        loss_fell = len(val_loss) < len(val_acc) or val_loss[-1] < val_loss[first]
+        if per_epoch >= RISING_PER_EPOCH and loss_fell:
+            out.append(f"Validation accuracy was still rising at the last epoch: {val_acc[first]:.3f} at epoch "
+                       f"{first + 1}, {val_acc[-1]:.3f} at epoch {len(val_acc)} (+{100 * per_epoch:.1f} points an "
+                       f"epoch, over {100 * RISING_PER_EPOCH:.1f}), its best; more `train.epochs` would likely help.")
     if not out and predictions:
         gap = (f"train/val accuracy gap {100 * (train_acc[-1] - val_acc[-1]):.1f} points at the last epoch, "
                if train_acc and val_acc else "")
