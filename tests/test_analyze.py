@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from stages.analyze import report as report_text
 from stages.analyze.probe import device_counts, planned_points
-from stages.analyze.report import MAX_CLASSES_IN_MATRIX, lessons, model_lessons
+from stages.analyze.report import lessons
 from stages.analyze.stage import read_curves
 from stages.cli import app
 
@@ -116,7 +117,7 @@ def test_report_numbers_match_the_inputs(run):
     assert lessons_text.count("\n- ") >= 1 and f"{summary['per_device_batch']} samples per device" in lessons_text
     with (run / "evaluate" / "predictions.csv").open() as f:
         predictions = list(csv.DictReader(f))
-    about_the_model = model_lessons(read_curves(run / "train"), per_class, predictions)
+    about_the_model = report_text.model_lessons(read_curves(run / "train"), per_class, predictions)
     assert about_the_model and all(f"- {line}\n" in lessons_text for line in about_the_model)
 
 
@@ -273,7 +274,7 @@ def test_a_200_class_folder_gets_pairs_not_an_unreadable_matrix(tmp_path):
     analyze(tmp_path, params, tmp_path / "report")
 
     quality = section((tmp_path / "report" / "report.md").read_text(), "Quality")
-    assert "confusion.png" not in quality and f"(over {MAX_CLASSES_IN_MATRIX}," in quality
+    assert "confusion.png" not in quality and f"(over {report_text.MAX_CLASSES_IN_MATRIX}," in quality
     assert not (tmp_path / "report" / "figures" / "confusion.png").exists()
     pairs_table = quality.split("most-confused pairs", 1)[1].split("###", 1)[0]
     assert len([line for line in pairs_table.splitlines() if line.startswith("| class")]) == 20
