@@ -181,6 +181,11 @@ def scaling_plot(rows: list[dict], path: Path, low_efficiency: float) -> Path:
     for row in rows:
         if row["samples_per_second"]:
             series.setdefault(f"{row['strategy']} {row['scaling']}", []).append(row)
+    # DDP starts at 2 devices; its lines start from the one-device point they are compared with.
+    for mode in ("weak", "strong"):
+        base = [row for row in series.get(f"dp {mode}", []) if row["devices"] == 1]
+        if base and f"ddp {mode}" in series:
+            series[f"ddp {mode}"] = base + series[f"ddp {mode}"]
     for strategy in {row["strategy"] for row in rows}:  # one line where weak and strong are the same points
         weak, strong = series.get(f"{strategy} weak"), series.get(f"{strategy} strong")
         same = weak and strong and [(r["devices"], r["global_batch"]) for r in weak] == [
@@ -206,7 +211,8 @@ def scaling_plot(rows: list[dict], path: Path, low_efficiency: float) -> Path:
         ax.legend(fontsize=8)
     left.set_ylim(bottom=0)
     left.yaxis.set_major_formatter(lambda value, _: f"{value:,.0f}")
-    right.set_ylim(0, 115)
+    top = max((100 * (row["efficiency"] or 0) for line in series.values() for row in line), default=0)
+    right.set_ylim(0, max(115, 1.1 * top))
     if len(counts) == 1:
         left.set_xlim(0.5, 1.5)
         right.set_xlim(0.5, 1.5)
