@@ -281,9 +281,9 @@ class EvaluateParams:
 
 @dataclass(frozen=True)
 class AnalyzeParams:
-    probe: bool = param(True, Bool(), "time training steps at 1, 2, 4, ... devices (the scaling probe)")
+    probe: bool = param(True, Bool(), "time training steps at 1, 2, 4, ... GPUs (scaling probe); skipped on one device")
     probe_steps: int = param(10, Int(1, 10_000), "timed steps per probe point")
-    probe_ddp: bool = param(False, Bool(), "also probe DDP (one process per device)")
+    probe_ddp: bool = param(False, Bool(), "also probe DDP (one process per GPU); without GPUs: 1 vs 2 CPU processes")
 
 
 SECTIONS = {

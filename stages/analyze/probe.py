@@ -9,7 +9,9 @@ training core itself (`prepare_model`, `build_loop_state`, `train_one_epoch`), a
 
 DataParallel points run in this process; DDP points start one `python -m stages.analyze.probe`
 rank per device with torch's elastic launcher (`core.launch`), as the train stage starts its
-ranks. Without CUDA it times the CPU once and says what it could not measure.
+ranks. It times only what it can compare: 2 or more GPUs, or on a machine without CUDA (with
+`analyze.probe_ddp`) one process against several DDP processes. One device alone is a single
+point, with no speedup to read, which the train stage's own samples/s already gives.
 """
 
 from __future__ import annotations
@@ -70,6 +72,16 @@ class ProbeResult:
 
 
 # --- what to measure ---------------------------------------------------------------
+
+
+def nothing_to_compare(n_gpus: int, with_ddp: bool) -> str | None:
+    """Why the probe would time one device alone (with nothing to compare it with), or None."""
+    if n_gpus >= 2 or (n_gpus == 0 and with_ddp):
+        return None
+    only = "one GPU is visible" if n_gpus == 1 else "no GPU is visible, only the CPU"
+    on_cpu = "" if n_gpus == 1 else ", or 1 against 2 CPU processes with `analyze.probe_ddp: true`"
+    return (f"{only}, so there is nothing to compare one device with (the train stage's samples/s is its rate); "
+            f"the probe times 1, 2, 4, ... GPUs on a machine with 2 or more{on_cpu}.")
 
 
 def device_counts(available: int) -> list[int]:
@@ -233,25 +245,24 @@ def gpu_inventory() -> list[dict]:
 
 
 def run_probe(weights: Path, data_dir: Path, cfg: TrainParams, per_device_batch: int, global_batch: int,
-              steps: int, with_ddp: bool) -> ProbeResult:
-    """Time every planned point on the visible GPUs (or the CPU); never fails the stage for one point."""
+              steps: int, with_ddp: bool, cpu_processes: int = 2) -> ProbeResult:
+    """Time every planned point on the visible GPUs, or on the CPU one process against `cpu_processes`
+    DDP processes; never fails the stage for one point. The caller checks `nothing_to_compare` first."""
     start = time.perf_counter()
     configure_determinism(cfg.deterministic)  # cuDNN autotuning on, as in training
     n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     accelerator = "cuda" if n_gpus else "cpu"
     notes = []
-    if n_gpus == 0:
-        notes.append("no CUDA device is visible: timed the CPU only; DataParallel and DDP scaling "
-                     "need a machine with 2 or more GPUs")
-    elif n_gpus == 1:
-        notes.append("one GPU is visible: timed it alone; scaling over 2, 4, ... GPUs needs more GPUs")
-    strategies = ["dp"]
-    if with_ddp and n_gpus >= 2:
-        strategies.append("ddp")
-    elif with_ddp:
-        notes.append("analyze.probe_ddp is on, but DDP needs 2 or more GPUs to compare with one: not timed")
-    counts = device_counts(max(n_gpus, 1))
-    plan = planned_points(strategies, counts, per_device_batch, global_batch)
+    if n_gpus:
+        strategies = ["dp", "ddp"] if with_ddp else ["dp"]
+        counts = device_counts(n_gpus)
+        plan = planned_points(strategies, counts, per_device_batch, global_batch)
+    else:  # the processes share the CPU's cores: this measures DDP's overhead there, not added compute
+        notes.append("no CUDA device is visible: timed one CPU process against DDP processes on the same cores; "
+                     "DataParallel and GPU scaling need a machine with 2 or more GPUs")
+        counts = [1, cpu_processes]
+        plan = planned_points(["dp"], [1], per_device_batch, global_batch) + planned_points(
+            ["ddp"], [cpu_processes], per_device_batch, global_batch)
     skipped = sorted({k for k in counts if scaling_batches(k, per_device_batch, global_batch)["strong"] is None})
     if skipped:
         notes.append(f"strong scaling skipped at {skipped} devices: the global batch {global_batch} "

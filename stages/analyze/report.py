@@ -16,6 +16,22 @@ LOW_EFFICIENCY = 0.70  # DataParallel below this on 2+ GPUs: DDP will do better
 SMALL_BATCH_FOR_BATCHNORM = 16  # per-device samples below which BatchNorm statistics get noisy
 FLAT_SPEEDUP = 1.25  # weak-scaling speedup at the most devices below this: throughput is flat
 SLOW_FIRST_EPOCH = 2.0  # first epoch this many times the others' median: start-up skews the average
+# The probe times the same steps as training, so its rate and training's steady rate (start-up left out) agree
+# within run-to-run noise on a quiet machine; a factor of 2 either way means one of them shared the machine.
+FAR_FROM_TRAINING = 2.0
+# Up to this many classes the confusion matrix is a heatmap with every count written in its cell (a 24-inch
+# figure still gives each cell ~60 px); beyond it the counts no longer fit and the names overlap, so the
+# report lists the most-confused pairs as a table instead.
+MAX_CLASSES_IN_MATRIX = 30
+MOST_CONFUSED_PAIRS = 20  # rows of that table
+# Lessons about the model.
+LARGE_GAP = 0.10  # train minus val accuracy at the last epoch; a few points are normal (train batches are
+#                   measured while the weights change, with augmentation and dropout on), ten are overfitting
+ONE_CLASS_SHARE = 0.90  # one class predicted for this share of the test images (and more than it holds): collapse
+LOW_RECALL = 0.10  # a class found in under 1 of 10 of its test images
+MAX_NAMED_CLASSES = 10  # classes named in one lesson line; the per-class table has them all
+RISING_EPOCHS = 3  # the last epochs over which the val curve must still be climbing
+RISING_PER_EPOCH = 0.005  # half a point of val accuracy per epoch, about 1 image per epoch on digits' 143
 
 
 # --- Markdown helpers --------------------------------------------------------------
@@ -35,7 +51,7 @@ def fmt_memory(values: list[float]) -> str:
 
 
 def plural(count: int, noun: str) -> str:
-    return f"{count} {noun}" + ("" if count == 1 else "s")
+    return f"{count} {noun}" + ("" if count == 1 else "es" if noun.endswith("s") else "s")
 
 
 def figure_link(title: str, name: str) -> str:
@@ -114,10 +130,60 @@ def epochs_description(run: dict, resumed: int | None) -> str:
     return text
 
 
+def predicted_counts(predictions: list[dict]) -> dict[str, int]:
+    """How many test images were predicted as each class."""
+    counts: dict[str, int] = {}
+    for row in predictions:
+        counts[row["predicted"]] = counts.get(row["predicted"], 0) + 1
+    return counts
+
+
+def score_cells(scores: dict, predicted: int) -> list[str]:
+    """Precision, recall and F1 as table cells; n/a where the score divides zero by zero.
+
+    evaluate writes 0 there (scikit-learn's zero_division=0), which reads as "always wrong":
+    precision has no value for a class never predicted, recall none for a class with no test image,
+    and F1 (2 tp / (2 tp + fp + fn)) none when both hold.
+    """
+    support = scores["support"]
+    precision = "n/a" if predicted == 0 else f"{scores['precision']:.4f}"
+    recall = "n/a" if support == 0 else f"{scores['recall']:.4f}"
+    f1 = "n/a" if support == 0 and predicted == 0 else f"{scores['f1']:.4f}"
+    return [precision, recall, f1]
+
+
+def confused_pairs(predictions: list[dict], limit: int = MOST_CONFUSED_PAIRS) -> list[tuple[str, str, int]]:
+    """The (true, predicted, count) pairs of wrong predictions, most frequent first (ties by name)."""
+    counts: dict[tuple[str, str], int] = {}
+    for row in predictions:
+        if row["actual"] != row["predicted"]:
+            pair = (row["actual"], row["predicted"])
+            counts[pair] = counts.get(pair, 0) + 1
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    return [(true, predicted, count) for (true, predicted), count in ranked[:limit]]
+
+
+def confused_pairs_section(predictions: list[dict], per_class: dict) -> list[str]:
+    pairs = confused_pairs(predictions)
+    if not pairs:
+        return ["No test image was misclassified.", ""]
+    rows = [[true, predicted, count, f"{100 * count / per_class[true]['support']:.0f}% of {per_class[true]['support']}"]
+            for true, predicted, count in pairs]
+    wrong_pairs = len(confused_pairs(predictions, limit=len(predictions)))
+    shown = f"the {len(pairs)} most frequent of {wrong_pairs}" if wrong_pairs > len(pairs) else f"all {len(pairs)}"
+    return [f"Pairs of (true class, predicted class) among the misclassified test images, {shown}:", "",
+            *md_table(["true class", "predicted as", "test images", "share of the true class"], rows), ""]
+
+
 def quality_section(test: dict, per_class: dict, predictions: list[dict], curves: dict) -> list[str]:
     n_wrong = sum(r["actual"] != r["predicted"] for r in predictions)
-    rows = [[name, f"{s['precision']:.4f}", f"{s['recall']:.4f}", f"{s['f1']:.4f}", s["support"]]
-            for name, s in per_class.items()]
+    predicted = predicted_counts(predictions)
+    rows = [[name, *score_cells(s, predicted.get(name, 0)), s["support"]] for name, s in per_class.items()]
+    if len(per_class) <= MAX_CLASSES_IN_MATRIX:
+        confusion = [figure_link("Confusion matrix", "confusion.png"), ""]
+    else:
+        confusion = [f"{len(per_class)} classes are too many for a readable matrix (over {MAX_CLASSES_IN_MATRIX}, "
+                     "the counts no longer fit in the cells), so here are the most-confused pairs.", ""]
     lines = [
         "## Quality",
         "",
@@ -131,12 +197,14 @@ def quality_section(test: dict, per_class: dict, predictions: list[dict], curves
         "",
         *md_table(["class", "precision", "recall", "F1", "support"], rows),
         "",
+        *(["n/a: no test image of the class (recall), or none predicted as it (precision); F1 needs either.", ""]
+          if any("n/a" in row for row in rows) else []),
         figure_link("Per-class precision, recall and F1", "per_class.png"),
         "",
         "### Confusion matrix",
         "",
-        figure_link("Confusion matrix", "confusion.png"),
-        "",
+        *confusion,
+        *confused_pairs_section(predictions, per_class),
         "### Misclassified test images",
         "",
         figure_link("Misclassified test images", "misclassified.png"),
@@ -164,15 +232,57 @@ def probe_cost_line(probe: dict, train_seconds: float) -> str:
             f"when the first optimizer is built, which training pays too).")
 
 
-def scaling_section(probe: dict | None, rows: list[dict], train_seconds: float,
-                    skipped_reason: str) -> list[str]:
+def later_epochs_median(epochs: list[float]) -> float:
+    """The median time of the epochs after the first (the first pays for start-up)."""
+    return sorted(epochs[1:])[len(epochs[1:]) // 2]
+
+
+def steady_rate(run: dict) -> tuple[float, str]:
+    """Training's samples/s without the first epoch's start-up, and how it was taken."""
+    epochs = run.get("epoch_seconds") or []
+    if len(epochs) < 2:
+        return run["samples_per_second"], "over its one epoch"
+    mean = sum(epochs) / len(epochs)
+    return run["samples_per_second"] * mean / later_epochs_median(epochs), "its median epoch after the first"
+
+
+def probe_far_from_training(rows: list[dict], run: dict) -> str | None:
+    """A warning when the probe's point in training's own configuration ran at a rate far from training's.
+
+    The two time the same steps of the same model, so a large factor says the machine was shared
+    while one of them ran, and the probe's other numbers are suspect too."""
+    if run.get("accumulate", 1) > 1:  # training made several passes per step; the probe makes one
+        return None
+    same = [r for r in rows if r["samples_per_second"] and r["devices"] == run["num_devices"]
+            and r["global_batch"] == run["global_batch"]]
+    point = next((r for r in same if r["strategy"] == run["strategy"]), same[0] if same else None)
+    if point is None:
+        return None
+    trained, how = steady_rate(run)
+    probed = point["samples_per_second"]
+    factor = max(probed, trained) / max(min(probed, trained), 1e-9)
+    if factor < FAR_FROM_TRAINING:
+        return None
+    return (f"the probe ran at {fmt_rate(probed)} samples/s in training's own configuration ({point['strategy']}, "
+            f"{plural(point['devices'], 'device')}, global batch {point['global_batch']}), "
+            f"{factor:.1f}× {'slower' if probed < trained else 'faster'} than training's {fmt_rate(trained)} "
+            f"samples/s ({how}). The same steps should run at about the same rate: the machine may have been busy "
+            "with other work while one of them ran; rerun `dvc repro -f analyze` on a quiet machine before "
+            "trusting these numbers.")
+
+
+def scaling_section(probe: dict | None, rows: list[dict], run: dict, skipped_reason: str) -> list[str]:
     from .probe import WARMUP_STEPS, merge_identical_modes
 
     lines = ["## Scaling probe", ""]
     if probe is None:
         return lines + [f"Not run: {skipped_reason}", ""]
     names = probe["device_names"]
-    device = "the CPU" if probe["accelerator"] == "cpu" else f"{plural(len(names), 'visible GPU')} ({', '.join(names)})"
+    if probe["accelerator"] == "cpu":
+        ddp = max((r["devices"] for r in rows if r["strategy"] == "ddp"), default=1)
+        device = f"the CPU, one process against {ddp} DDP processes (gloo) that share its cores"
+    else:
+        device = f"{plural(len(names), 'visible GPU')} ({', '.join(names)})"
     lines += [
         f"Timed {probe['steps']} training steps (after {WARMUP_STEPS} warm-up steps) of the trained model on {device}: "
         f"weak scaling keeps {probe['per_device_batch']} samples per device, strong scaling splits the global "
@@ -189,8 +299,11 @@ def scaling_section(probe: dict | None, rows: list[dict], train_seconds: float,
     memory = "peak memory per GPU (MiB)" if probe["accelerator"] == "cuda" else "process peak RSS (MiB)"
     lines += md_table(["strategy", "scaling", "devices", "global batch", "per-device batch", "samples/s", "speedup",
                        "efficiency", memory], table)
+    far = probe_far_from_training(rows, run)
+    if far:
+        lines += ["", f"**Far from training's rate**: {far}"]
     lines += ["", figure_link("Scaling", "scaling.png"), ""]
-    lines += [probe_cost_line(probe, train_seconds), ""]
+    lines += [probe_cost_line(probe, run["stage_seconds"]), ""]
     if probe["notes"]:
         lines += ["Not measured:", "", *[f"- {note}" for note in probe["notes"]], ""]
     return lines
@@ -218,15 +331,17 @@ def lessons(run: dict, rows: list[dict], gpus: list[dict], batchnorm: bool, data
                    "set `train.accelerator: auto` (or cuda) to use them.")
     epochs = run.get("epoch_seconds") or []
     if len(epochs) >= 2:
-        rest = sorted(epochs[1:])[len(epochs[1:]) // 2]  # the median of the later epochs
+        rest = later_epochs_median(epochs)
         if epochs[0] > SLOW_FIRST_EPOCH * rest:
             start_up = epochs[0] - rest
-            steady = run["samples_per_second"] * sum(epochs) / len(epochs) / rest
-            out.append(f"The first epoch took {epochs[0]:.2f} s against {rest:.2f} s for the others: start-up (CUDA "
-                       f"context, cuDNN autotuning, lazy imports) is {100 * start_up / sum(epochs):.0f}% of the "
+            steady, _ = steady_rate(run)
+            causes = ("lazy imports, first allocations, other work on the machine" if run["accelerator"] == "cpu"
+                      else "CUDA context, cuDNN autotuning, lazy imports")
+            out.append(f"The first epoch took {epochs[0]:.2f} s against {rest:.2f} s for the others: start-up "
+                       f"({causes}) is {100 * start_up / sum(epochs):.0f}% of the "
                        f"{sum(epochs):.2f} s of training, so the run's {fmt_rate(run['samples_per_second'])} samples/s "
-                       f"understates the steady rate of about {fmt_rate(steady)} samples/s; train longer or compare "
-                       f"the probe's numbers.")
+                       f"understates the steady rate of about {fmt_rate(steady)} samples/s; train longer for a truer "
+                       "average.")
     dp_weak = [r for r in measured if r["strategy"] == "dp" and r["scaling"] == "weak" and r["devices"] > 1]
     if dp_weak:
         widest = max(dp_weak, key=lambda r: r["devices"])
@@ -256,6 +371,60 @@ def lessons(run: dict, rows: list[dict], gpus: list[dict], batchnorm: bool, data
             out.append(f"Throughput is flat with {strategy}: {widest['speedup']:.2f}× on {widest['devices']} devices "
                        f"({fmt_rate(widest['samples_per_second'])} samples/s): the devices wait on the input "
                        f"pipeline; {where}.")
+    return out
+
+
+def model_lessons(curves: dict, per_class: dict, predictions: list[dict]) -> list[str]:
+    """What the curves and the test predictions say about the model; every line quotes its numbers.
+
+    curves: per-epoch {"loss"|"accuracy": {"train"|"val": [...]}}; per_class: evaluate's per_class.json;
+    predictions: predictions.csv rows."""
+    out = []
+    train_acc, val_acc = curves["accuracy"]["train"], curves["accuracy"]["val"]
+    if train_acc and val_acc and train_acc[-1] - val_acc[-1] > LARGE_GAP:
+        gap = train_acc[-1] - val_acc[-1]
+        out.append(f"Train accuracy {train_acc[-1]:.3f} against validation {val_acc[-1]:.3f} at the last epoch, a gap "
+                   f"of {100 * gap:.0f} points (over {100 * LARGE_GAP:.0f}): the model fits its training images "
+                   "much better than new ones (overfitting). Try `train.augment: true`, a larger "
+                   "`train.weight_decay`, more data, or `train.keep: best` with `train.patience`.")
+    total = len(predictions)
+    counts = predicted_counts(predictions)
+    top = max(counts, key=counts.get, default=None)
+    classes_present = sum(s["support"] > 0 for s in per_class.values())
+    if top is not None and classes_present > 1:
+        share, true_share = counts[top] / total, per_class[top]["support"] / total
+        if share >= ONE_CLASS_SHARE > true_share:
+            out.append(f"The model predicts {top!r} for {counts[top]} of the {total} test images ({100 * share:.0f}%), "
+                       f"though {100 * true_share:.0f}% of them are {top!r}: it has collapsed onto one class. Usual "
+                       "causes: a `train.lr` too high (try 10× lower), too few epochs, or labels that do not match "
+                       "the images.")
+    low = [(name, s) for name, s in per_class.items() if s["support"] > 0 and s["recall"] < LOW_RECALL]
+    if low:
+        low.sort(key=lambda item: (item[1]["recall"], item[0]))
+        named = ", ".join(f"{name!r} {s['recall']:.2f} of {s['support']}" for name, s in low[:MAX_NAMED_CLASSES])
+        more = f" and {len(low) - MAX_NAMED_CLASSES} more" if len(low) > MAX_NAMED_CLASSES else ""
+        out.append(f"{plural(len(low), 'class')} of {classes_present} with recall under {LOW_RECALL:.2f} (the model "
+                   f"almost never recognises them): {named}{more}. See what they are taken for under Confusion "
+                   "matrix, and check their training images: too few, or mislabelled.")
+    # Still rising: over the last RISING_EPOCHS epochs val accuracy gained at least RISING_PER_EPOCH an epoch,
+    # the last epoch improved on the one before and is the best, and val loss fell too (accuracy up with
+    # loss up is overconfidence, not learning). The window is short so an early climb does not count.
+    if len(val_acc) >= 2 and val_acc[-1] > val_acc[-2] and val_acc[-1] >= max(val_acc):
+        first = max(len(val_acc) - RISING_EPOCHS, 0)  # index of the window's first epoch
+        per_epoch = (val_acc[-1] - val_acc[first]) / (len(val_acc) - 1 - first)
+        val_loss = curves["loss"]["val"]
+        loss_fell = len(val_loss) < len(val_acc) or val_loss[-1] < val_loss[first]
+        if per_epoch >= RISING_PER_EPOCH and loss_fell:
+            out.append(f"Validation accuracy was still rising at the last epoch: {val_acc[first]:.3f} at epoch "
+                       f"{first + 1}, {val_acc[-1]:.3f} at epoch {len(val_acc)} (+{100 * per_epoch:.1f} points an "
+                       f"epoch, over {100 * RISING_PER_EPOCH:.1f}), its best; more `train.epochs` would likely help.")
+    if not out and predictions:
+        gap = (f"train/val accuracy gap {100 * (train_acc[-1] - val_acc[-1]):.1f} points at the last epoch, "
+               if train_acc and val_acc else "")
+        present = [(name, s) for name, s in per_class.items() if s["support"] > 0]
+        worst = min(present, key=lambda item: item[1]["recall"])
+        out.append(f"Nothing to flag in the model: {gap}lowest recall {worst[1]['recall']:.2f} ({worst[0]!r}), "
+                   f"most predicted class {top!r} on {100 * counts[top] / total:.0f}% of the test images.")
     return out
 
 

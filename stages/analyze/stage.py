@@ -4,8 +4,8 @@ Reads the prepared data, the weights, the train stage's run.json, metrics and DV
 curves, and the evaluate stage's metrics, per-class scores and predictions. Writes
 
   report/report.md       run summary, quality, scaling probe, lessons (links the figures)
-  report/figures/*.png   learning curves, per-class scores, confusion matrix,
-                         misclassified images, scaling (when the probe ran)
+  report/figures/*.png   learning curves, per-class scores, confusion matrix (up to
+                         MAX_CLASSES_IN_MATRIX classes), misclassified images, scaling (when the probe ran)
   report/scaling.json    the probe's settings, timed points and derived rows
 
 Only the scaling probe needs torch; everything else is files in, files out. The weights are
@@ -30,8 +30,12 @@ from . import figures
 from .report import (
     FIGURES_DIR,
     LOW_EFFICIENCY,
+    MAX_CLASSES_IN_MATRIX,
     lessons,
     lessons_section,
+    model_lessons,
+    predicted_counts,
+    probe_far_from_training,
     quality_section,
     run_summary_section,
     scaling_section,
@@ -89,10 +93,12 @@ def write_figures(figures_dir: Path, curves: dict, per_class: dict, predictions:
                   data_dir: Path, rows: list[dict] | None) -> list[Path]:
     written = [
         figures.learning_curves(curves, figures_dir / "learning_curves.png"),
-        figures.per_class_bars(per_class, figures_dir / "per_class.png"),
-        figures.confusion_heatmap(confusion_counts(predictions, class_names), class_names,
-                                  figures_dir / "confusion.png"),
+        figures.per_class_bars(per_class, predicted_counts(predictions), figures_dir / "per_class.png",
+                               MAX_CLASSES_IN_MATRIX),
     ]
+    if len(class_names) <= MAX_CLASSES_IN_MATRIX:  # beyond, the report lists the most-confused pairs instead
+        written.append(figures.confusion_heatmap(confusion_counts(predictions, class_names), class_names,
+                                                 figures_dir / "confusion.png"))
     wrong = [r for r in predictions if r["actual"] != r["predicted"]]
     shown = wrong[:MAX_MISCLASSIFIED_SHOWN]
     images, _, _ = load_prepared(data_dir, "test")
@@ -108,18 +114,26 @@ def write_figures(figures_dir: Path, curves: dict, per_class: dict, predictions:
     return written
 
 
-def probe_scaling(p: Params, model_path: Path, data_dir: Path, run: dict):
-    from ..params import TrainParams
-    from .probe import gpu_inventory, probe_json, run_probe
+PROBE_OFF = "`analyze.probe` is false, so no training steps were timed; set it to true to measure scaling."
 
-    if not p.analyze.probe:
-        return None, [], gpu_inventory()
+
+def probe_scaling(p: Params, model_path: Path, data_dir: Path, run: dict):
+    """(scaling.json's probe data or None, its rows, this machine's GPUs, why the probe did not run)."""
+    from ..params import TrainParams
+    from .probe import gpu_inventory, nothing_to_compare, probe_json, run_probe
+
+    gpus = gpu_inventory()
+    reason = PROBE_OFF if not p.analyze.probe else nothing_to_compare(len(gpus), p.analyze.probe_ddp)
+    if reason:
+        return None, [], gpus, reason
     # One forward pass per step (no accumulation): the probe times what each device computes per pass.
     cfg = replace(TrainParams(**run["train_params"]), accumulate=1)
+    # On the CPU: as many DDP processes as training ran, or the smallest comparison, 2.
+    processes = run["world_size"] if run["accelerator"] == "cpu" and run.get("world_size", 1) > 1 else 2
     result = run_probe(model_path, data_dir, cfg, run["per_device_batch"],
-                       run["global_batch"], p.analyze.probe_steps, p.analyze.probe_ddp)
+                       run["global_batch"], p.analyze.probe_steps, p.analyze.probe_ddp, processes)
     data = probe_json(result)
-    return data, data["rows"], gpu_inventory()
+    return data, data["rows"], gpus, ""
 
 
 def analyze_stage(p: Params, params_path: Path, data_dir: Path, model_path: Path, train_dir: Path, eval_dir: Path,
@@ -135,10 +149,9 @@ def analyze_stage(p: Params, params_path: Path, data_dir: Path, model_path: Path
     # The probe times steps with the params training used, which run.json records (a dep).
     train_params = run["train_params"]
 
-    probe, rows, gpus = probe_scaling(p, model_path, data_dir, run)
+    probe, rows, gpus, skipped = probe_scaling(p, model_path, data_dir, run)
     figures_dir = out_dir / FIGURES_DIR
     train_seconds = run["stage_seconds"]  # the train process's wall time, start-up included
-    skipped = "`analyze.probe` is false, so no training steps were timed; set it to true to measure scaling."
     with staged_dir(figures_dir) as staged:  # holds exactly this run's figures once the block completes
         written = write_figures(staged, curves, per_class, predictions, info["class_names"], data_dir,
                                 rows if probe is not None else None)
@@ -147,12 +160,17 @@ def analyze_stage(p: Params, params_path: Path, data_dir: Path, model_path: Path
             "",
             *run_summary_section(run, info, train_params),
             *quality_section(test, per_class, predictions, curves),
-            *scaling_section(probe, rows, train_seconds, skipped),
-            *lessons_section(lessons(run, rows, gpus, has_batchnorm(model_path), probe and probe["data_on_device"])),
+            *scaling_section(probe, rows, run, skipped),
+            *lessons_section(model_lessons(curves, per_class, predictions)
+                             + lessons(run, rows, gpus, has_batchnorm(model_path), probe and probe["data_on_device"])),
         ]
-    write_json(out_dir / "scaling.json",
-               probe if probe is not None else {"probe": "off", "reason": skipped, "rows": []})
+    write_json(out_dir / "scaling.json", probe if probe is not None else
+               {"probe": "off" if skipped == PROBE_OFF else "nothing to compare", "reason": skipped, "rows": []})
     write_text(out_dir / "report.md", "\n".join(report))
+    if probe is None:
+        print(f"scaling probe not run: {skipped}")
+    elif far := probe_far_from_training(rows, run):
+        print(f"warning: {far}")
     cost = (f"; probe {probe['seconds']:.2f} s ({probe['step_seconds']:.2f} s of steps) vs {train_seconds:.2f} s "
-            "the train stage took" if probe is not None else "; probe off")
+            "the train stage took" if probe is not None else "")
     print(f"wrote {out_dir / 'report.md'}, {len(written)} figures in {figures_dir}{cost}")

@@ -1,0 +1,281 @@
+"""The report's text, lessons and figures from small files in the formats the analyze stage reads.
+
+Each case writes what train and evaluate would (run.json, DVCLive's .tsv curves, metrics.json,
+per_class.json as evaluate computes it, predictions.csv), reads it back with the stage's own
+readers, and checks what the report makes of it. The whole report on a real run is in
+tests/test_analyze.py.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from stages.analyze import figures, probe, report, stage
+
+# --- the input files ---------------------------------------------------------------
+
+
+def write_curves(train_dir: Path, curves: dict[str, dict[str, list[float]]]) -> None:
+    """DVCLive's plots/metrics/<split>/<metric>.tsv: a `step<TAB><metric>` header, one row per epoch."""
+    for metric, splits in curves.items():
+        for split, values in splits.items():
+            path = train_dir / "plots" / "metrics" / split / f"{metric}.tsv"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(f"step\t{metric}\n" + "".join(f"{i}\t{v}\n" for i, v in enumerate(values)))
+
+
+def write_evaluation(eval_dir: Path, classes: list[str], pairs: list[tuple[str, str]]) -> None:
+    """predictions.csv, and per_class.json computed from it exactly as the evaluate stage does."""
+    from sklearn.metrics import precision_recall_fscore_support
+
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    with (eval_dir / "predictions.csv").open("w", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["index", "actual", "predicted"])
+        writer.writerows([i, a, p] for i, (a, p) in enumerate(pairs))
+    index = {name: i for i, name in enumerate(classes)}
+    actual, predicted = [index[a] for a, _ in pairs], [index[p] for _, p in pairs]
+    precision, recall, f1, support = precision_recall_fscore_support(
+        actual, predicted, labels=list(range(len(classes))), zero_division=0)
+    per_class = {name: {"precision": round(float(p), 6), "recall": round(float(r), 6), "f1": round(float(f), 6),
+                        "support": int(s)} for name, p, r, f, s in zip(classes, precision, recall, f1, support)}
+    (eval_dir / "per_class.json").write_text(json.dumps(per_class, indent=2))
+    accuracy = sum(a == p for a, p in pairs) / len(pairs)
+    (eval_dir / "metrics.json").write_text(json.dumps({"test": {"accuracy": accuracy, "loss": 0.5}}))
+
+
+def read_back(root: Path) -> dict:
+    """What the analyze stage reads, read with its own readers."""
+    return {"curves": stage.read_curves(root / "train"),
+            "per_class": json.loads((root / "evaluate" / "per_class.json").read_text()),
+            "predictions": stage.read_predictions(root / "evaluate" / "predictions.csv"),
+            "test": json.loads((root / "evaluate" / "metrics.json").read_text())["test"]}
+
+
+HEALTHY_CURVES = {"accuracy": {"train": [0.80, 0.95, 0.98, 0.99, 0.99], "val": [0.85, 0.94, 0.96, 0.96, 0.96]},
+                  "loss": {"train": [0.9, 0.3, 0.1, 0.06, 0.05], "val": [0.8, 0.3, 0.15, 0.14, 0.14]}}
+
+
+def balanced(classes: list[str], per_class: int, wrong: dict[str, str] | None = None) -> list[tuple[str, str]]:
+    """`per_class` test images of each class, all right except one of each class in `wrong` (true -> predicted)."""
+    pairs = []
+    for name in classes:
+        pairs += [(name, name)] * (per_class - 1) + [(name, (wrong or {}).get(name, name))]
+    return pairs
+
+
+def files(tmp_path: Path, classes: list[str], pairs: list[tuple[str, str]], curves: dict | None = None) -> dict:
+    write_curves(tmp_path / "train", curves or HEALTHY_CURVES)
+    write_evaluation(tmp_path / "evaluate", classes, pairs)
+    return read_back(tmp_path)
+
+
+def model_lessons(inputs: dict) -> list[str]:
+    return report.model_lessons(inputs["curves"], inputs["per_class"], inputs["predictions"])
+
+
+def quality(inputs: dict) -> str:
+    return "\n".join(report.quality_section(inputs["test"], inputs["per_class"], inputs["predictions"],
+                                            inputs["curves"]))
+
+
+def per_class_row(text: str, first_cell: str) -> list[str]:
+    """A row of the per-class table (the pairs table below it starts with class names too)."""
+    table = text.split("### Per-class scores", 1)[1].split("###", 1)[0]
+    [line] = [line for line in table.splitlines() if line.startswith(f"| {first_cell} |")]
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+# --- per-class scores: n/a where a score is 0/0 --------------------------------------
+
+
+def test_scores_without_a_denominator_say_na(tmp_path):
+    # 'c' has no test image and is never predicted; 'b' has test images but is never predicted.
+    inputs = files(tmp_path, ["a", "b", "c"], [("a", "a")] * 6 + [("b", "a")] * 2)
+    text = quality(inputs)
+    assert per_class_row(text, "c")[1:] == ["n/a", "n/a", "n/a", "0"]
+    assert per_class_row(text, "b")[1:] == ["n/a", "0.0000", "0.0000", "2"]  # recall 0 is real: 2 missed
+    assert per_class_row(text, "a")[1:] == ["0.7500", "1.0000", "0.8571", "6"]
+    assert "n/a: no test image of the class" in text
+
+
+def test_per_class_figure_writes_na_instead_of_a_zero_bar(tmp_path, monkeypatch):
+    inputs = files(tmp_path, ["a", "b", "c"], [("a", "a")] * 6 + [("b", "a")] * 2)
+    [fig] = drawn(monkeypatch, figures.per_class_bars, inputs["per_class"],
+                  report.predicted_counts(inputs["predictions"]), tmp_path / "per_class.png")
+    [ax] = fig.axes
+    assert sum(t.get_text() == "n/a" for t in ax.texts) == 4  # b's precision; c's precision, recall, F1
+    assert len(ax.patches) == 5  # a's 3 bars; b's recall and F1 (0, drawn as 0)
+
+
+# --- the confusion matrix, and the most-confused pairs -------------------------------
+
+
+def test_many_classes_get_the_most_confused_pairs_as_a_table(tmp_path):
+    classes = [f"species_{i:03d}" for i in range(200)]
+    pairs = balanced(classes, 3, wrong={"species_010": "species_011"})
+    pairs += [("species_042", "species_043")] * 4  # the most confused pair: 4 of 7 species_042 images
+    inputs = files(tmp_path, classes, pairs)
+    text = quality(inputs)
+    assert "confusion.png" not in text and "200 classes are too many" in text
+    pairs_table = text.split("most-confused pairs", 1)[1]
+    first, second = [line for line in pairs_table.splitlines() if line.startswith("| species_")][:2]
+    assert first == "| species_042 | species_043 | 4 | 57% of 7 |"
+    assert second == "| species_010 | species_011 | 1 | 33% of 3 |"
+
+
+def test_few_classes_keep_the_heatmap_and_list_the_pairs(tmp_path):
+    classes = [str(d) for d in range(10)]
+    inputs = files(tmp_path, classes, balanced(classes, 4, wrong={"3": "8", "5": "6"}))
+    text = quality(inputs)
+    assert "(figures/confusion.png)" in text and "too many" not in text
+    assert "| 3 | 8 | 1 | 25% of 4 |" in text and "| 5 | 6 | 1 | 25% of 4 |" in text
+    perfect = files(tmp_path, classes, balanced(classes, 4))
+    assert "No test image was misclassified." in quality(perfect)
+
+
+def test_per_class_figure_with_many_classes_draws_the_lowest_f1(tmp_path, monkeypatch):
+    classes = [f"c{i:03d}" for i in range(200)]
+    inputs = files(tmp_path, classes, balanced(classes, 4, wrong={"c150": "c151", "c007": "c008"}))
+    [fig] = drawn(monkeypatch, figures.per_class_bars, inputs["per_class"],
+                  report.predicted_counts(inputs["predictions"]), tmp_path / "per_class.png")
+    names = [label.get_text() for label in fig.axes[0].get_xticklabels()]
+    assert len(names) == report.MAX_CLASSES_IN_MATRIX
+    assert names[:4] == ["c007", "c150", "c008", "c151"]  # F1 0.75 and 0.857 before the perfect ones
+    assert "lowest F1 of 200 classes" in fig.axes[0].get_title()
+
+
+# --- the learning curves ------------------------------------------------------------
+
+
+def drawn(monkeypatch, function, *args):
+    """Call a figure function and return the matplotlib figures it saved (the PNG is written as usual)."""
+    saved, save = [], figures._save
+
+    def keep(fig, path):
+        saved.append(fig)
+        return save(fig, path)
+
+    monkeypatch.setattr(figures, "_save", keep)
+    path = function(*args)
+    assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return saved
+
+
+PLAIN_NUMBER = re.compile(r"^\d+(\.\d+)?$")
+
+
+@pytest.mark.parametrize("loss", [[0.95, 0.15, 0.06, 0.042], [0.52, 0.41, 0.36, 0.33]],
+                         ids=["spans-a-decade", "within-a-decade"])
+def test_learning_curves_have_whole_epochs_and_readable_loss_labels(tmp_path, monkeypatch, loss):
+    curves = {"loss": {"train": loss, "val": [v * 1.2 for v in loss]},
+              "accuracy": {"train": [0.8, 0.9, 0.95, 0.97], "val": [0.8, 0.88, 0.9, 0.91]}}
+    write_curves(tmp_path / "train", curves)
+    [fig] = drawn(monkeypatch, figures.learning_curves, stage.read_curves(tmp_path / "train"), tmp_path / "lc.png")
+    loss_ax, accuracy_ax = fig.axes
+    for ax in (loss_ax, accuracy_ax):
+        low, high = ax.get_xlim()
+        assert [t for t in ax.get_xticks() if low <= t <= high] == [1, 2, 3, 4]
+    low, high = loss_ax.get_ylim()
+    labels = [t.get_text() for t in loss_ax.get_yticklabels() if low <= t.get_position()[1] <= high]
+    assert len(labels) >= 3 and all(PLAIN_NUMBER.match(label) for label in labels), labels
+
+
+# --- lessons about the model: each with inputs that trigger it and inputs that do not ---------------
+
+
+def test_a_healthy_model_gets_one_line_with_its_numbers(tmp_path):
+    classes = ["a", "b", "c"]
+    [line] = model_lessons(files(tmp_path, classes, balanced(classes, 10, wrong={"b": "c"})))
+    assert line.startswith("Nothing to flag in the model") and "gap 3.0 points" in line and "0.90 ('b')" in line
+
+
+def test_large_train_val_gap_is_flagged(tmp_path):
+    classes = ["a", "b"]
+    pairs = balanced(classes, 10)
+    overfit = {"accuracy": {"train": [0.7, 0.9, 1.0], "val": [0.6, 0.75, 0.8]},
+               "loss": {"train": [0.8, 0.3, 0.01], "val": [0.9, 0.7, 0.8]}}
+    [gap] = [line for line in model_lessons(files(tmp_path, classes, pairs, overfit)) if "gap" in line]
+    assert "1.000 against validation 0.800" in gap and "20 points" in gap and "overfitting" in gap
+    close = {**overfit, "accuracy": {"train": [0.7, 0.9, 1.0], "val": [0.6, 0.85, 0.95]}}
+    assert not any("overfitting" in line for line in model_lessons(files(tmp_path, classes, pairs, close)))
+
+
+def test_a_model_that_predicts_one_class_is_flagged(tmp_path):
+    classes = ["cat", "dog", "fox"]
+    everything_cat = [(name, "cat") for name in classes for _ in range(10)]
+    lines = model_lessons(files(tmp_path, classes, everything_cat))
+    [collapse] = [line for line in lines if "collapsed" in line]
+    assert "'cat' for 30 of the 30 test images (100%)" in collapse and "33% of them" in collapse
+    # A test set that is itself 95% cats, predicted right: no collapse.
+    mostly_cats = [("cat", "cat")] * 95 + [("dog", "dog")] * 3 + [("fox", "fox")] * 2
+    assert not any("collapsed" in line for line in model_lessons(files(tmp_path, classes, mostly_cats)))
+
+
+def test_classes_with_near_zero_recall_are_named(tmp_path):
+    classes = ["a", "b", "c", "empty"]
+    pairs = [("a", "a")] * 20 + [("b", "a")] * 19 + [("b", "b")] + [("c", "c")] * 15 + [("c", "a")] * 5
+    [low] = [line for line in model_lessons(files(tmp_path, classes, pairs)) if "recall under" in line]
+    assert low.startswith("1 class of 3 with recall under 0.10") and "'b' 0.05 of 20" in low
+    assert "'c'" not in low and "'empty'" not in low  # 0.75 is fine; no test image is no recall at all
+    fine = [("a", "a")] * 20 + [("b", "a")] * 10 + [("b", "b")] * 10 + [("c", "c")] * 20
+    assert not any("recall under" in line for line in model_lessons(files(tmp_path, classes, fine)))
+
+
+@pytest.mark.parametrize("val_accuracy, val_loss, rising", [
+    ([0.50, 0.60, 0.70, 0.80], [1.0, 0.8, 0.6, 0.5], True),
+    ([0.90, 0.95, 0.95, 0.95], [0.4, 0.2, 0.2, 0.2], False),  # flat for the last epochs
+    ([0.90, 0.95, 0.95, 0.952], [0.4, 0.2, 0.2, 0.2], False),  # one image more: noise, not a trend
+    ([0.80, 0.90, 0.95, 0.93], [0.6, 0.4, 0.3, 0.35], False),  # the last epoch is not the best
+    ([0.80, 0.85, 0.90, 0.95], [0.3, 0.4, 0.5, 0.6], False),  # val loss climbing: overconfident, not learning
+], ids=["rising", "flat", "noise", "past-its-best", "loss-rising"])
+def test_val_curve_still_rising_at_the_last_epoch(tmp_path, val_accuracy, val_loss, rising):
+    curves = {"accuracy": {"train": val_accuracy, "val": val_accuracy},
+              "loss": {"train": val_loss, "val": val_loss}}
+    classes = ["a", "b"]
+    lines = model_lessons(files(tmp_path, classes, balanced(classes, 10), curves))
+    found = [line for line in lines if "still rising" in line]
+    assert bool(found) == rising
+    if rising:
+        assert "0.600 at epoch 2, 0.800 at epoch 4 (+10.0 points an epoch" in found[0] and "train.epochs" in found[0]
+
+
+# --- the scaling probe --------------------------------------------------------------
+
+
+def test_the_probe_runs_only_where_there_is_something_to_compare():
+    assert "nothing to compare" in probe.nothing_to_compare(0, with_ddp=False)
+    assert "analyze.probe_ddp: true" in probe.nothing_to_compare(0, with_ddp=False)
+    assert "one GPU is visible" in probe.nothing_to_compare(1, with_ddp=True)
+    assert probe.nothing_to_compare(0, with_ddp=True) is None  # 1 against 2 CPU processes
+    assert probe.nothing_to_compare(2, with_ddp=False) is None
+
+
+def probe_row(strategy: str, devices: int, batch: int, rate: float) -> dict:
+    return {"strategy": strategy, "scaling": "weak", "devices": devices, "global_batch": batch,
+            "per_device_batch": batch // devices, "samples_per_second": rate, "speedup": 1.0,
+            "efficiency": 1.0 / devices, "peak_memory_mb": [], "note": ""}
+
+
+CPU_RUN = {"accelerator": "cpu", "strategy": "dp", "num_devices": 1, "world_size": 1, "global_batch": 64,
+           "per_device_batch": 64, "accumulate": 1, "samples_per_second": 3000.0, "stage_seconds": 9.0,
+           # 1,295 images an epoch: the first epoch paid for start-up, the others ran at about 5,162 samples/s
+           "epoch_seconds": [1.2, 0.25087, 0.25086, 0.25088]}
+CPU_PROBE = {"accelerator": "cpu", "device_names": ["cpu"], "steps": 10, "per_device_batch": 64, "global_batch": 64,
+             "seconds": 30.0, "step_seconds": 28.0, "notes": []}
+
+
+def test_a_probe_rate_far_from_trainings_is_flagged():
+    run = {**CPU_RUN, "samples_per_second": 1295 * 4 / sum(CPU_RUN["epoch_seconds"])}
+    busy = [probe_row("dp", 1, 64, 46.0), probe_row("ddp", 2, 128, 80.0)]
+    text = "\n".join(report.scaling_section(CPU_PROBE, busy, run, ""))
+    [line] = [line for line in text.splitlines() if "Far from training" in line]
+    assert "46 samples/s" in line and "5,162 samples/s" in line and "112.2× slower" in line and "busy" in line
+    quiet = [probe_row("dp", 1, 64, 4800.0), probe_row("ddp", 2, 128, 7000.0)]
+    assert "Far from training" not in "\n".join(report.scaling_section(CPU_PROBE, quiet, run, ""))
+    assert report.probe_far_from_training([probe_row("dp", 1, 64, 46.0)], {**run, "accumulate": 2}) is None
