@@ -604,3 +604,11 @@ def test_unreadable_file_in_a_large_folder_keeps_the_last_good_splits(tmp_path):
     line = messages.pop()
     assert (str(paths[250]) in line) != (str(paths[40]) in line)  # one of them, the same every time
     assert {p.name: p.read_bytes() for p in prepared.iterdir()} == before  # no temporary file left either
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "cifar10", "imagefolder"])
+def test_the_digits_folder_as_root_of_another_dataset_says_to_set_data_root(tmp_path, monkeypatch, dataset):
+    monkeypatch.chdir(tmp_path)  # the default data.root, data/raw/digits, relative to where the stage runs
+    (tmp_path / "data" / "raw" / "digits").mkdir(parents=True)
+    _, result = prepare(tmp_path, dataset=dataset)
+    assert_user_error(result, "data.root is data/raw/digits", f"data/raw/{dataset}")
