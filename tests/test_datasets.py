@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from stages.cli import app
 from stages.prepared import load_prepared
-from stages.sources.imagefolder import decode_image
+from stages.sources.imagefolder import MAX_WARNINGS, decode_image
 
 from .helpers import run_stages, write_params
 
@@ -484,6 +484,58 @@ def test_unreadable_image_is_named(tmp_path, bad):
     assert_user_error(result, f"cannot read image {root / 'light' / bad}", "data.skip_bad_images: true")
 
 
+def test_every_unreadable_image_is_named_in_one_refusal(tmp_path):
+    root = tmp_path / "photos"
+    write_class(root / "dark", 40, 5)
+    write_class(root / "light", 220, 5)
+    bad = write_bad_images(root / "dark") + write_bad_images(root / "light")
+    _, result = prepare(tmp_path, dataset="imagefolder", root=str(root))
+    assert_user_error(result, "cannot read 6 images", "data.skip_bad_images: true",
+                      *(f"{path} (" for path in bad), "(the file is empty)")
+
+
+def test_many_unreadable_images_are_counted_and_listed_in_a_file(tmp_path):
+    root = tmp_path / "photos"
+    write_class(root / "dark", 40, 5)
+    bad = []
+    for i in range(12):
+        (root / "dark" / f"bad{i:02d}.png").write_text("not a PNG")
+        bad.append(root / "dark" / f"bad{i:02d}.png")
+    _, result = prepare(tmp_path, dataset="imagefolder", root=str(root))
+    assert_user_error(result, "cannot read 12 images", *(str(path) for path in bad[:10]), "and 2 more (all 12 in ")
+    line = result.stderr.strip()
+    assert str(bad[10]) not in line
+    full_list = Path(line.split("(all 12 in ")[1].split(")")[0])
+    assert [row.split("\t")[0] for row in full_list.read_text().splitlines()] == [str(path) for path in bad]
+    full_list.unlink()
+
+
+def test_classes_too_small_for_val_and_test_are_named_in_one_warning(tmp_path):
+    root = tmp_path / "photos"
+    for name, n in (("dark", 10), ("light", 2), ("mid", 1)):
+        write_class(root / name, LEVELS[name], n)
+    prepared, result = prepare(tmp_path, dataset="imagefolder", root=str(root), image_size=8)
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: 2 classes too small to split: light (2 images: no val image), "
+                        "mid (1 image: no test or val image); val and test cannot measure them; add images to them"]
+    info = load_prepared(prepared, "train")[2]
+    assert info["class_counts"] == {"train": [7, 1, 1], "val": [1, 0, 0], "test": [2, 1, 0]}
+
+
+def test_data_messages_count_in_the_singular_for_one(tmp_path):
+    root = tmp_path / "photos"
+    for name in ("dark", "light"):
+        write_class(root / name, LEVELS[name], 30)
+    (root / "dark" / "notes.txt").write_text("not an image")
+    for i in range(MAX_WARNINGS + 1):
+        (root / "light" / f"bad{i:02d}.png").write_text("not a PNG")
+    _, result = prepare(tmp_path, dataset="imagefolder", root=str(root), image_size=8, skip_bad_images=True)
+    assert result.exit_code == 0, result.output
+    assert f"warning: ignored 1 file under {root} whose" in result.stderr
+    assert "warning: ... and 1 more unreadable image skipped" in result.stderr
+
+
 def test_skip_bad_images_counts_and_warns(tmp_path):
     root = tmp_path / "photos"
     write_class(root / "dark", 40, 10)
@@ -508,7 +560,7 @@ def test_bad_image_through_python_m_stages_is_one_line_without_traceback(tmp_pat
     proc = run_stages("prepare-data", "--params", str(params), "--out", str(tmp_path / "prepared"), check=False)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr + proc.stdout
-    assert proc.stderr.strip().count("\n") == 0 and "cannot read image" in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "cannot read 3 images" in proc.stderr
 
 
 # --- image folders larger than one decoder task: decoded in parallel into the split files ---
@@ -599,10 +651,11 @@ def test_unreadable_file_in_a_large_folder_keeps_the_last_good_splits(tmp_path):
     messages = set()
     for _ in range(2):
         _, result = prepare(tmp_path, **data)
-        assert_user_error(result, "cannot read image", "data.skip_bad_images: true")
+        assert_user_error(result, "cannot read 2 images", "data.skip_bad_images: true")
         messages.add(result.stderr)
+    assert len(messages) == 1  # the same line every time
     line = messages.pop()
-    assert (str(paths[250]) in line) != (str(paths[40]) in line)  # one of them, the same every time
+    assert line.index(str(paths[40])) < line.index(str(paths[250]))  # both, in listing order
     assert {p.name: p.read_bytes() for p in prepared.iterdir()} == before  # no temporary file left either
 
 

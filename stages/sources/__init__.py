@@ -12,6 +12,7 @@ files, decoded only while prepare-data writes the splits, so it is never held in
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,15 @@ import torch
 
 from ..errors import UserError
 from ..params import DATASETS, DataParams
+
+
+def count(n: int, noun: str, plural: str | None = None) -> str:
+    """"1 file", "2 files", "1,000 files"; `plural` where adding "s" is wrong ("class" -> "classes")."""
+    return f"{n:,} {noun if n == 1 else plural or noun + 's'}"
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
 
 
 @dataclass
