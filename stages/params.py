@@ -181,7 +181,8 @@ PLACEMENTS = ("auto", "device", "stream")
 class DataParams:
     dataset: str = param("digits", OneOf(DATASETS),
                          "digits (embedded, offline) | mnist | fashion-mnist | cifar10 | imagefolder")
-    root: str = param("data/raw", Text(), "where torchvision datasets and image folders live (a dep of prepare-data)")
+    root: str = param("data/raw/digits", Text(),
+                      "the dataset's folder, a dep of prepare-data: data/raw/<name> (digits read nothing in theirs)")
     download: bool = param(False, Bool(), "let torchvision fetch mnist / fashion-mnist / cifar10 into root")
     val_fraction: float = param(0.1, Float(0.0, 1.0, lo_open=True, hi_open=True),
                                 "share of the training images held out for validation (stratified)")

@@ -20,7 +20,7 @@ from .errors import UserError
 from .io import staged_dir
 from .params import DataParams
 from .prepared import IMAGE_MODES, SPLITS, ChannelStats, PreparedWriter, copy_rows
-from .sources import Source, load_source
+from .sources import Source, count, load_source, warn
 
 
 def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,16 +47,38 @@ def choose_rows(source: Source, p: DataParams) -> dict[str, tuple[str, torch.Ten
     if "train" not in source.labels:
         raise UserError(f"data.dataset = {p.dataset!r} gave no training images")
     rows = {name: (name, torch.arange(len(labels))) for name, labels in source.labels.items()}
+    carved = []
     for split, fraction, seed in (("test", p.test_fraction, p.split_seed), ("val", p.val_fraction, p.split_seed + 1)):
         if split not in rows:
             train_rows = rows["train"][1]
             keep, take = stratified_split(source.labels["train"][train_rows], fraction, seed)
             rows["train"], rows[split] = ("train", train_rows[keep]), ("train", train_rows[take])
+            carved.append(split)
+    warn_classes_left_out(source, rows, carved)
     for name in SPLITS:
         if len(rows[name][1]) == 0:
             raise UserError(f"the {name} split is empty; use more images or change data.val_fraction / "
                             "data.test_fraction")
     return {name: rows[name] for name in SPLITS}
+
+
+def warn_classes_left_out(source: Source, rows: dict[str, tuple[str, torch.Tensor]], carved: list[str]) -> None:
+    """One warning naming the classes too small to give each carved split an image (a class of one
+    image stays in train alone): val and test say nothing about them."""
+    n = len(source.class_names)
+    left_out: dict[int, list[str]] = {}
+    for split in carved:
+        native, idx = rows[split]
+        for c in torch.nonzero(torch.bincount(source.labels[native][idx], minlength=n) == 0).flatten().tolist():
+            left_out.setdefault(c, []).append(split)
+    if not left_out:
+        return
+    totals = torch.bincount(source.labels["train"], minlength=n).tolist()
+    named = [f"{source.class_names[c]} ({count(totals[c], 'image')}: no {' or '.join(splits)} image)"
+             for c, splits in sorted(left_out.items())]
+    shown = ", ".join(named[:10]) + (f" and {len(named) - 10:,} more" if len(named) > 10 else "")
+    warn(f"{count(len(named), 'class', 'classes')} too small to split: {shown}; "
+         "val and test cannot measure them; add images to them")
 
 
 def image_shape(source: Source, p: DataParams) -> tuple[int, int, int]:
@@ -87,7 +109,7 @@ def prepare_data(p: DataParams, out_dir: str | Path) -> dict:
         for split in SPLITS:
             if len(written[split]) == 0:  # every file of the split was unreadable
                 raise UserError(f"no readable images in the {split} split under {p.root} "
-                                f"({len(skipped)} unreadable files skipped)")
+                                f"({count(len(skipped), 'unreadable file')} skipped)")
         mean, std = stats.mean_std()
         num_classes = len(source.class_names)
         info = {

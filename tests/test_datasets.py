@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from stages.cli import app
 from stages.prepared import load_prepared
-from stages.sources.imagefolder import decode_image
+from stages.sources.imagefolder import MAX_WARNINGS, decode_image
 
 from .helpers import run_stages, write_params
 
@@ -66,7 +66,7 @@ def write_mnist_like(root: Path, folder: str, n_train: int = 50, n_test: int = 2
         write_idx(root / folder / "raw" / f"{prefix}-labels-idx1-ubyte", labels)
 
 
-def write_cifar10(root: Path, per_batch: int = 10) -> None:
+def write_cifar10(root: Path, per_batch: int = 10, dumps=lambda obj: pickle.dumps(obj, protocol=2)) -> None:
     """CIFAR-10's python version: pickled dicts of (n, 3072) uint8 rows (R, G, B planes) and labels."""
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
@@ -77,9 +77,39 @@ def write_cifar10(root: Path, per_batch: int = 10) -> None:
         rows[:, 1024], rows[:, 2048] = labels * 20 + 1, labels * 20 + 2  # green and blue planes' first pixels
         batch = {"batch_label": name, "labels": labels.tolist(), "data": rows,
                  "filenames": [f"{name}_{i}.png" for i in range(per_batch)]}
-        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+        (folder / name).write_bytes(dumps(batch))
     meta = {"label_names": CIFAR_CLASSES, "num_cases_per_batch": per_batch, "num_vis": 3072}
-    (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+    (folder / "batches.meta").write_bytes(dumps(meta))
+
+
+def py2_pickle(obj) -> bytes:
+    """`obj` as Python 2's cPickle wrote the official CIFAR-10 files (protocol 2, numpy 1.x): dicts,
+    lists, ints, str as byte strings, and uint8 arrays through numpy.core.multiarray._reconstruct."""
+
+    def string(b: bytes) -> bytes:
+        return b"U" + bytes([len(b)]) + b if len(b) < 256 else b"T" + struct.pack("<i", len(b)) + b
+
+    def integer(n: int) -> bytes:
+        return b"K" + bytes([n]) if 0 <= n < 256 else b"J" + struct.pack("<i", n)
+
+    def dump(o) -> bytes:
+        if isinstance(o, dict):
+            return b"}(" + b"".join(dump(k) + dump(v) for k, v in o.items()) + b"u"
+        if isinstance(o, list):
+            return b"](" + b"".join(dump(v) for v in o) + b"e"
+        if isinstance(o, str):
+            return string(o.encode())
+        if isinstance(o, int):
+            return integer(o)
+        assert isinstance(o, np.ndarray) and o.dtype == np.uint8
+        dtype = b"cnumpy\ndtype\n" + string(b"u1") + integer(0) + integer(1) + b"\x87R" \
+            + b"(" + integer(3) + string(b"|") + b"NNN" + b"J\xff\xff\xff\xffJ\xff\xff\xff\xff" + integer(0) + b"tb"
+        shape = b"(" + b"".join(integer(n) for n in o.shape) + b"t"
+        return (b"cnumpy.core.multiarray\n_reconstruct\n" + b"cnumpy\nndarray\n" + integer(0) + b"\x85"
+                + string(b"b") + b"\x87R" + b"(" + integer(1) + shape + dtype + b"\x89" + string(o.tobytes())
+                + b"tb")
+
+    return b"\x80\x02" + dump(obj) + b"."
 
 
 def grey_image(level: int, kind: str, size: tuple[int, int]) -> tuple[Image.Image, str]:
@@ -189,8 +219,13 @@ def test_mnist_family_from_idx_files(tmp_path, dataset, folder, classes):
     train_one_epoch(tmp_path, prepared)
 
 
-def test_cifar10_from_python_batches(tmp_path):
-    write_cifar10(tmp_path / "raw")
+CIFAR_WRITERS = {"python 2 cPickle (the official files)": py2_pickle,
+                 **{f"python 3 protocol {n}": lambda obj, n=n: pickle.dumps(obj, protocol=n) for n in (2, 4, 5)}}
+
+
+@pytest.mark.parametrize("dumps", CIFAR_WRITERS.values(), ids=CIFAR_WRITERS.keys())
+def test_cifar10_from_python_batches(tmp_path, dumps):
+    write_cifar10(tmp_path / "raw", dumps=dumps)
     prepared = prepare_ok(tmp_path, dataset="cifar10", root=str(tmp_path / "raw"))
     splits = all_splits(prepared)
     info = splits["train"][2]
@@ -216,6 +251,35 @@ def test_gzipped_idx_files_are_pointed_out(tmp_path):
         path.unlink()
     _, result = prepare(tmp_path, dataset="mnist", root=str(tmp_path / "raw"))
     assert_user_error(result, "still gzipped", "gunzip")
+
+
+def test_py2_pickle_writes_what_python_reads_back():
+    batch = {"labels": [0, 9, 300], "data": np.arange(6, dtype=np.uint8).reshape(2, 3), "name": "x" * 300}
+    loaded = pickle.loads(py2_pickle(batch), encoding="latin1")
+    assert loaded["labels"] == batch["labels"] and loaded["name"] == batch["name"]
+    assert loaded["data"].dtype == np.uint8 and loaded["data"].tolist() == batch["data"].tolist()
+
+
+class CreatesAFile:
+    """Unpickling this calls open(path, "w"): what a crafted batch could do with any other function."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+@pytest.mark.parametrize("name", ["data_batch_1", "test_batch", "batches.meta"])
+def test_crafted_cifar_pickle_is_refused_and_runs_nothing(tmp_path, name):
+    write_cifar10(tmp_path / "raw")
+    marker = tmp_path / "pwned"
+    crafted = tmp_path / "raw" / "cifar-10-batches-py" / name
+    crafted.write_bytes(pickle.dumps({"data": CreatesAFile(marker), "labels": [0]}, protocol=2))
+    _, result = prepare(tmp_path, dataset="cifar10", root=str(tmp_path / "raw"))
+    assert_user_error(result, f"refusing to load {crafted}", "io.open")
+    assert not marker.exists()
+    assert not (tmp_path / "prepared").exists()
 
 
 def test_missing_cifar_file_is_named(tmp_path):
@@ -420,6 +484,58 @@ def test_unreadable_image_is_named(tmp_path, bad):
     assert_user_error(result, f"cannot read image {root / 'light' / bad}", "data.skip_bad_images: true")
 
 
+def test_every_unreadable_image_is_named_in_one_refusal(tmp_path):
+    root = tmp_path / "photos"
+    write_class(root / "dark", 40, 5)
+    write_class(root / "light", 220, 5)
+    bad = write_bad_images(root / "dark") + write_bad_images(root / "light")
+    _, result = prepare(tmp_path, dataset="imagefolder", root=str(root))
+    assert_user_error(result, "cannot read 6 images", "data.skip_bad_images: true",
+                      *(f"{path} (" for path in bad), "(the file is empty)")
+
+
+def test_many_unreadable_images_are_counted_and_listed_in_a_file(tmp_path):
+    root = tmp_path / "photos"
+    write_class(root / "dark", 40, 5)
+    bad = []
+    for i in range(12):
+        (root / "dark" / f"bad{i:02d}.png").write_text("not a PNG")
+        bad.append(root / "dark" / f"bad{i:02d}.png")
+    _, result = prepare(tmp_path, dataset="imagefolder", root=str(root))
+    assert_user_error(result, "cannot read 12 images", *(str(path) for path in bad[:10]), "and 2 more (all 12 in ")
+    line = result.stderr.strip()
+    assert str(bad[10]) not in line
+    full_list = Path(line.split("(all 12 in ")[1].split(")")[0])
+    assert [row.split("\t")[0] for row in full_list.read_text().splitlines()] == [str(path) for path in bad]
+    full_list.unlink()
+
+
+def test_classes_too_small_for_val_and_test_are_named_in_one_warning(tmp_path):
+    root = tmp_path / "photos"
+    for name, n in (("dark", 10), ("light", 2), ("mid", 1)):
+        write_class(root / name, LEVELS[name], n)
+    prepared, result = prepare(tmp_path, dataset="imagefolder", root=str(root), image_size=8)
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: 2 classes too small to split: light (2 images: no val image), "
+                        "mid (1 image: no test or val image); val and test cannot measure them; add images to them"]
+    info = load_prepared(prepared, "train")[2]
+    assert info["class_counts"] == {"train": [7, 1, 1], "val": [1, 0, 0], "test": [2, 1, 0]}
+
+
+def test_data_messages_count_in_the_singular_for_one(tmp_path):
+    root = tmp_path / "photos"
+    for name in ("dark", "light"):
+        write_class(root / name, LEVELS[name], 30)
+    (root / "dark" / "notes.txt").write_text("not an image")
+    for i in range(MAX_WARNINGS + 1):
+        (root / "light" / f"bad{i:02d}.png").write_text("not a PNG")
+    _, result = prepare(tmp_path, dataset="imagefolder", root=str(root), image_size=8, skip_bad_images=True)
+    assert result.exit_code == 0, result.output
+    assert f"warning: ignored 1 file under {root} whose" in result.stderr
+    assert "warning: ... and 1 more unreadable image skipped" in result.stderr
+
+
 def test_skip_bad_images_counts_and_warns(tmp_path):
     root = tmp_path / "photos"
     write_class(root / "dark", 40, 10)
@@ -444,7 +560,7 @@ def test_bad_image_through_python_m_stages_is_one_line_without_traceback(tmp_pat
     proc = run_stages("prepare-data", "--params", str(params), "--out", str(tmp_path / "prepared"), check=False)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr + proc.stdout
-    assert proc.stderr.strip().count("\n") == 0 and "cannot read image" in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "cannot read 3 images" in proc.stderr
 
 
 # --- image folders larger than one decoder task: decoded in parallel into the split files ---
@@ -535,8 +651,17 @@ def test_unreadable_file_in_a_large_folder_keeps_the_last_good_splits(tmp_path):
     messages = set()
     for _ in range(2):
         _, result = prepare(tmp_path, **data)
-        assert_user_error(result, "cannot read image", "data.skip_bad_images: true")
+        assert_user_error(result, "cannot read 2 images", "data.skip_bad_images: true")
         messages.add(result.stderr)
+    assert len(messages) == 1  # the same line every time
     line = messages.pop()
-    assert (str(paths[250]) in line) != (str(paths[40]) in line)  # one of them, the same every time
+    assert line.index(str(paths[40])) < line.index(str(paths[250]))  # both, in listing order
     assert {p.name: p.read_bytes() for p in prepared.iterdir()} == before  # no temporary file left either
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "cifar10", "imagefolder"])
+def test_the_digits_folder_as_root_of_another_dataset_says_to_set_data_root(tmp_path, monkeypatch, dataset):
+    monkeypatch.chdir(tmp_path)  # the default data.root, data/raw/digits, relative to where the stage runs
+    (tmp_path / "data" / "raw" / "digits").mkdir(parents=True)
+    _, result = prepare(tmp_path, dataset=dataset)
+    assert_user_error(result, "data.root is data/raw/digits", f"data/raw/{dataset}")

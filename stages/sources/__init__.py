@@ -12,11 +12,23 @@ files, decoded only while prepare-data writes the splits, so it is never held in
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
+from ..errors import UserError
 from ..params import DATASETS, DataParams
+
+
+def count(n: int, noun: str, plural: str | None = None) -> str:
+    """"1 file", "2 files", "1,000 files"; `plural` where adding "s" is wrong ("class" -> "classes")."""
+    return f"{n:,} {noun if n == 1 else plural or noun + 's'}"
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
 
 
 @dataclass
@@ -33,6 +45,10 @@ def load_source(p: DataParams) -> Source:
         from .digits import load_digits_source
 
         return load_digits_source()
+    digits_root = DataParams().root  # the default: a folder that holds nothing, so the digits depend on nothing
+    if Path(p.root).resolve() == Path(digits_root).resolve():
+        raise UserError(f"data.root is {p.root}, the digits' folder, which holds no {p.dataset} data; "
+                        f"set data.root to the folder of its own that holds it (e.g. data/raw/{p.dataset})")
     elif p.dataset in ("mnist", "fashion-mnist", "cifar10"):
         from .torchvision_datasets import load_torchvision_source
 

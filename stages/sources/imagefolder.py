@@ -29,6 +29,7 @@ import multiprocessing.pool
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -44,11 +45,12 @@ from ..errors import UserError
 from ..io import write_at
 from ..params import DataParams
 from ..prepared import IMAGE_MODES, ChannelStats, SplitWriter, channel_histogram
-from . import Source
+from . import Source, count, warn
 
 # Folder names that mark a split (lower case) -> the split they hold.
 SPLIT_FOLDERS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 MAX_WARNINGS = 20  # skipped files named one per line; the rest are counted
+MAX_NAMED = 10  # unreadable files named in the one line that refuses them; all of them go to a file
 # Files per task handed to a decoder process. Measured on 2 cores with 160x120 JPEGs: 16 files
 # per task 2,450 images/s, 64 files 2,730, 256 files 2,530 (fewer: more messages; more: the
 # last tasks leave a core idle).
@@ -307,17 +309,15 @@ def progress_bar(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=not sys.stderr.isatty(), leave=False)
 
 
-def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
-
-
 def decode_into(writers: dict[str, SplitWriter], files: dict[str, list[str]], resize: str, skip_bad: bool,
                 stats: ChannelStats) -> list[tuple[str, str]]:
     """Decode every split's files into its split file, in parallel; returns the skipped (path, reason).
+    Without `skip_bad`, unreadable files are refused together once all files are decoded, so a
+    folder's bad files are all named by one run.
 
     One stream of tasks covers all splits (train first), so the decoders never wait between
-    splits; results come back in task order, so the first unreadable file named is always the
-    same. When a split's last task is in, its unreadable rows are dropped and the file is
+    splits; results come back in task order, so unreadable files are named in the same order
+    every time. When a split's last task is in, its unreadable rows are dropped and the file is
     flushed on a background thread while the next split decodes. Pixel values of the train
     split are counted as they are decoded, for mean/std.
     """
@@ -338,19 +338,17 @@ def decode_into(writers: dict[str, SplitWriter], files: dict[str, list[str]], re
         for task, (counts, bad) in zip(tasks, imap(decode_task, tasks)):
             bar.update(len(task.paths))
             for row, reason in bad:
-                path = files[task.split][row]
-                if not skip_bad:
-                    raise UserError(f"cannot read image {path}: {reason}; fix or remove it, "
-                                    f"or set data.skip_bad_images: true to skip such files")
-                skipped.append((path, reason))
+                skipped.append((files[task.split][row], reason))
                 bad_rows[task.split].append(row)
             if counts is not None:
                 stats.add(counts)
             left[task.split] -= 1
-            if left[task.split] == 0:
+            if left[task.split] == 0 and (skip_bad or not skipped):  # a refusal comes: nothing to finish
                 finishing.append(finisher.submit(finish_split, writers[task.split], bad_rows[task.split]))
         for job in finishing:
             job.result()  # an error while flushing surfaces here
+    if skipped and not skip_bad:
+        refuse_unreadable(skipped)
     seconds = time.perf_counter() - started
     how = "1 process" if workers == 1 else f"{workers} {'processes' if sys.platform.startswith('linux') else 'threads'}"
     print(f"decoded {total:,} images in {seconds:.2f} s ({total / max(seconds, 1e-9):,.0f} images/s, {how})")
@@ -362,11 +360,30 @@ def finish_split(writer: SplitWriter, bad_rows: list[int]) -> None:
     writer.sync()
 
 
+def refuse_unreadable(bad: list[tuple[str, str]]) -> None:
+    """One line for all the unreadable files, so that one run finds them all: each named with its
+    reason up to MAX_NAMED, and beyond that the full list written to a file the line names. Sorted by
+    path, so that files of one folder stand together whichever split they were drawn into."""
+    bad = sorted(bad)
+    if len(bad) == 1:
+        path, reason = bad[0]
+        raise UserError(f"cannot read image {path}: {reason}; fix or remove it, "
+                        f"or set data.skip_bad_images: true to skip such files")
+    named = ", ".join(f"{path} ({reason})" for path, reason in bad[:MAX_NAMED])
+    if len(bad) > MAX_NAMED:
+        fd, full_list = tempfile.mkstemp(prefix="unreadable-images-", suffix=".txt")
+        with os.fdopen(fd, "w") as f:
+            f.writelines(f"{path}\t{reason}\n" for path, reason in bad)
+        named += f" and {len(bad) - MAX_NAMED:,} more (all {len(bad):,} in {full_list})"
+    raise UserError(f"cannot read {count(len(bad), 'image')}: {named}; fix or remove them, "
+                    f"or set data.skip_bad_images: true to skip such files")
+
+
 def report_skipped(skipped: list[tuple[str, str]]) -> None:
     for path, reason in skipped[:MAX_WARNINGS]:
         warn(f"skipped unreadable image {path}: {reason}")
     if len(skipped) > MAX_WARNINGS:
-        warn(f"... and {len(skipped) - MAX_WARNINGS} more unreadable images skipped")
+        warn(f"... and {count(len(skipped) - MAX_WARNINGS, 'more unreadable image')} skipped")
 
 
 def load_imagefolder_source(p: DataParams) -> Source:
@@ -374,6 +391,6 @@ def load_imagefolder_source(p: DataParams) -> Source:
     root = Path(p.root)
     class_names, splits, ignored = list_files(find_split_folders(root))
     if ignored:
-        warn(f"ignored {ignored} files under {root} whose extension is not an image format")
+        warn(f"ignored {count(ignored, 'file')} under {root} whose extension is not an image format")
     return Source(class_names, labels={name: torch.tensor(f.labels, dtype=torch.int64) for name, f in splits.items()},
                   files={name: f.paths for name, f in splits.items()})

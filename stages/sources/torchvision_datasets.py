@@ -10,12 +10,11 @@ false nothing touches the network. Each dataset's official test split becomes "t
 Images come from the datasets' in-memory arrays (`.data`, `.targets`), so no per-sample
 Python loop runs.
 
-CIFAR-10 is read without torchvision's per-file md5 check: the check only accepts the
-exact official files, so it refuses any other copy in the same format (a subset, the
-small files the tests write). A damaged file still fails while it is parsed, and that
-failure is reported with the folder's name. The download itself is still checksummed.
-CIFAR-10's batches are Python pickles, which can run code when torchvision loads them:
-use copies from a source you trust.
+CIFAR-10 is read by `cifar10.py`, not by torchvision: its batches are Python pickles, which
+torchvision loads with a plain `pickle.load` that runs whatever a crafted file names; that module's
+unpickler admits only what the batches hold. Any copy in the format loads (a subset, the small
+files the tests write), as torchvision's per-file md5 check would not allow. The download itself
+is checksummed (torchvision's archive md5).
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torchvision import datasets
 
@@ -31,12 +31,13 @@ from ..params import DataParams
 from . import Source
 
 
-class CIFAR10AnyCopy(datasets.CIFAR10):
-    """torchvision's CIFAR10, accepting any files in the CIFAR-10 python format (no md5 per file)."""
+@dataclass(frozen=True)
+class CIFAR10Split:
+    """One CIFAR-10 split read by `cifar10.py`, with the attributes `as_tensors` reads from torchvision's."""
 
-    train_list = [[name, None] for name, _ in datasets.CIFAR10.train_list]
-    test_list = [[name, None] for name, _ in datasets.CIFAR10.test_list]
-    meta = {**datasets.CIFAR10.meta, "md5": None}
+    data: np.ndarray  # uint8 (N, 32, 32, 3)
+    targets: list[int]
+    classes: list[str]
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class TorchvisionDataset:
 TORCHVISION_DATASETS = {
     "mnist": TorchvisionDataset(datasets.MNIST, "MNIST/raw"),
     "fashion-mnist": TorchvisionDataset(datasets.FashionMNIST, "FashionMNIST/raw"),
-    "cifar10": TorchvisionDataset(CIFAR10AnyCopy, "cifar-10-batches-py"),
+    "cifar10": TorchvisionDataset(datasets.CIFAR10, "cifar-10-batches-py"),
 }
 
 
@@ -78,12 +79,31 @@ def open_split(name: str, kind: TorchvisionDataset, root: Path, train: bool, dow
     """torchvision's dataset object for one split; any failure is one line naming the folder."""
     folder = root / kind.folder
     try:
+        if kind.cls is datasets.CIFAR10:
+            return open_cifar10(kind, root, train, download)
         return kind.cls(root=str(root), train=train, download=download)
+    except UserError:
+        raise
     except Exception as exc:  # torchvision raises RuntimeError, ValueError, KeyError, pickle and URL errors
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if download:
             raise UserError(f"could not download or read {name} in {folder}: {reason}") from None
         raise UserError(f"could not read {name} from {folder}, a file there is damaged: {reason}") from None
+
+
+def open_cifar10(kind: TorchvisionDataset, root: Path, train: bool, download: bool) -> CIFAR10Split:
+    """CIFAR-10 from its python batches without unpickling code (see `cifar10.py`); with `download`,
+    torchvision's checksummed archive is fetched and unpacked first where a file is missing."""
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    from .cifar10 import read_classes, read_split
+
+    folder = root / kind.folder
+    if download and not all((folder / f).is_file() for f in kind.file_names()):
+        cls = datasets.CIFAR10
+        download_and_extract_archive(cls.url, str(root), filename=cls.filename, md5=cls.tgz_md5)
+    images, labels = read_split(folder, "train" if train else "test")
+    return CIFAR10Split(images, labels, read_classes(folder))
 
 
 def as_tensors(ds, name: str, folder: Path, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
