@@ -131,10 +131,13 @@ def test_bad_free_devices_are_refused_with_what_is_allowed(value):
     assert "'free' / 'free:N' (N >= 1 GPUs that no other run on this machine holds)" in str(err.value)
 
 
-def test_free_on_a_machine_without_gpus_trains_on_the_cpu(monkeypatch):
+def test_free_on_a_machine_without_gpus_is_refused(monkeypatch):
+    """Claiming GPUs where there are none is refused in one line, not trained on one CPU in silence."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert plan_devices("auto", "free", "dp").claim == 0
-    assert plan_devices("cpu", "free:2", "ddp").world_size == 2  # the process count, as a count would be
+    with pytest.raises(UserError, match=r"train.devices = 'free' claims free GPUs, but no CUDA device is visible"):
+        plan_devices("auto", "free", "dp")
+    with pytest.raises(UserError, match=r"train.devices = 'free:2' claims free GPUs, but train.accelerator = 'cpu'"):
+        plan_devices("cpu", "free:2", "ddp")
 
 
 def test_asking_for_more_gpus_than_visible_is_refused(monkeypatch, tmp_path):
