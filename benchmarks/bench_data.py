@@ -90,7 +90,9 @@ def bare_loop(paths: list[str]) -> float:
 def write_params(path: Path, root: Path, **train) -> Path:
     import yaml
 
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    from stages.params import read_params_file
+
+    params = read_params_file(ROOT / "params.yaml")  # as the stages read it (YAML 1.2, as DVC does)
     params["data"].update(dataset="imagefolder", root=str(root), image_size=IMAGE_SIZE)
     params["model"]["name"] = "mlp"
     params["train"].update(epochs=1, accelerator="cpu", **train)

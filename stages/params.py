@@ -196,7 +196,6 @@ class DataParams:
     skip_bad_images: bool = param(False, Bool(),
                                   "imagefolder only: skip unreadable images with a warning instead of failing")
 
-
     @property
     def image_shape(self) -> tuple[int, int]:
         """(channels, pixels a side) of the prepared images, known from the params alone."""
@@ -422,6 +421,8 @@ def read_params_file(path: str | Path) -> Any:
         raise UserError(f"params file not found: {path}")
     text = path.read_text()
     try:
+        # DVC's loader and resolver; the pure-Python parser (the one DVC gets where ruamel's C parser is not
+        # installed) for the same error marks everywhere, and for `scan`, which error_lines reads.
         return YAML(typ="safe", pure=True).load(text)
     except YAMLError as exc:
         where = error_lines(exc, text)

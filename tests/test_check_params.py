@@ -43,9 +43,6 @@ def test_ddp_processes_must_split_the_batch(tmp_path):
     line = refused(tmp_path, train={"strategy": "ddp", "accelerator": "cpu", "devices": 3})
     assert line == ("error: train.batch_size = 64 is not allowed with 3 ddp processes (train.devices = 3): the batch "
                     "must split into 3 equal parts; use a multiple of 3 such as 63 or 66, or another device count")
-    line = refused(tmp_path, train={"strategy": "ddp", "accelerator": "cpu", "devices": "free:3"} |
-                   ({} if not torch.cuda.is_available() else {"accelerator": "cpu"}))
-    assert "train.devices = 'free:3'" in line
     line = refused(tmp_path, train={"strategy": "ddp", "accelerator": "cpu", "devices": 2, "batch_size": 12,
                                     "accumulate": 4})
     assert "with 2 ddp processes (train.devices = 2) times train.accumulate = 4: the batch must split into 8" in line
@@ -69,15 +66,19 @@ def test_the_train_command_refuses_an_unsplittable_batch_once_before_starting_ra
 def test_cuda_settings_on_a_machine_without_cuda_are_refused(tmp_path):
     assert refused(tmp_path, train={"accelerator": "cuda"}) == (
         "error: train.accelerator = 'cuda' but no CUDA device is visible on this machine; use auto or cpu")
-    for devices, what in (([0, 1], "[0, 1] lists CUDA device ids"), ("free", "'free' claims free GPUs"),
-                          ("free:2", "'free:2' claims free GPUs")):
-        for strategy in ("dp", "ddp"):
-            line = refused(tmp_path, train={"devices": devices, "strategy": strategy})
-            assert line == (f"error: train.devices = {what}, but no CUDA device is visible on this machine; on the "
-                            "cpu use all, or train.strategy: ddp with a process count such as train.devices: 2")
-            # the train stage's own planning refuses the same, so `python -m stages train` is safe too
-            with pytest.raises(UserError, match="no CUDA device is visible"):
-                plan_devices("auto", devices, strategy)
+    for strategy in ("dp", "ddp"):
+        line = refused(tmp_path, train={"devices": [0, 1], "strategy": strategy})
+        assert line == ("error: train.devices = [0, 1] lists CUDA device ids, but no CUDA device is visible on this "
+                        "machine; on the cpu use all, or train.strategy: ddp with a process count such as "
+                        "train.devices: 2")
+        # the train stage's own planning refuses the same, so `python -m stages train` is safe too
+        with pytest.raises(UserError, match="no CUDA device is visible"):
+            plan_devices("auto", [0, 1], strategy)
+    # free / free:N claim GPUs where there are some; without CUDA they train on the CPU (README, "A queue of
+    # experiments on a multi-GPU machine"), free:N with ddp as N processes, whose batch split is checked
+    assert plan_devices("auto", "free:2", "ddp").world_size == 2
+    line = refused(tmp_path, train={"devices": "free:3", "strategy": "ddp"})
+    assert "train.batch_size = 64 is not allowed with 3 ddp processes (train.devices = 'free:3')" in line
     line = refused(tmp_path, train={"devices": 2})  # DataParallel over 2 devices needs 2 GPUs
     assert "train.devices = 2 with train.strategy = 'dp' needs CUDA GPUs" in line
     assert "train.strategy: ddp for 2 processes" in line

@@ -135,6 +135,8 @@ def test_free_on_a_machine_without_gpus_trains_on_the_cpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert plan_devices("auto", "free", "dp").claim == 0
     assert plan_devices("cpu", "free:2", "ddp").world_size == 2  # the process count, as a count would be
+    with pytest.raises(UserError, match=r"train.devices = \[0, 1\] lists CUDA device ids, but no CUDA device"):
+        plan_devices("auto", [0, 1], "dp")
 
 
 def test_asking_for_more_gpus_than_visible_is_refused(monkeypatch, tmp_path):

@@ -55,7 +55,7 @@ def test_data_parallel_decision_with_patched_device_count(monkeypatch):
     assert not plan_devices("cpu", "all", "dp").use_data_parallel
     with pytest.raises(UserError, match="train.devices = 5 but only 4 CUDA device"):
         plan_devices("cuda", 5, "dp")
-    with pytest.raises(UserError, match=r"names device\(s\) \[7\]"):
+    with pytest.raises(UserError, match=r"names device 7; visible ids are 0..3"):
         plan_devices("cuda", [0, 7], "dp")
 
 

@@ -83,15 +83,15 @@ def plan_devices(accelerator: str, devices, strategy: str) -> DevicePlan:
             ids = list(devices)
         world = len(ids) if strategy == "ddp" else 1
         return DevicePlan("cuda", strategy, ids, world)
-    # CPU: one process for dp; `devices` gloo processes for ddp (a count). GPU ids, GPU claims and
-    # DataParallel over several devices mean CUDA: refused, rather than silently training on one CPU.
+    # CPU: one process for dp; `devices` gloo processes for ddp (a count; free:N means N processes, so
+    # a queue written for a GPU machine runs unchanged on a laptop). GPU ids and DataParallel over several
+    # devices mean CUDA: refused, rather than silently training on one CPU.
     why = ("train.accelerator = 'cpu'" if accelerator == "cpu" else "no CUDA device is visible on this machine")
-    if claim is not None or isinstance(devices, list):
-        what = "lists CUDA device ids" if isinstance(devices, list) else "claims free GPUs"
-        raise UserError(f"train.devices = {show_in_error(devices)} {what}, but {why}; on the cpu use all, or "
-                        "train.strategy: ddp with a process count such as train.devices: 2")
+    if isinstance(devices, list):
+        raise UserError(f"train.devices = {show_in_error(devices)} lists CUDA device ids, but {why}; on the cpu "
+                        "use all, or train.strategy: ddp with a process count such as train.devices: 2")
     if strategy == "ddp":
-        return DevicePlan("cpu", "ddp", [], devices if isinstance(devices, int) else 1)
+        return DevicePlan("cpu", "ddp", [], claim or (devices if isinstance(devices, int) else 1))
     if isinstance(devices, int) and devices > 1:
         raise UserError(f"train.devices = {devices} with train.strategy = 'dp' needs CUDA GPUs, but {why}; on the "
                         f"cpu use all, or train.strategy: ddp for {devices} processes")
