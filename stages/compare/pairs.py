@@ -64,7 +64,7 @@ def seed_groups(runs: list[Run]) -> list[dict]:
     varying = [k for k in keys if len({repr(r.params.get(k)) for r in runs}) > 1]
     found = []
     for members in groups.values():
-        members.sort(key=lambda r: repr(r.params.get(SEED)))
+        members.sort(key=lambda r: r.params.get(SEED) if isinstance(r.params.get(SEED), int) else -1)
         accuracy = [summary(r)["accuracy"] for r in members]
         found.append({"params": {k: members[0].params.get(k) for k in varying}, "runs": [r.name for r in members],
                       "seeds": [r.params.get(SEED) for r in members], "n": len(members), **spread(accuracy)})
