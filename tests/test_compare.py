@@ -20,7 +20,7 @@ from stages.compare.pairs import against_baseline, pair, seed_groups
 from stages.compare.runs import Run
 from stages.stats import holm, mcnemar_exact, spread, wilson_interval
 
-from .helpers import ROOT
+from .helpers import ROOT, train_in_process, write_params
 
 # --- the statistics ----------------------------------------------------------------------------
 
@@ -72,6 +72,34 @@ def test_spread_of_one_and_of_several_values():
     assert spread([0.5]) == {"mean": 0.5, "std": None, "min": 0.5, "max": 0.5}
     s = spread([0.97, 0.98, 0.99])
     assert s["mean"] == pytest.approx(0.98) and s["std"] == pytest.approx(0.01) and (s["min"], s["max"]) == (0.97, 0.99)
+
+
+def test_evaluate_writes_the_interval_and_a_digest_of_each_test_image(tmp_path, prepared_digits):
+    import hashlib
+
+    from statsmodels.stats.proportion import proportion_confint
+    from typer.testing import CliRunner
+
+    from stages.cli import app
+    from stages.prepared import load_prepared
+
+    out, result = train_in_process(tmp_path, "run", prepared_digits, epochs=1)
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(app, ["evaluate", "--params", str(write_params(tmp_path / "p.yaml")), "--data",
+                                      str(prepared_digits), "--model", str(out / "model.safetensors"),
+                                      "--out", str(tmp_path / "eval")])
+    assert result.exit_code == 0, result.output
+    test = json.loads((tmp_path / "eval/metrics.json").read_text())["test"]
+    rows = list(csv.DictReader((tmp_path / "eval/predictions.csv").open()))
+    correct = sum(r["actual"] == r["predicted"] for r in rows)
+    low, high = proportion_confint(correct, len(rows), method="wilson")
+    assert (test["accuracy_ci_low"], test["accuracy_ci_high"]) == (round(low, 6), round(high, 6))
+    assert test["accuracy_ci_low"] < test["accuracy"] < test["accuracy_ci_high"]
+    assert test["top5_accuracy_ci_low"] <= test["top5_accuracy"] <= test["top5_accuracy_ci_high"]
+    images, _, _ = load_prepared(prepared_digits, "test")
+    pixels = images.numpy()
+    assert [r["image"] for r in rows] == [
+        hashlib.sha256(repr(pixels[i].shape).encode() + pixels[i].tobytes()).hexdigest()[:16] for i in range(len(rows))]
 
 
 # --- pairs and groups of runs --------------------------------------------------------------------
