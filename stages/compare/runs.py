@@ -58,7 +58,10 @@ class Repository:
             return None
         try:
             return resolve_rev(self.repo.scm, name)
-        except SCMError:
+        except SCMError as exc:
+            if "ambiguous" in str(exc):  # an experiment name used from two baselines
+                raise UserError(f"'{name}' names experiments from several commits: give the commit that "
+                                "`dvc exp show --all-commits` lists for the one you mean") from None
             raise UserError(f"unknown revision or experiment '{name}': give a git revision (HEAD~1, a tag, "
                             "a branch), an experiment name from `dvc exp show`, or workspace") from None
 
