@@ -78,7 +78,7 @@ def test_evaluate_writes_the_interval_that_metrics_diff_and_the_report_show(runs
     from statsmodels.stats.proportion import proportion_confint
 
     repo = runs["repo"]
-    diff = json.loads(sh(repo, "dvc", "metrics", "diff", "HEAD~1", "--all", "--json").stdout)["diff"]
+    diff = json.loads(sh(repo, "dvc", "metrics", "diff", "HEAD~1", "--all", "--json").stdout)
     test = {k.removeprefix("test."): v["new"] for k, v in diff["metrics/evaluate/metrics.json"].items()}
     assert {"accuracy_ci_low", "accuracy_ci_high", "top5_accuracy_ci_low", "top5_accuracy_ci_high"} <= set(test)
     correct = correct_at(repo, "HEAD")
