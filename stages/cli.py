@@ -204,6 +204,30 @@ def predict(
     _run(command)
 
 
+@app.command()
+def compare(
+    runs: Annotated[list[str] | None, typer.Argument(
+        metavar="RUN", show_default=False,
+        help="Runs to compare: git revisions (HEAD~1, a tag, a branch), experiment names from `dvc exp show`, "
+             "or workspace. Two without --baseline.")] = None,
+    baseline: Annotated[str | None, typer.Option(
+        "--baseline", metavar="RUN", help="Compare every run given with this one, in one table.")] = None,
+    all_experiments: Annotated[bool, typer.Option(
+        "--all-experiments", help="Add HEAD and every experiment `dvc exp show` lists (baseline: HEAD "
+        "unless --baseline).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object, for scripts.")] = False,
+) -> None:
+    """Is the difference real? Test accuracy of runs on the same test images, with 95% intervals and
+    McNemar's exact paired test; runs that differ only in train.seed grouped (mean, std, min, max)."""
+
+    def command() -> None:
+        from .compare.command import compare as run
+
+        typer.echo(run(runs or [], baseline, all_experiments, as_json))
+
+    _run(command)
+
+
 @app.command("offline-plots")
 def offline_plots() -> None:
     """Make `dvc plots show` / `dvc plots diff` draw every plot with no network; run once per clone.

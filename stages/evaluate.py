@@ -9,6 +9,7 @@ The outputs are written only once all of them are computed, each renamed into pl
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from .core.weights import check_weights_use, load_model, read_metadata
 from .io import write_json, write_text
 from .params import Params
 from .prepared import load_prepared
+from .stats import wilson_interval
 
 
 def evaluate_stage(weights: str | Path, data_dir: str | Path, out_dir: str | Path, p: Params,
@@ -48,19 +50,37 @@ def evaluate_stage(weights: str | Path, data_dir: str | Path, out_dir: str | Pat
                "support": int(s)}
         for name, p, r, f, s in zip(names, precision, recall, f1, support)
     }
-    metrics = {"test": {"accuracy": round(accuracy, 6), "loss": round(loss, 6)}}
+    n = len(labels)
+    metrics = {"test": {"accuracy": round(accuracy, 6),
+                        **interval_metrics("accuracy", int((predicted == labels).sum()), n), "loss": round(loss, 6)}}
     if top5 is not None:  # more than 5 classes
         metrics["test"]["top5_accuracy"] = round(top5, 6)
+        metrics["test"].update(interval_metrics("top5_accuracy", round(top5 * n), n))
 
-    # One row per test image in test-set order: DVC's confusion template reads actual/predicted.
+    # One row per test image in test-set order: DVC's confusion template reads actual/predicted; `image`
+    # (a digest of the image's pixels) lets `stages compare` pair two runs' rows and refuse different splits.
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["index", "actual", "predicted"])
+    writer.writerow(["index", "actual", "predicted", "image"])
     for i, (a, b) in enumerate(zip(labels.tolist(), predicted.tolist())):
-        writer.writerow([i, names[a], names[b]])
+        writer.writerow([i, names[a], names[b], image_digest(images[i])])
     write_json(out_dir / "metrics.json", metrics)
     write_json(out_dir / "per_class.json", per_class)
     write_text(out_dir / "predictions.csv", buf.getvalue())
     top5_text = f"  top-5 accuracy {top5:.4f}" if top5 is not None else ""
-    print(f"test accuracy {accuracy:.4f}{top5_text}  loss {loss:.4f}  on {len(labels)} images")
+    t = metrics["test"]
+    print(f"test accuracy {accuracy:.4f} (95% CI {t['accuracy_ci_low']:.4f}-{t['accuracy_ci_high']:.4f})"
+          f"{top5_text}  loss {loss:.4f}  on {len(labels)} images")
     return metrics
+
+
+def interval_metrics(name: str, correct: int, total: int) -> dict[str, float]:
+    """`<name>_ci_low` / `<name>_ci_high`: the 95% Wilson score interval of `correct` of `total`."""
+    low, high = wilson_interval(correct, total)
+    return {f"{name}_ci_low": round(low, 6), f"{name}_ci_high": round(high, 6)}
+
+
+def image_digest(image: torch.Tensor) -> str:
+    """The first 16 hex digits of the SHA-256 of one image's shape and uint8 pixels (C, H, W)."""
+    pixels = image.contiguous().numpy()
+    return hashlib.sha256(repr(pixels.shape).encode() + pixels.tobytes()).hexdigest()[:16]

@@ -187,7 +187,9 @@ def quality_section(test: dict, per_class: dict, predictions: list[dict], curves
     lines = [
         "## Quality",
         "",
-        f"- test accuracy: {test['accuracy']} ({100 * test['accuracy']:.2f}%)",
+        f"- test accuracy: {test['accuracy']} ({100 * test['accuracy']:.2f}%"
+        + (f"; 95% CI {100 * test['accuracy_ci_low']:.2f}–{100 * test['accuracy_ci_high']:.2f}%, Wilson score, "
+           f"on {len(predictions):,} test images)" if "accuracy_ci_low" in test else ")"),
         *([f"- test top-5 accuracy: {test['top5_accuracy']} ({100 * test['top5_accuracy']:.2f}%)"]
           if "top5_accuracy" in test else []),
         f"- test loss: {test['loss']}",

@@ -1,0 +1,268 @@
+"""`stages compare` and its statistics: checked against statsmodels and published worked examples, and
+run on prediction files recorded by the real `dvc` in a temporary git repo (a stage that copies them,
+so that no training is needed to test reading, pairing and the refusals)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.compare.pairs import against_baseline, pair, seed_groups
+from stages.compare.runs import Run
+from stages.stats import holm, mcnemar_exact, spread, wilson_interval
+
+from .helpers import ROOT, train_in_process, write_params
+
+# --- the statistics ----------------------------------------------------------------------------
+
+
+# Newcombe (1998), "Two-sided confidence intervals for the single proportion: comparison of seven
+# methods", Statistics in Medicine 17:857-872, Table II, method 3 (Wilson score, no continuity correction).
+NEWCOMBE = [(81, 263, 0.2553, 0.3662), (15, 148, 0.0624, 0.1605), (0, 20, 0.0, 0.1611), (1, 29, 0.0061, 0.1718),
+            (29, 29, 0.8830, 1.0)]
+
+
+@pytest.mark.parametrize(("k", "n", "low", "high"), NEWCOMBE)
+def test_wilson_interval_matches_newcombes_published_values(k, n, low, high):
+    got = wilson_interval(k, n)
+    assert round(got[0], 4) == low and round(got[1], 4) == high
+
+
+@pytest.mark.parametrize(("k", "n"), [(358, 359), (350, 359), (9932, 10000), (0, 1), (5, 7)])
+def test_wilson_interval_matches_statsmodels(k, n):
+    from statsmodels.stats.proportion import proportion_confint
+
+    low, high = proportion_confint(k, n, alpha=0.05, method="wilson")
+    assert wilson_interval(k, n) == pytest.approx((low, high), abs=1e-12)
+
+
+@pytest.mark.parametrize(("b", "c"), [(0, 3), (3, 0), (7, 2), (41, 18), (100, 130), (5, 5), (1, 0)])
+def test_mcnemar_exact_matches_statsmodels_and_the_binomial_sum(b, c):
+    from statsmodels.stats.contingency_tables import mcnemar
+
+    expected = mcnemar([[50, b], [c, 50]], exact=True).pvalue
+    # By hand: twice the smaller tail of Binomial(b + c, 1/2), capped at 1.
+    n = b + c
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2**n
+    assert mcnemar_exact(b, c) == pytest.approx(expected, rel=1e-12)
+    assert mcnemar_exact(b, c) == pytest.approx(min(1.0, 2 * tail), rel=1e-12)
+
+
+def test_mcnemar_with_no_discordant_images_is_one():
+    assert mcnemar_exact(0, 0) == 1.0
+
+
+@pytest.mark.parametrize("p", [[0.01, 0.04, 0.03, 0.2], [0.5], [0.001, 0.001, 0.9, 0.02, 0.04], [0.3, 0.2, 0.1]])
+def test_holm_matches_statsmodels(p):
+    from statsmodels.stats.multitest import multipletests
+
+    assert holm(p) == pytest.approx(list(multipletests(p, method="holm")[1]), abs=1e-12)
+
+
+def test_spread_of_one_and_of_several_values():
+    assert spread([0.5]) == {"mean": 0.5, "std": None, "min": 0.5, "max": 0.5}
+    s = spread([0.97, 0.98, 0.99])
+    assert s["mean"] == pytest.approx(0.98) and s["std"] == pytest.approx(0.01) and (s["min"], s["max"]) == (0.97, 0.99)
+
+
+def test_evaluate_writes_the_interval_and_a_digest_of_each_test_image(tmp_path, prepared_digits):
+    import hashlib
+
+    from statsmodels.stats.proportion import proportion_confint
+    from typer.testing import CliRunner
+
+    from stages.cli import app
+    from stages.prepared import load_prepared
+
+    out, result = train_in_process(tmp_path, "run", prepared_digits, epochs=1)
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(app, ["evaluate", "--params", str(write_params(tmp_path / "p.yaml")), "--data",
+                                      str(prepared_digits), "--model", str(out / "model.safetensors"),
+                                      "--out", str(tmp_path / "eval")])
+    assert result.exit_code == 0, result.output
+    test = json.loads((tmp_path / "eval/metrics.json").read_text())["test"]
+    rows = list(csv.DictReader((tmp_path / "eval/predictions.csv").open()))
+    correct = sum(r["actual"] == r["predicted"] for r in rows)
+    low, high = proportion_confint(correct, len(rows), method="wilson")
+    assert (test["accuracy_ci_low"], test["accuracy_ci_high"]) == (round(low, 6), round(high, 6))
+    assert test["accuracy_ci_low"] < test["accuracy"] < test["accuracy_ci_high"]
+    assert test["top5_accuracy_ci_low"] <= test["top5_accuracy"] <= test["top5_accuracy_ci_high"]
+    images, _, _ = load_prepared(prepared_digits, "test")
+    pixels = images.numpy()
+    assert [r["image"] for r in rows] == [
+        hashlib.sha256(repr(pixels[i].shape).encode() + pixels[i].tobytes()).hexdigest()[:16] for i in range(len(rows))]
+
+
+# --- pairs and groups of runs --------------------------------------------------------------------
+
+
+def make_run(name: str, correct: list[bool], seed: int = 0, lr: float = 0.002, images: list[str] | None = None) -> Run:
+    actual = [str(i % 10) for i in range(len(correct))]
+    predicted = [a if ok else str((int(a) + 1) % 10) for a, ok in zip(actual, correct)]
+    return Run(name, None, actual, predicted, images or [f"img{i}" for i in range(len(correct))],
+               {"train.lr": lr, "train.seed": seed, "data.dataset": "digits"})
+
+
+def test_identical_runs_differ_by_zero_with_p_one():
+    a = make_run("a", [True] * 90 + [False] * 10)
+    p = pair(a, make_run("b", [True] * 90 + [False] * 10))
+    assert (p["difference"], p["a_only_correct"], p["b_only_correct"], p["p_value"]) == (0, 0, 0, 1.0)
+    assert p["accuracy_a"] == p["accuracy_b"] == 0.9
+
+
+def test_pair_counts_discordant_images():
+    a = [True] * 50 + [False] * 10 + [True] * 3 + [False] * 2
+    b = [True] * 50 + [True] * 10 + [False] * 3 + [False] * 2
+    p = pair(make_run("a", a), make_run("b", b))
+    assert (p["a_only_correct"], p["b_only_correct"], p["correct_a"], p["correct_b"]) == (3, 10, 53, 60)
+    assert p["p_value"] == pytest.approx(mcnemar_exact(3, 10))
+    assert p["difference"] == pytest.approx((60 - 53) / 65)
+
+
+def test_runs_on_different_images_are_refused():
+    from stages.errors import UserError
+
+    a = make_run("a", [True] * 5)
+    with pytest.raises(UserError, match="different test images"):
+        pair(a, make_run("b", [True] * 5, images=["x"] * 5))
+    with pytest.raises(UserError, match="different test images"):
+        pair(a, make_run("b", [True] * 6))
+
+
+def test_seeds_are_grouped_by_the_other_params():
+    runs = [make_run("s0", [True] * 9 + [False], seed=0), make_run("s1", [True] * 8 + [False] * 2, seed=1),
+            make_run("other", [True] * 10, seed=0, lr=0.01), make_run("s2", [True] * 7 + [False] * 3, seed=2)]
+    groups = {g["params"]["train.lr"]: g for g in seed_groups(runs)}
+    assert groups[0.002]["runs"] == ["s0", "s1", "s2"] and groups[0.002]["seeds"] == [0, 1, 2]
+    assert groups[0.002]["mean"] == pytest.approx(0.8) and groups[0.002]["std"] == pytest.approx(0.1)
+    assert groups[0.01]["n"] == 1 and groups[0.01]["std"] is None
+    assert list(groups[0.002]["params"]) == ["train.lr"]  # only what differs between groups labels them
+
+
+def test_against_baseline_sorts_by_accuracy_and_adjusts_for_many_comparisons():
+    base = make_run("base", [True] * 80 + [False] * 20)
+    others = [make_run("worse", [True] * 70 + [False] * 30), make_run("better", [True] * 95 + [False] * 5, seed=1)]
+    result = against_baseline(base, others)
+    assert [r["name"] for r in result["runs"]] == ["better", "base", "worse"]
+    raw = [p["p_value"] for p in result["pairs"]]
+    assert [p["p_value_holm"] for p in result["pairs"]] == pytest.approx(holm(raw))
+    assert result["comparisons"] == 2
+
+
+# --- the command, on files recorded by the real dvc --------------------------------------------------
+
+
+def sh(repo: Path, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, DVC_NO_ANALYTICS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run(list(cmd), cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def compare(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return sh(repo, sys.executable, "-m", "stages", "compare", *args, check=check)
+
+
+def refusal(repo: Path, *args: str) -> str:
+    proc = compare(repo, *args, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    return lines[0]
+
+
+def predictions_csv(correct: list[bool], images: list[str] | None = None, header=("index", "actual", "predicted",
+                                                                                   "image")) -> str:
+    rows = [",".join(header)]
+    for i, ok in enumerate(correct):
+        actual = str(i % 10)
+        row = [str(i), actual, actual if ok else str((i + 1) % 10), (images or [f"{i:016x}"] * len(correct))[i]]
+        rows.append(",".join(row[: len(header)]))
+    return "\n".join(rows) + "\n"
+
+
+@pytest.fixture
+def toy(tmp_path):
+    """A git + DVC repo whose one stage records made/predictions.csv as the evaluate stage's output."""
+    repo = tmp_path / "toy"
+    repo.mkdir()
+    sh(repo, "git", "init", "-q")
+    sh(repo, "git", "config", "user.email", "t@example.com")
+    sh(repo, "git", "config", "user.name", "T")
+    sh(repo, "dvc", "init", "-q")
+    (repo / "made").mkdir()
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"evaluate": {
+        "cmd": "mkdir -p metrics/evaluate && cp made/predictions.csv metrics/evaluate/predictions.csv",
+        "deps": ["made/predictions.csv"], "params": ["train"],
+        "plots": [{"metrics/evaluate/predictions.csv": {"cache": False}}]}}}))
+    (repo / "made/predictions.csv").write_text(predictions_csv([]))
+    (repo / "params.yaml").write_text("train:\n  lr: 0.002\n  seed: 0\n")
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-q", "-m", "no evaluation yet")
+    return repo
+
+
+def record(repo: Path, text: str, message: str, **train) -> None:
+    (repo / "made/predictions.csv").write_text(text)
+    (repo / "params.yaml").write_text(yaml.safe_dump({"train": {"lr": 0.002, "seed": 0, **train}}))
+    sh(repo, "dvc", "repro", "-q")
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-q", "-m", message)
+
+
+def recount(text_a: str, text_b: str) -> tuple[int, int, int, int]:
+    rows_a, rows_b = (list(csv.DictReader(io.StringIO(t))) for t in (text_a, text_b))
+    ok_a = [r["actual"] == r["predicted"] for r in rows_a]
+    ok_b = [r["actual"] == r["predicted"] for r in rows_b]
+    return (sum(ok_a), sum(ok_b), sum(x and not y for x, y in zip(ok_a, ok_b)),
+            sum(y and not x for x, y in zip(ok_a, ok_b)))
+
+
+@pytest.mark.slow
+def test_compare_reads_revisions_recorded_by_dvc_and_refuses_bad_input(toy):
+    a = predictions_csv([True] * 300 + [False] * 40 + [True] * 4 + [False] * 15)
+    b = predictions_csv([True] * 300 + [True] * 40 + [False] * 4 + [False] * 15)
+    record(toy, a, "a")
+    record(toy, b, "b", lr=0.01)
+
+    shown = json.loads(compare(toy, "HEAD~1", "HEAD", "--json").stdout)["pairs"]
+    correct_a, correct_b, a_only, b_only = recount(a, b)
+    assert len(shown) == 1
+    p = shown[0]
+    assert (p["a"], p["b"], p["a_only_correct"], p["b_only_correct"]) == ("HEAD~1", "HEAD", a_only, b_only) == (
+        "HEAD~1", "HEAD", 4, 40)
+    assert (p["accuracy_a"], p["accuracy_b"]) == (correct_a / 359, correct_b / 359)
+    assert p["p_value"] == pytest.approx(2 * sum(math.comb(44, i) for i in range(5)) / 2**44, rel=1e-9)
+    text = compare(toy, "HEAD~1", "HEAD").stdout
+    assert "B is better than A on 36 more images" in text and f"p = {p['p_value']:.1e}" in text
+    assert "95% CI" in text
+
+    same = json.loads(compare(toy, "HEAD", "workspace", "--json").stdout)["pairs"][0]
+    assert (same["difference"], same["p_value"]) == (0, 1.0)
+
+    assert "unknown revision or experiment 'nope'" in refusal(toy, "HEAD", "nope")
+    assert "has no metrics/evaluate/predictions.csv" in refusal(toy, "HEAD~2", "HEAD")
+    assert "compare takes two runs" in refusal(toy, "HEAD")
+
+    # Another test split: the same number of images, other pixels.
+    record(toy, predictions_csv([True] * 359, images=[f"{i + 1:016x}" for i in range(359)]), "other split")
+    assert "different test images" in refusal(toy, "HEAD~1", "HEAD")
+    # An older evaluate stage's file has no image digests.
+    record(toy, predictions_csv([True] * 359, header=("index", "actual", "predicted")), "old format")
+    assert "has no columns image" in refusal(toy, "HEAD", "HEAD~2")
+
+    # A hand edit after `dvc repro`: one prediction changed in the workspace.
+    record(toy, b, "b again")
+    edited = toy / "metrics/evaluate/predictions.csv"
+    edited.write_text(edited.read_text().replace("\n0,0,0,", "\n0,0,1,", 1))
+    assert "differs from the file dvc.lock records" in refusal(toy, "HEAD", "workspace")
+    assert compare(toy, "HEAD", "HEAD~4").returncode == 0  # the committed files are still fine
