@@ -20,7 +20,7 @@ from stages.compare.pairs import against_baseline, pair, seed_groups
 from stages.compare.runs import Run
 from stages.stats import holm, mcnemar_exact, spread, wilson_interval
 
-from .helpers import ROOT, train_in_process, write_params
+from .helpers import ROOT, train_in_process
 
 # --- the statistics ----------------------------------------------------------------------------
 
@@ -85,7 +85,7 @@ def test_evaluate_writes_the_interval_and_a_digest_of_each_test_image(tmp_path, 
 
     out, result = train_in_process(tmp_path, "run", prepared_digits, epochs=1)
     assert result.exit_code == 0, result.output
-    result = CliRunner().invoke(app, ["evaluate", "--params", str(write_params(tmp_path / "p.yaml")), "--data",
+    result = CliRunner().invoke(app, ["evaluate", "--params", str(tmp_path / "run.yaml"), "--data",
                                       str(prepared_digits), "--model", str(out / "model.safetensors"),
                                       "--out", str(tmp_path / "eval")])
     assert result.exit_code == 0, result.output
