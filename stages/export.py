@@ -108,7 +108,11 @@ def export_stage(p: ExportParams, weights: str | Path, data_dir: str | Path, out
     for key, value in onnx_metadata(meta, file_sha256(weights)).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
-    data = proto.SerializeToString(deterministic=True)
+    try:
+        data = proto.SerializeToString(deterministic=True)
+    except ValueError as exc:  # protobuf's 2 GB limit: the weights would have to go to an external file
+        raise UserError(f"model.name {name!r} is too large for one ONNX file ({exc}); models/model.onnx was not "
+                        "written") from None
 
     try:
         session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
