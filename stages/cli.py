@@ -175,10 +175,30 @@ def analyze(
 
 
 @app.command()
+def export(
+    params: ParamsOption = Path("params.yaml"),
+    model: Annotated[Path, typer.Option(help="The trained weights to export.")] = Path("models/model.safetensors"),
+    data: Annotated[Path, typer.Option(help="Folder of prepared data (the check runs on its test split).")] = Path(
+        "data/prepared"),
+    out: Annotated[Path, typer.Option(help="The ONNX file to write.")] = Path("models/model.onnx"),
+) -> None:
+    """Export the trained model to ONNX, checked with ONNX Runtime against PyTorch on the test split."""
+
+    def stage() -> None:
+        from .export import export_stage
+        from .params import load_params
+
+        export_stage(load_params(params).export, model, data, out)
+
+    _run(stage)
+
+
+@app.command()
 def predict(
     images: Annotated[list[Path], typer.Argument(metavar="IMAGE_OR_FOLDER", show_default=False,
                                                  help="Image files, and folders searched recursively for images.")],
-    model: Annotated[Path, typer.Option(help="The trained weights.")] = Path("models/model.safetensors"),
+    model: Annotated[Path, typer.Option(help="The trained weights (.safetensors), or their ONNX export (.onnx: "
+                                        "runs with ONNX Runtime, without torch).")] = Path("models/model.safetensors"),
     out: Annotated[Path, typer.Option(help="The CSV to write: path, predicted class, probability.")] = Path(
         "predictions.csv"),
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="Also list the next most likely classes, "
@@ -188,18 +208,25 @@ def predict(
                                                   "stopping.")] = False,
     params: Annotated[Path | None, typer.Option(
         "--params", show_default=False, help="Refuse a model whose recorded model.* and train.* params differ "
-        "from this file's. Default: params.yaml, when it exists.")] = None,
+        "from this file's. Default: params.yaml for the pipeline's own models/model.safetensors.")] = None,
     check_params: Annotated[bool, typer.Option(help="Compare the model's params with the params file "
                                                "(see --params).")] = True,
 ) -> None:
     """Label new images with a trained model, prepared exactly as prepare-data prepared the training images."""
 
     def command() -> None:
-        from .predict import predict as run
+        from .params import plural
 
-        summary = run(model, images, out, top_k, batch_size, skip_bad_images, params, check_params)
-        skipped = f", {summary['skipped']} unreadable files skipped" if summary["skipped"] else ""
-        typer.echo(f"labelled {summary['labelled']} images on the {summary['device']} -> {out}{skipped}")
+        if model.suffix.lower() == ".onnx":
+            from .predict_onnx import predict as run_onnx  # ONNX Runtime: torch is never imported on this path
+
+            summary = run_onnx(model, images, out, top_k, batch_size, skip_bad_images)
+        else:
+            from .predict import predict as run
+
+            summary = run(model, images, out, top_k, batch_size, skip_bad_images, params, check_params)
+        skipped = f", {plural(summary['skipped'], 'unreadable file')} skipped" if summary["skipped"] else ""
+        typer.echo(f"labelled {plural(summary['labelled'], 'image')} on the {summary['device']} -> {out}{skipped}")
 
     _run(command)
 

@@ -286,12 +286,28 @@ class AnalyzeParams:
     probe_ddp: bool = param(False, Bool(), "also probe DDP (one process per GPU); without GPUs: 1 vs 2 CPU processes")
 
 
+# export.opset: torch's recommended opset, or one the dynamo exporter writes (18 is its lowest).
+ONNX_OPSETS = ("default", 18, 19, 20, 21, 22, 23)
+
+
+@dataclass(frozen=True)
+class ExportParams:
+    opset: Any = param("default", OneOf(ONNX_OPSETS), "ONNX opset of models/model.onnx: default (torch's "
+                       "recommended one) or 18-23")
+    check_images: int = param(512, Int(1, 1_000_000), "test-split images run through ONNX Runtime and PyTorch "
+                              "to check the file (fewer when the split is smaller)")
+    atol: float = param(1e-4, Float(0.0, 1.0), "the ONNX logits may differ from PyTorch's by atol + rtol * |logit|")
+    rtol: float = param(1e-3, Float(0.0, 1.0), "see atol")
+    label_mismatch: float = param(0.01, Float(0.0, 1.0), "share of checked images whose top-1 class may differ")
+
+
 SECTIONS = {
     "data": DataParams,
     "model": ModelParams,
     "train": TrainParams,
     "evaluate": EvaluateParams,
     "analyze": AnalyzeParams,
+    "export": ExportParams,
 }
 
 
@@ -302,6 +318,7 @@ class Params:
     train: TrainParams
     evaluate: EvaluateParams
     analyze: AnalyzeParams
+    export: ExportParams
 
     def section_dict(self, name: str) -> dict[str, Any]:
         section = getattr(self, name)
@@ -380,8 +397,8 @@ def in_other_section(key: str) -> str:
 
 
 def plural(count: int, noun: str, nouns: str | None = None) -> str:
-    """'1 file', '2 files' ('1 process', '3 processes' with nouns given)."""
-    return f"{count} {noun if count == 1 else nouns or noun + 's'}"
+    """'1 file', '2 files', '1,000 files' ('1 process', '3 processes' with nouns given)."""
+    return f"{count:,} {noun if count == 1 else nouns or noun + 's'}"
 
 
 def check_combinations(p: Params, source: str) -> None:

@@ -10,7 +10,8 @@ model's size; nothing else (no inversion, no cropping to the object) is done.
 
 Before any file is read, the model file is checked: a model of this project (else one line
 says what the file is not), trained with the model.* and train.* params of the params file when
-there is one (`--params`, by default params.yaml where it exists; `--no-check-params` skips it).
+there is one (`--params`; by default params.yaml for the pipeline's own models/model.safetensors;
+`--no-check-params` skips it).
 
 Files are decoded on a thread pool, one batch ahead of the model, which runs on the first
 CUDA device when there is one. The CSV is written to a temporary file and renamed into place,
@@ -90,11 +91,16 @@ def csv_header(top_k: int) -> list[str]:
     return header
 
 
+PIPELINE_WEIGHTS = "models/model.safetensors"  # the train stage's out in dvc.yaml
+
+
 def check_model_params(model_path: Path, params_path: Path | None) -> None:
-    """Refuse a model that other params made than `params_path`'s (None: params.yaml where it exists)."""
+    """Refuse a model that other params made than `params_path`'s. Without `params_path`, the pipeline's
+    own weights (models/model.safetensors) are checked against params.yaml, where both are here; any
+    other model file (an artifact fetched from elsewhere, an old copy) is its own record."""
     if params_path is None:
         params_path = Path("params.yaml")
-        if not params_path.is_file():
+        if not params_path.is_file() or Path(model_path).resolve() != Path(PIPELINE_WEIGHTS).resolve():
             return
     try:
         check_weights_use(read_metadata(model_path), model_path, params=(load_params(params_path), params_path))

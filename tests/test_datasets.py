@@ -21,8 +21,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from stages.cli import app
+from stages.images import MAX_WARNINGS, decode_image
 from stages.prepared import load_prepared
-from stages.sources.imagefolder import MAX_WARNINGS, decode_image
 
 from .helpers import run_stages, write_params
 

@@ -9,6 +9,7 @@ written with `staged_dir` holds exactly the new files once complete and the old 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -136,10 +137,14 @@ def test_every_consumer_refuses_weights_that_other_params_made(tmp_path, digits_
     line = error_line(invoke("predict", image, "--model", model, "--params", edited, "--out", tmp_path / "p.csv"))
     assert expected in line and "--no-check-params" in line
     assert not any((tmp_path / name).exists() for name in ("eval", "report", "p.csv"))
-    # Without --params, predict compares with params.yaml where there is one (here, the edited one) only.
+    # Without --params, the pipeline's own weights are compared with params.yaml (here, the edited one);
+    # another model file is its own record.
     monkeypatch.chdir(tmp_path)
-    assert "train.lr = 0.002" in error_line(invoke("predict", image, "--model", model, "--out", "p.csv"))
-    assert invoke("predict", image, "--model", model, "--out", "p.csv", "--no-check-params").exit_code == 0
+    (tmp_path / "models").mkdir()
+    shutil.copy(model, tmp_path / "models" / "model.safetensors")
+    assert "train.lr = 0.002" in error_line(invoke("predict", image, "--out", "p.csv"))
+    assert invoke("predict", image, "--out", "p.csv", "--no-check-params").exit_code == 0
+    assert invoke("predict", image, "--model", model, "--out", "p.csv").exit_code == 0
     (tmp_path / "sub").mkdir()
     monkeypatch.chdir(tmp_path / "sub")
     result = invoke("predict", image, "--model", model, "--out", "p.csv")

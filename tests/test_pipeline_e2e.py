@@ -119,7 +119,7 @@ def project(tmp_path_factory):
 
 def test_repro_runs_every_stage_and_learns(project):
     repo = project["repo"]
-    assert ran(project["first_output"]) == ["check-params", "prepare-data", "train", "evaluate", "analyze"]
+    assert ran(project["first_output"]) == ["check-params", "prepare-data", "train", "evaluate", "analyze", "export"]
     m = metrics(repo)
     test = m["metrics/evaluate/metrics.json"]["test"]
     assert test["accuracy"] >= 0.97 and 0 < test["loss"] < 0.2
@@ -127,7 +127,7 @@ def test_repro_runs_every_stage_and_learns(project):
     train = m["metrics/train/metrics.json"]
     assert train["samples_per_second"] > 0 and train["num_devices"] == 1 and train["world_size"] == 1
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"check-params", "prepare-data", "train", "evaluate", "analyze"}
+    assert set(lock["stages"]) == {"check-params", "prepare-data", "train", "evaluate", "analyze", "export"}
     assert set(lock["stages"]["prepare-data"]["params"]["params.yaml"]) == {"data"}
     artifacts = yaml.safe_load((repo / "dvc.yaml").read_text())["artifacts"]
     assert any(a["type"] == "model" and a["path"] == "models/model.safetensors" for a in artifacts.values())
@@ -142,14 +142,14 @@ def test_default_params_still_give_the_reference_weights(project):
 def test_second_repro_runs_nothing(project):
     out = sh(project["repo"], "dvc", "repro").stdout
     assert ran(out) == []
-    assert out.count("didn't change, skipping") == 5
+    assert out.count("didn't change, skipping") == 6
 
 
 def test_epochs_change_reruns_train_not_prepare(project):
     repo = project["repo"]
     set_param(repo, "train", "epochs", 8)
     out = sh(repo, "dvc", "repro").stdout
-    assert ran(out) == ["check-params", "train", "evaluate", "analyze"]
+    assert ran(out) == ["check-params", "train", "evaluate", "analyze", "export"]
     assert "Stage 'prepare-data' didn't change, skipping" in out
     commit(repo, "8 epochs")
 
@@ -353,7 +353,7 @@ def test_killed_training_resumes_under_dvc(project):
     assert (repo / "checkpoints" / "train.safetensors").is_file()
     assert status(repo) != {}
     out = sh(repo, "dvc", "repro").stdout
-    assert ran(out) == ["train", "evaluate", "analyze"]
+    assert ran(out) == ["train", "evaluate", "analyze", "export"]
     resuming = [line for line in out.splitlines() if "Resuming" in line]
     assert len(resuming) == 1 and "of 30" in resuming[0]
     assert "epoch 1/30" not in out and "epoch 30/30" in out

@@ -12,23 +12,15 @@ files, decoded only while prepare-data writes the splits, so it is never held in
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..errors import UserError
+from ..images import warn as warn  # one "warning: ..." line on stderr, for every source
 from ..params import DATASETS, DataParams
-
-
-def count(n: int, noun: str, plural: str | None = None) -> str:
-    """"1 file", "2 files", "1,000 files"; `plural` where adding "s" is wrong ("class" -> "classes")."""
-    return f"{n:,} {noun if n == 1 else plural or noun + 's'}"
-
-
-def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
+from ..params import plural as count  # noqa: F401 - "1 file", "2 files": one helper for the whole package
 
 
 @dataclass

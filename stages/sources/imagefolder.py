@@ -39,17 +39,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
 
 from ..errors import UserError
+from ..images import (  # decoding one file is shared with predict, which must not need torch
+    cpu_count,
+    decode_image,
+    image_extensions,
+    images_below,
+    progress_bar,
+    warn,
+)
+from ..images import report_skipped as report_skipped  # prepare-data and predict import it from here
 from ..io import write_at
 from ..params import DataParams
 from ..prepared import IMAGE_MODES, ChannelStats, SplitWriter, channel_histogram
-from . import Source, count, warn
+from . import Source, count
 
 # Folder names that mark a split (lower case) -> the split they hold.
 SPLIT_FOLDERS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
-MAX_WARNINGS = 20  # skipped files named one per line; the rest are counted
 MAX_NAMED = 10  # unreadable files named in the one line that refuses them; all of them go to a file
 # Files per task handed to a decoder process. Measured on 2 cores with 160x120 JPEGs: 16 files
 # per task 2,450 images/s, 64 files 2,730, 256 files 2,530 (fewer: more messages; more: the
@@ -61,12 +68,6 @@ FILES_PER_TASK = 64
 class SplitFiles:
     paths: list[str]
     labels: list[int]
-
-
-def image_extensions() -> frozenset[str]:
-    """Lower-case extensions (with the dot) of the formats this PIL can open, not only save."""
-    Image.init()
-    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
 
 
 def listing(names: list[str], limit: int = 10) -> str:
@@ -108,21 +109,6 @@ def find_split_folders(root: Path) -> dict[str, Path]:
     return {split: by_split[split] for split in ("train", "val", "test") if split in by_split}
 
 
-def images_below(folder: Path, extensions: frozenset[str]) -> tuple[list[str], int]:
-    """Image files under `folder` (recursive, sorted) and how many other visible files were ignored."""
-    images, ignored = [], 0
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # do not descend into hidden folders
-        for name in filenames:
-            if name.startswith("."):
-                continue
-            if os.path.splitext(name)[1].lower() in extensions:
-                images.append(os.path.join(dirpath, name))
-            else:
-                ignored += 1
-    return sorted(images), ignored
-
-
 def list_files(split_folders: dict[str, Path]) -> tuple[list[str], dict[str, SplitFiles], int]:
     """(class names, split -> files and labels, count of ignored non-image files)."""
     extensions = image_extensions()
@@ -148,69 +134,6 @@ def list_files(split_folders: dict[str, Path]) -> tuple[list[str], dict[str, Spl
             raise UserError(f"no images in {folder}: expected one folder of images per class")
         splits[split] = files
     return class_names, splits, ignored
-
-
-# --- decoding one file -----------------------------------------------------------------------
-
-
-def eight_bit(img: Image.Image) -> Image.Image:
-    """16-bit greyscale -> 8-bit by scaling; PIL's own convert clips everything above 255 to white."""
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
-        values = np.asarray(img).astype(np.int64).clip(0, 65535) >> 8
-        return Image.fromarray(values.astype(np.uint8))  # 2-D uint8 -> mode "L"
-    return img
-
-
-def flatten_on_white(img: Image.Image) -> Image.Image:
-    """Composite images with transparency onto white.
-
-    A plain convert drops alpha and shows whatever colour the encoder left under the
-    transparent pixels (often black), so the same picture would look different
-    depending on how it was saved; white is what viewers and most documents show.
-    """
-    if not img.has_transparency_data:
-        return img
-    rgba = img.convert("RGBA")
-    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-
-
-def crop_box(width: int, height: int, size: int) -> tuple[float, float, float, float]:
-    """The region of a width x height image that torchvision's Resize(size) + CenterCrop(size) keep,
-    in the image's own pixels, so that one resize of that region gives the same pixels.
-
-    Resize scales the shorter side to `size` and the longer to int(size * longer / shorter);
-    CenterCrop then starts at round((resized - size) / 2) on each axis.
-    """
-    if width <= height:
-        resized_w, resized_h = size, int(size * height / width)
-    else:
-        resized_w, resized_h = int(size * width / height), size
-    left, top = round((resized_w - size) / 2), round((resized_h - size) / 2)
-    sx, sy = width / resized_w, height / resized_h
-    return left * sx, top * sy, (left + size) * sx, (top + size) * sy
-
-
-def decode_image(path: str, mode: str, size: int, resize: str) -> np.ndarray | str:
-    """One file -> uint8 (C, size, size), or the reason it cannot be read (for the error message).
-
-    mode: "L" or "RGB"; resize: "crop" or "stretch" (data.resize)."""
-    try:
-        if os.path.getsize(path) == 0:
-            return "the file is empty"
-        with Image.open(path) as img:
-            # JPEG: decode at 1/2..1/8 scale where the result stays at least size x size; far
-            # faster for photos. Must come before anything (exif_transpose) loads the pixels.
-            img.draft(mode, (size, size))
-            ImageOps.exif_transpose(img, in_place=True)  # photos: upright as viewers show them
-            img = flatten_on_white(eight_bit(img))
-            if img.mode != mode:
-                img = img.convert(mode)
-            box = crop_box(*img.size, size) if resize == "crop" else None
-            img = img.resize((size, size), Image.Resampling.BILINEAR, box=box)
-            pixels = np.asarray(img, dtype=np.uint8)
-    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, EOFError, ... for damaged files
-        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
 
 
 # --- decoding into the split files, on every core ------------------------------------------------
@@ -267,10 +190,6 @@ def decode_task(task: Task) -> tuple[np.ndarray | None, list[tuple[int, str]]]:
     return counts, [(task.start + i, reason) for i, reason in bad]
 
 
-def cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def ignore_interrupts() -> None:
     """Decoder processes leave Ctrl-C to the stage, which stops them, and die of the SIGTERM it stops them
     with: a handler inherited from the parent that raises instead (torch's elastic agent installs one)
@@ -301,12 +220,6 @@ def parallel_map(workers: int):
         pool = multiprocessing.pool.ThreadPool(workers)
     with pool:  # leaving it terminates the decoders: at once on an error
         yield pool.imap
-
-
-def progress_bar(total: int, desc: str):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=not sys.stderr.isatty(), leave=False)
 
 
 def decode_into(writers: dict[str, SplitWriter], files: dict[str, list[str]], resize: str, skip_bad: bool,
@@ -377,13 +290,6 @@ def refuse_unreadable(bad: list[tuple[str, str]]) -> None:
         named += f" and {len(bad) - MAX_NAMED:,} more (all {len(bad):,} in {full_list})"
     raise UserError(f"cannot read {count(len(bad), 'image')}: {named}; fix or remove them, "
                     f"or set data.skip_bad_images: true to skip such files")
-
-
-def report_skipped(skipped: list[tuple[str, str]]) -> None:
-    for path, reason in skipped[:MAX_WARNINGS]:
-        warn(f"skipped unreadable image {path}: {reason}")
-    if len(skipped) > MAX_WARNINGS:
-        warn(f"... and {count(len(skipped) - MAX_WARNINGS, 'more unreadable image')} skipped")
 
 
 def load_imagefolder_source(p: DataParams) -> Source:

@@ -1,0 +1,123 @@
+"""Image files without torch: find them, decode one into the uint8 pixels a model was trained on,
+and the progress and warnings around that.
+
+prepare-data (`sources/imagefolder.py`) decodes training images with `decode_image`; predict decodes
+new images with it too, on both its paths: the PyTorch one and the ONNX one, which must run where
+torch is not installed. So this module imports only the standard library, numpy, Pillow (and tqdm
+for the progress bar), never torch.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from .params import plural
+
+MAX_WARNINGS = 20  # skipped files named one per line; the rest are counted
+
+
+def image_extensions() -> frozenset[str]:
+    """Lower-case extensions (with the dot) of the formats this PIL can open, not only save."""
+    Image.init()
+    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+
+
+def images_below(folder: Path, extensions: frozenset[str]) -> tuple[list[str], int]:
+    """Image files under `folder` (recursive, sorted) and how many other visible files were ignored."""
+    images, ignored = [], 0
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # do not descend into hidden folders
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            if os.path.splitext(name)[1].lower() in extensions:
+                images.append(os.path.join(dirpath, name))
+            else:
+                ignored += 1
+    return sorted(images), ignored
+
+
+def eight_bit(img: Image.Image) -> Image.Image:
+    """16-bit greyscale -> 8-bit by scaling; PIL's own convert clips everything above 255 to white."""
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        values = np.asarray(img).astype(np.int64).clip(0, 65535) >> 8
+        return Image.fromarray(values.astype(np.uint8))  # 2-D uint8 -> mode "L"
+    return img
+
+
+def flatten_on_white(img: Image.Image) -> Image.Image:
+    """Composite images with transparency onto white.
+
+    A plain convert drops alpha and shows whatever colour the encoder left under the
+    transparent pixels (often black), so the same picture would look different
+    depending on how it was saved; white is what viewers and most documents show.
+    """
+    if not img.has_transparency_data:
+        return img
+    rgba = img.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+
+
+def crop_box(width: int, height: int, size: int) -> tuple[float, float, float, float]:
+    """The region of a width x height image that torchvision's Resize(size) + CenterCrop(size) keep,
+    in the image's own pixels, so that one resize of that region gives the same pixels.
+
+    Resize scales the shorter side to `size` and the longer to int(size * longer / shorter);
+    CenterCrop then starts at round((resized - size) / 2) on each axis.
+    """
+    if width <= height:
+        resized_w, resized_h = size, int(size * height / width)
+    else:
+        resized_w, resized_h = int(size * width / height), size
+    left, top = round((resized_w - size) / 2), round((resized_h - size) / 2)
+    sx, sy = width / resized_w, height / resized_h
+    return left * sx, top * sy, (left + size) * sx, (top + size) * sy
+
+
+def decode_image(path: str, mode: str, size: int, resize: str) -> np.ndarray | str:
+    """One file -> uint8 (C, size, size), or the reason it cannot be read (for the error message).
+
+    mode: "L" or "RGB"; resize: "crop" or "stretch" (data.resize)."""
+    try:
+        if os.path.getsize(path) == 0:
+            return "the file is empty"
+        with Image.open(path) as img:
+            # JPEG: decode at 1/2..1/8 scale where the result stays at least size x size; far
+            # faster for photos. Must come before anything (exif_transpose) loads the pixels.
+            img.draft(mode, (size, size))
+            ImageOps.exif_transpose(img, in_place=True)  # photos: upright as viewers show them
+            img = flatten_on_white(eight_bit(img))
+            if img.mode != mode:
+                img = img.convert(mode)
+            box = crop_box(*img.size, size) if resize == "crop" else None
+            img = img.resize((size, size), Image.Resampling.BILINEAR, box=box)
+            pixels = np.asarray(img, dtype=np.uint8)
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, EOFError, ... for damaged files
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def progress_bar(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=not sys.stderr.isatty(), leave=False)
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def report_skipped(skipped: list[tuple[str, str]]) -> None:
+    for path, reason in skipped[:MAX_WARNINGS]:
+        warn(f"skipped unreadable image {path}: {reason}")
+    if len(skipped) > MAX_WARNINGS:
+        warn(f"... and {plural(len(skipped) - MAX_WARNINGS, 'more unreadable image')} skipped")
