@@ -93,6 +93,8 @@ def failure_line(failures: dict, status_dir: Path, max_restarts: int) -> str:
         described[rank] = (record, failure)
     rank, (record, failure) = min(described.items(), key=lambda kv: (not rank_status.is_cause(kv[1][0]),
                                                                       kv[1][1].timestamp, kv[0]))
+    if record.get("ended") == "refused":  # a refusal (bad params, data or files): its own one line says it all
+        return record["message"]
     line = rank_status.describe(record)
     if failure.exitcode == -signal.SIGKILL:
         line += ("; if the kernel's log (dmesg) names the out-of-memory killer, lower train.batch_size (or "
