@@ -22,7 +22,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+# GNU OpenMP's idle threads spin before they sleep; beside another busy process each spinning thread
+# takes a core from the thread that has work, and 2 threads ran 10-16x slower than 1 (benchmarks/
+# bench_threads.py). Passive waiting keeps the thread count (so the bytes) and removes that. OpenMP
+# reads it when torch loads it, so before `import torch`; the ranks this command starts inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 from .core.batches import place_split
 from .core.checkpoint import (
@@ -67,6 +73,8 @@ from .core.pretrained import fetch_weights, fit_pretrained, pretrained_normaliza
 from .core.rank_status import RestartReport, describe, restart_report, start_rank_status
 from .core.readout import LatestValue
 from .core.text import plural
+from .core.threads import set_threads
+from .core.transforms import augmentations
 from .core.weights import model_metadata, save_model
 from .errors import UserError
 from .io import write_json
@@ -187,6 +195,7 @@ def train(p: Params, plan: DevicePlan, ctx: DistContext, data_dir: Path, model_p
     cfg = p.train
     configure_determinism(cfg.deterministic)
     device = process_device(plan, ctx)
+    extra = {**extra, **set_threads(cfg.threads, int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size)))}
     log = print if ctx.is_main else (lambda *a, **k: None)
 
     # The data, and the params checked against it.
@@ -246,13 +255,20 @@ def train(p: Params, plan: DevicePlan, ctx: DistContext, data_dir: Path, model_p
     where = f"cuda {plan.used_device_ids(ctx)}" if device.type == "cuda" else \
         "cpu" + (f" x{ctx.world_size} processes" if ctx.world_size > 1 else "")
     passes = f" in {cfg.accumulate} passes of {cfg.pass_batch}" if cfg.accumulate > 1 else ""
+    threads = f", {plural(torch.get_num_threads(), 'CPU thread')}" + (" per process" if ctx.world_size > 1 else "")
     log(f"train: accelerator {device.type}{'' if device.type == 'cuda' else ' (no CUDA device; training on the CPU)'}, "
         f"devices {where}, strategy {strategy}, global batch {cfg.batch_size}{passes}, per-device batch {per_device}, "
-        f"precision {precision_name(st.amp_dtype)}, model {p.model.name} ({count_parameters(model):,} parameters)")
+        f"precision {precision_name(st.amp_dtype)}, model {p.model.name} ({count_parameters(model):,} parameters)"
+        f"{threads if device.type == 'cpu' else ''}")
 
     train_split = place_split(train_images, train_labels, device, cfg.data_placement)
     val_split = place_split(val_images, val_labels, device, cfg.data_placement)
     log(f"data: {len(train_split):,} training images, {train_split.where()}")
+    augmented = augmentations(st.augment_pad, st.augment_flip, cfg.mixup_alpha, cfg.cutmix_alpha)
+    if augmented or cfg.augment:
+        flip = "" if st.augment_flip or not cfg.augment else \
+            f"; no horizontal flip (train.hflip: {show_value(cfg.hflip)}, dataset {info['dataset']})"
+        log(f"augmentation: {augmented}{flip}")
     live = open_live(metrics_dir, history) if ctx.is_main else None
 
     # The epochs: train, validate (rank 0) the weights to be kept, log, checkpoint, stop early.

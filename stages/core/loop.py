@@ -24,7 +24,7 @@ from .devices import DevicePlan
 from .distributed import DistContext, all_reduce_sum
 from .models import classifier_head
 from .precision import autocast_context, resolve_precision
-from .transforms import FLIP_DATASETS, crop_padding, normalize, random_crop_flip, stats_tensors
+from .transforms import crop_padding, normalize, random_crop_flip, stats_tensors, use_hflip
 
 # --- the model: placement, wrappers, optimizer --------------------------------------------
 
@@ -222,7 +222,7 @@ def build_loop_state(model: nn.Module, cfg: TrainParams, ctx: DistContext, devic
         amp_dtype=amp_dtype, scaler=scaler,
         channels_last=use_channels_last(model, device),
         augment_pad=crop_padding(size) if cfg.augment else 0,
-        augment_flip=cfg.augment and info.get("dataset") in FLIP_DATASETS,
+        augment_flip=cfg.augment and use_hflip(cfg.hflip, info.get("dataset")),
         total_steps=cfg.epochs * steps_per_epoch,
         warmup_steps=cfg.warmup_epochs * steps_per_epoch,
         ema=make_ema(model, cfg.ema) if cfg.ema else None,
