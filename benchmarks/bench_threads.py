@@ -50,13 +50,16 @@ def worker(args: argparse.Namespace) -> None:
     from stages.core.loop import build_loop_state, prepare_model, train_one_epoch
     from stages.core.models import build_model
     from stages.core.threads import choose_threads
+    from stages.io import load_tensors
     from stages.params import TrainParams
-    from stages.prepared import load_prepared
 
     setting = args.setting if args.setting == "auto" else int(args.setting)
     threads, _ = choose_threads(setting, 1)
     torch.set_num_threads(threads)
-    images, labels, info = load_prepared(args.data, "train")
+    # The prepared training split, as prepare-data wrote it (benchmarks read files, not the stage modules).
+    tensors, _ = load_tensors(args.data / "train.safetensors")
+    images, labels = tensors["images"], tensors["labels"]
+    info = json.loads((args.data / "info.json").read_text())
     cfg = TrainParams(accelerator="cpu")
     cpu = torch.device("cpu")
     torch.manual_seed(cfg.seed)

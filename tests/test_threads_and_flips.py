@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -15,7 +17,7 @@ from stages.core.threads import choose_threads, usable_cores
 from stages.errors import UserError
 from stages.params import TrainParams, validate
 
-from .helpers import run_stages, write_params
+from .helpers import ROOT, run_stages, write_params
 
 CPU = torch.device("cpu")
 
@@ -84,3 +86,21 @@ def test_the_log_says_which_augmentations_ran(tmp_path, prepared_digits):
                           "--model", str(out / "model.safetensors"), "--metrics", str(out / "metrics"),
                           "--checkpoint", str(out / "ck.safetensors"))
         assert said in proc.stdout.splitlines(), proc.stdout
+
+
+@pytest.mark.slow
+def test_ddp_ranks_share_the_usable_cores(tmp_path, prepared_digits):
+    """Two self-launched ranks on the CPU: each takes usable cores / 2 threads (at least 1)."""
+    params = write_params(tmp_path / "p.yaml", model={"name": "mlp"},
+                          train={"accelerator": "cpu", "epochs": 1, "strategy": "ddp", "devices": 2})
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    proc = subprocess.run([sys.executable, "-m", "stages", "train", "--params", str(params), "--data",
+                           str(prepared_digits), "--model", str(tmp_path / "m.safetensors"), "--metrics",
+                           str(tmp_path / "metrics"), "--checkpoint", str(tmp_path / "ck.safetensors")],
+                          env=dict(env, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    run = json.loads((tmp_path / "metrics" / "run.json").read_text())
+    cores = len(os.sched_getaffinity(0))
+    assert (run["threads"], run["threads_from"]) == (max(1, cores // 2),
+                                                     f"auto: {cores} usable cores / 2 ranks on this machine")
+    assert f", {max(1, cores // 2)} CPU thread" in proc.stdout and " per process" in proc.stdout
