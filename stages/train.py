@@ -65,7 +65,7 @@ from .core.distributed import (
     under_launcher,
 )
 from .core.gpu_claims import GpuClaim, claim_gpus
-from .core.launch import launch_ranks
+from .core.launch import Stopped, launch_ranks
 from .core.loop import build_loop_state, compile_mode, evaluate, prepare_model, train_one_epoch, unwrap
 from .core.models import build_model, check_input_size, count_parameters, set_backbone_trainable, uses_small_stem
 from .core.precision import precision_name
@@ -107,8 +107,11 @@ def train_stage(p: Params, data_dir: Path, model_path: Path, metrics_dir: Path, 
                   flush=True)
         if plan.strategy == "ddp" and plan.world_size > 1:
             # Each rank reruns this command under torch's elastic launcher (and lands in run_rank).
-            launch_ranks("stages", argv, plan.world_size, cfg.max_restarts, cfg.dist_timeout,
-                         env=rank_environment(plan, claim))
+            try:
+                launch_ranks("stages", argv, plan.world_size, cfg.max_restarts, cfg.dist_timeout,
+                             env=rank_environment(plan, claim))
+            except Stopped as exc:  # before rank 0 could say where it stopped: the checkpoint says it
+                raise UserError(f"{exc}; {checkpoint_kept(checkpoint_path, p, data_dir)}") from None
             return
         ctx = init_distributed(plan.accelerator, cfg.dist_timeout) if plan.strategy == "ddp" else DistContext()
         try:
@@ -467,6 +470,18 @@ class RunPosition:
             # Every rank of a DDP group gets the terminal's SIGINT: rank 0 says it.
             raise RefusedOnEveryRank(interrupted_line(self.epoch, self.epochs, self.saved, self.checkpoint_path)) \
                 from None
+
+
+def checkpoint_kept(checkpoint_path: Path, p: Params, data_dir: Path) -> str:
+    """What a stopped run leaves to resume from, read from the checkpoint file itself."""
+    try:
+        ck = resumable_checkpoint(checkpoint_path, run_fingerprint(p, data_dir), lambda *a, **k: None)
+    except (UserError, OSError):  # a damaged checkpoint or missing data: nothing to resume from
+        ck = None
+    if ck is None:
+        return "no checkpoint of this run was kept: `dvc repro` starts afresh"
+    return (f"kept the checkpoint of epoch {ck.epoch} ({checkpoint_path}): `dvc repro` (or this train command) "
+            f"resumes after epoch {ck.epoch}")
 
 
 def interrupted_line(epoch: int, epochs: int, saved: int | None, checkpoint_path: Path) -> str:

@@ -7,11 +7,15 @@ ChildFailedError summary after it is torch's, printed by the torchrun process (s
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 
 import pytest
+
+from stages.core.checkpoint import load_checkpoint
 
 from .helpers import ROOT, write_params
 
@@ -56,3 +60,25 @@ def test_torchrun_with_strategy_dp_is_refused_once(tmp_path, prepared_digits):
     said = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert said == ["error: started by torchrun with WORLD_SIZE=2 but train.strategy = 'dp'; "
                     "set train.strategy: ddp"], proc.stderr
+
+
+def test_ctrl_c_of_a_self_launched_ddp_run_names_the_checkpoint_kept(tmp_path, prepared_digits):
+    """Ctrl-C in a terminal sends SIGINT to the whole foreground group: the command and its ranks."""
+    argv = train_args(tmp_path, prepared_digits, strategy="ddp", devices=2, epochs=10_000)
+    proc = subprocess.Popen([sys.executable, *argv], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("epoch 2/10000"):
+                break
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    kept = load_checkpoint(tmp_path / "checkpoint.safetensors").epoch
+    assert proc.returncode == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("error: interrupted ") and f"; kept the checkpoint of epoch {kept} (" in lines[0], err
+    assert lines[0].endswith(f"`dvc repro` (or this train command) resumes after epoch {kept}"), err
