@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 # GNU OpenMP's idle threads spin before they sleep; beside another busy process each spinning thread
-# takes a core from the thread that has work, and 2 threads ran 10-16x slower than 1 (benchmarks/
+# takes a core from the thread that has work, and 2 threads ran 10-90x slower than 1 (benchmarks/
 # bench_threads.py). Passive waiting keeps the thread count (so the bytes) and removes that. OpenMP
 # reads it when torch loads it, so before `import torch`; the ranks this command starts inherit it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
