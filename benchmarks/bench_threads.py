@@ -27,12 +27,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from anywhere, with or without `pip install -e .`
 
 BUSY = "while True: pass"
+# OpenMP's wait policies to compare: its default (GNU OpenMP spins about 300,000 times before it
+# sleeps), passive (sleeps at once) and a short spin before sleeping.
+POLICIES = {"default": {}, "PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"}, "spin10k": {"GOMP_SPINCOUNT": "10000"}}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=int, default=4, help="epochs per run; the first is not timed (default 4)")
     p.add_argument("--threads", nargs="+", default=["1", "2", "auto"], help="thread settings (default 1 2 auto)")
+    p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES),
+                   help="OpenMP wait policies (default: all)")
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the figures to PATH")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--data", type=Path, default=None, help=argparse.SUPPRESS)
@@ -75,12 +80,11 @@ def worker(args: argparse.Namespace) -> None:
     print(json.dumps({"threads": threads, "epoch_seconds": seconds}))
 
 
-def run(data: Path, setting: str, passive: bool, epochs: int) -> dict:
+def run(data: Path, setting: str, policy: str, epochs: int) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    env.pop("OMP_NUM_THREADS", None)
-    env.pop("OMP_WAIT_POLICY", None)
-    if passive:
-        env["OMP_WAIT_POLICY"] = "PASSIVE"
+    for name in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        env.pop(name, None)
+    env.update(POLICIES[policy])
     out = subprocess.run([sys.executable, __file__, "--worker", "--data", str(data), "--setting", setting,
                           "--epochs", str(epochs)], env=env, capture_output=True, text=True, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -104,22 +108,22 @@ def main(argv: list[str] | None = None) -> None:
         for busy in (False, True):
             competitor = subprocess.Popen([sys.executable, "-c", BUSY]) if busy else None
             try:
-                for passive in (False, True):
+                for policy in args.policies:
                     for setting in args.threads:
-                        r = run(data, setting, passive, args.epochs)
+                        r = run(data, setting, policy, args.epochs)
                         rows.append({"setting": setting, "threads": r["threads"], "busy_process": busy,
-                                     "omp_wait_policy": "PASSIVE" if passive else "default",
+                                     "omp_wait_policy": policy,
                                      "median_epoch_seconds": round(r["median_epoch_seconds"], 4)})
                         print(f"threads {setting:>4} ({r['threads']})  busy process: {'yes' if busy else 'no ':<3}  "
-                              f"OMP_WAIT_POLICY {'PASSIVE' if passive else 'default':<7}  "
-                              f"{r['median_epoch_seconds']:.3f} s/epoch", flush=True)
+                              f"wait policy {policy:<7}  {r['median_epoch_seconds']:.3f} s/epoch", flush=True)
             finally:
                 if competitor is not None:
                     competitor.kill()
                     competitor.wait()
     reference = next(r for r in rows if r["setting"] == args.threads[0] and not r["busy_process"]
-                     and r["omp_wait_policy"] == "default")["median_epoch_seconds"]
-    print(f"\nepoch time / the quiet {args.threads[0]}-thread run with the default policy ({reference:.3f} s):")
+                     and r["omp_wait_policy"] == args.policies[0])["median_epoch_seconds"]
+    print(f"\nepoch time / the quiet {args.threads[0]}-thread run with the {args.policies[0]} policy "
+          f"({reference:.3f} s):")
     for r in rows:
         r["ratio"] = round(r["median_epoch_seconds"] / reference, 3)
         print(f"  threads {r['setting']:>4}  busy {'yes' if r['busy_process'] else 'no ':<3}  "
