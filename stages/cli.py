@@ -20,6 +20,12 @@ from .errors import UserError
 # Read when MKL starts, before any command imports torch; the ranks a command starts inherit it.
 os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 
+# GNU OpenMP's idle threads spin before they sleep; beside another busy process each spinning thread
+# takes a core from the thread that has work, and 2 threads ran 10-90x slower than 1 (benchmarks/
+# bench_threads.py). Passive waiting keeps the thread count (so the bytes) and removes that. OpenMP
+# reads it when torch loads it, so before any command imports torch; the ranks a command starts inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Stages of the image-classification pipeline. Run them all with `dvc repro`.")
 

@@ -132,6 +132,17 @@ def free_gpu_count(devices: Any) -> int | None:
 
 
 @dataclass(frozen=True)
+class AutoOrCount:
+    """auto, or a whole number >= 1 (train.threads)."""
+
+    def allows(self, v: Any) -> bool:
+        return v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1)
+
+    def __str__(self) -> str:
+        return "auto or an integer >= 1"
+
+
+@dataclass(frozen=True)
 class ModelName:
     """A built-in model, or any classification model torchvision ships (its list is read only when the
     name is not a built-in one, so the default params never import torchvision here)."""
@@ -245,7 +256,10 @@ class TrainParams:
                            "auto (bf16 on GPUs that support it, fp32 on the cpu) | bf16 | fp16 | fp32")
     compile: bool | str = param(False, OneOf(COMPILE_MODES),
                                 "torch.compile: false | true | reduce-overhead (CUDA graphs) | max-autotune")
-    augment: bool = param(False, Bool(), "random crop with padding (+ horizontal flip for photos), on the device")
+    augment: bool = param(False, Bool(), "random crop with padding (+ horizontal flip: train.hflip), on the device")
+    hflip: Any = param("auto", OneOf(("auto", True, False)),
+                       "with augment, flip half the images left-right: auto (cifar10 only) | true (photos) "
+                       "| false (digits, text: a mirror image is another class)")
     deterministic: bool = param(False, Bool(), "deterministic GPU kernels (slower); CPU runs are deterministic anyway")
     max_restarts: int = param(0, Int(0, 100), "ddp: restart the group this often when a rank dies, from the last epoch")
     dist_timeout: int = param(600, Int(1, 86_400),
@@ -267,6 +281,9 @@ class TrainParams:
     backbone_lr: float = param(1.0, Float(0.0, 1.0, lo_open=True), "the backbone's lr as a fraction of lr")
     data_placement: str = param("auto", OneOf(PLACEMENTS),
                                 "auto (on the GPU if the split fits, else streamed) | device | stream")
+    threads: Any = param("auto", AutoOrCount(),
+                         "CPU threads per process: auto (usable cores / ranks on this machine; OMP_NUM_THREADS wins) "
+                         "| a count; results are byte-identical for the same count")
 
     @property
     def pass_batch(self) -> int:

@@ -48,6 +48,7 @@ from .core.devices import (
 from .core.distributed import (
     DistContext,
     PeerLost,
+    RefusedOnEveryRank,
     all_gather_floats,
     all_reduce_sum,
     broadcast_bytes,
@@ -59,17 +60,19 @@ from .core.distributed import (
     under_launcher,
 )
 from .core.gpu_claims import GpuClaim, claim_gpus
-from .core.launch import launch_ranks
+from .core.launch import Stopped, launch_ranks
 from .core.loop import build_loop_state, compile_mode, evaluate, prepare_model, train_one_epoch, unwrap
 from .core.models import build_model, check_input_size, count_parameters, set_backbone_trainable, uses_small_stem
 from .core.precision import precision_name
 from .core.pretrained import fetch_weights, fit_pretrained, pretrained_normalization, read_pretrained
 from .core.rank_status import RestartReport, describe, restart_report, start_rank_status
 from .core.readout import LatestValue
+from .core.threads import set_threads
+from .core.transforms import augmentations
 from .core.weights import model_metadata, save_model, trained_params
 from .errors import UserError
 from .io import install, write_json
-from .params import Params, TrainParams, free_gpu_count, is_resnet, show_value, weights_kind
+from .params import Params, TrainParams, free_gpu_count, is_resnet, plural, show_value, weights_kind
 from .prepared import load_prepared
 
 LAUNCH_ENV = "STAGES_LAUNCH"  # what this command tells the DDP ranks it starts: the planned devices, the claim
@@ -83,8 +86,8 @@ def train_stage(p: Params, data_dir: Path, model_path: Path, metrics_dir: Path, 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if under_launcher() and (cfg.strategy == "ddp" or world > 1):
         if cfg.strategy != "ddp":
-            raise UserError(f"started by torchrun with WORLD_SIZE={world} but train.strategy = {cfg.strategy!r}; "
-                            "set train.strategy: ddp")
+            refuse_once(RefusedOnEveryRank(f"started by torchrun with WORLD_SIZE={world} but train.strategy = "
+                                           f"{cfg.strategy!r}; set train.strategy: ddp"), launched=False)
         run_rank(p, data_dir, model_path, metrics_dir, checkpoint_path, started)
         return
     plan = plan_training(cfg)  # refused here once, before any rank starts
@@ -98,8 +101,11 @@ def train_stage(p: Params, data_dir: Path, model_path: Path, metrics_dir: Path, 
                   flush=True)
         if plan.strategy == "ddp" and plan.world_size > 1:
             # Each rank reruns this command under torch's elastic launcher (and lands in run_rank).
-            launch_ranks("stages", argv, plan.world_size, cfg.max_restarts, cfg.dist_timeout,
-                         env=rank_environment(plan, claim))
+            try:
+                launch_ranks("stages", argv, plan.world_size, cfg.max_restarts, cfg.dist_timeout,
+                             env=rank_environment(plan, claim))
+            except Stopped as exc:  # before rank 0 could say where it stopped: the checkpoint says it
+                raise UserError(f"{exc}; {checkpoint_kept(checkpoint_path, p, data_dir)}") from None
             return
         ctx = init_distributed(plan.accelerator, cfg.dist_timeout) if plan.strategy == "ddp" else DistContext()
         try:
@@ -138,6 +144,9 @@ def run_rank(p: Params, data_dir: Path, model_path: Path, metrics_dir: Path, che
         status.end("peer-lost", str(exc))
         print(exc, file=sys.stderr, flush=True)
         raise SystemExit(1) from None
+    except UserError as exc:
+        status.end("refused", str(exc))  # our launcher prints this message, once (launch.failure_line)
+        refuse_once(exc, launched is not None)
     except BaseException as exc:
         status.end("error", first_line(exc))
         raise
@@ -146,6 +155,15 @@ def run_rank(p: Params, data_dir: Path, model_path: Path, metrics_dir: Path, che
         status.remove()
     finally:
         shutdown_distributed()
+
+
+def refuse_once(exc: UserError, launched: bool) -> None:
+    """End a DDP rank with a refusal said once, not once per rank: under our own launcher no rank says it
+    (the launcher prints the failed rank's message); under torchrun rank 0 says a refusal that every rank
+    reaches alike, and each rank its own. Exit code 2, as the CLI's for any refusal."""
+    if launched or (isinstance(exc, RefusedOnEveryRank) and os.environ.get("RANK", "0") != "0"):
+        raise SystemExit(2) from None
+    raise exc
 
 
 @contextlib.contextmanager
@@ -174,12 +192,14 @@ def train(p: Params, plan: DevicePlan, ctx: DistContext, data_dir: Path, model_p
     cfg = p.train
     configure_determinism(cfg.deterministic)
     device = process_device(plan, ctx)
+    extra = {**extra, **set_threads(cfg.threads, int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size)))}
     log = print if ctx.is_main else (lambda *a, **k: None)
 
     # The data, and the params checked against it.
     train_images, train_labels, info = load_prepared(data_dir, "train")
     val_images, val_labels, _ = load_prepared(data_dir, "val")
-    check_batch_size(cfg, len(train_labels), plan, ctx, log)
+    with same_on_every_rank():
+        check_batch_size(cfg, len(train_labels), plan, ctx, log)
 
     # Resume only from a checkpoint of this very run: same params, same data.
     # Rank 0 decides, and every rank resumes from its checkpoint (after a restart of the group too).
@@ -193,7 +213,8 @@ def train(p: Params, plan: DevicePlan, ctx: DistContext, data_dir: Path, model_p
     c, h, _ = info["shape"]
     small_stem = uses_small_stem(p.model.name, h, p.model.small_input_stem)
     model = build_model(p.model.name, c, h, info["num_classes"], small_stem)
-    check_input_size(model, p.model.name, c, h, info.get("dataset"))
+    with same_on_every_rank():
+        check_input_size(model, p.model.name, c, h, info.get("dataset"))
     pretrained = read_pretrained(p.model)
     normalization = pretrained_normalization(pretrained, c)  # None: the train split's mean and std
     if pretrained is not None and resume is None:
@@ -227,58 +248,69 @@ def train(p: Params, plan: DevicePlan, ctx: DistContext, data_dir: Path, model_p
         log(f"Resuming from {checkpoint_path} after epoch {start_epoch} of {cfg.epochs}")
     per_device = plan.per_device_batch(cfg.pass_batch, ctx)
     strategy = {"dp": "dp (nn.DataParallel)" if plan.use_data_parallel else "dp (single device)",
-                "ddp": f"ddp ({ctx.world_size} processes)"}[plan.strategy]
+                "ddp": f"ddp ({plural(ctx.world_size, 'process', 'processes')})"}[plan.strategy]
     where = f"cuda {plan.used_device_ids(ctx)}" if device.type == "cuda" else \
         "cpu" + (f" x{ctx.world_size} processes" if ctx.world_size > 1 else "")
     passes = f" in {cfg.accumulate} passes of {cfg.pass_batch}" if cfg.accumulate > 1 else ""
+    threads = f", {plural(torch.get_num_threads(), 'CPU thread')}" + (" per process" if ctx.world_size > 1 else "")
     log(f"train: accelerator {device.type}{'' if device.type == 'cuda' else ' (no CUDA device; training on the CPU)'}, "
         f"devices {where}, strategy {strategy}, global batch {cfg.batch_size}{passes}, per-device batch {per_device}, "
-        f"precision {precision_name(st.amp_dtype)}, model {p.model.name} ({count_parameters(model):,} parameters)")
+        f"precision {precision_name(st.amp_dtype)}, model {p.model.name} ({count_parameters(model):,} parameters)"
+        f"{threads if device.type == 'cpu' else ''}")
 
     train_split = place_split(train_images, train_labels, device, cfg.data_placement)
     val_split = place_split(val_images, val_labels, device, cfg.data_placement)
     log(f"data: {len(train_split):,} training images, {train_split.where()}")
+    augmented = augmentations(st.augment_pad, st.augment_flip, cfg.mixup_alpha, cfg.cutmix_alpha)
+    if augmented or cfg.augment:
+        flip = "" if st.augment_flip or not cfg.augment else \
+            f"; no horizontal flip (train.hflip: {show_value(cfg.hflip)}, dataset {info['dataset']})"
+        log(f"augmentation: {augmented}{flip}")
     live = open_live(live_staging(checkpoint_path), history) if ctx.is_main else None
 
     # The epochs: train, validate (rank 0) the weights to be kept, log, checkpoint, stop early.
     progress = Progress(ctx.is_main, cfg.epochs, cfg.batch_size, device)
     # A run killed after it stopped early resumes only to write its outputs.
     last_epoch = start_epoch if early_stop(history, cfg.patience) else cfg.epochs
-    for epoch in range(start_epoch + 1, last_epoch + 1):
-        if frozen and epoch > cfg.freeze_epochs:
-            # The wrappers (DDP's gradient reducer) see which parameters train when built: wrap again.
-            set_backbone_trainable(model, True)
-            wrapped = prepare_model(model, cfg, plan, ctx, device)
-            st.model_wrapped()
-            frozen = False
-            log(f"epoch {epoch}: the backbone trains from now on, at {cfg.backbone_lr:g} x the lr")
-        compiled_before = st.compile_seconds
-        stats = train_one_epoch(wrapped, train_split, epoch, st, progress.for_epoch(epoch))
-        if st.compile_seconds > compiled_before:
-            log(f"epoch {epoch}: compiling (train.compile: {show_value(cfg.compile)}) took "
-                f"{st.compile_seconds - compiled_before:.1f} s, not counted in samples/s")
-        record = {"epoch": epoch, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
-                  "seconds": stats.seconds, "samples": stats.samples,
-                  "samples_per_second": stats.samples_per_second}
-        history.append(record)
-        stop = None
-        if ctx.is_main:
-            kept = kept_model(wrapped, st)
-            val = evaluate(kept, val_split, st.mean, st.std, p.evaluate.batch_size, device, st.amp_dtype,
-                           st.channels_last)
-            record.update(val_loss=val.loss, val_accuracy=val.accuracy)
-            log_epoch(live, record)
-            if cfg.keep == "best" and best_epoch(history) == epoch:
-                best_state = {k: v.detach().cpu().clone() for k, v in kept.state_dict().items()}
-            save_checkpoint(checkpoint_path, unwrap(wrapped), st.optimizer, st.scaler, epoch, st.step, history,
-                            fingerprint, st.ema, best_state)
-            log(f"epoch {epoch}/{cfg.epochs}  train loss {stats.loss:.4f} acc {stats.accuracy:.4f}  "
-                f"val loss {val.loss:.4f} acc {val.accuracy:.4f}  "
-                f"{stats.samples_per_second:,.0f} samples/s  {stats.seconds:.2f}s", flush=True)
-            stop = early_stop(history, cfg.patience)
-        if cfg.patience and stop_on_every_rank(stop is not None, ctx, device):
-            log(stop)
-            break
+    position = RunPosition(checkpoint_path, cfg.epochs, start_epoch, start_epoch if resume is not None else None)
+    with position.said_on_interrupt():
+        for epoch in range(start_epoch + 1, last_epoch + 1):
+            position.epoch = epoch
+            if frozen and epoch > cfg.freeze_epochs:
+                # The wrappers (DDP's gradient reducer) see which parameters train when built: wrap again.
+                set_backbone_trainable(model, True)
+                wrapped = prepare_model(model, cfg, plan, ctx, device)
+                st.model_wrapped()
+                frozen = False
+                log(f"epoch {epoch}: the backbone trains from now on, at {cfg.backbone_lr:g} x the lr")
+            compiled_before = st.compile_seconds
+            stats = train_one_epoch(wrapped, train_split, epoch, st, progress.for_epoch(epoch))
+            if st.compile_seconds > compiled_before:
+                log(f"epoch {epoch}: compiling (train.compile: {show_value(cfg.compile)}) took "
+                    f"{st.compile_seconds - compiled_before:.1f} s, not counted in samples/s")
+            record = {"epoch": epoch, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
+                      "seconds": stats.seconds, "samples": stats.samples,
+                      "samples_per_second": stats.samples_per_second}
+            history.append(record)
+            stop = None
+            if ctx.is_main:
+                kept = kept_model(wrapped, st)
+                val = evaluate(kept, val_split, st.mean, st.std, p.evaluate.batch_size, device, st.amp_dtype,
+                               st.channels_last)
+                record.update(val_loss=val.loss, val_accuracy=val.accuracy)
+                log_epoch(live, record)
+                if cfg.keep == "best" and best_epoch(history) == epoch:
+                    best_state = {k: v.detach().cpu().clone() for k, v in kept.state_dict().items()}
+                save_checkpoint(checkpoint_path, unwrap(wrapped), st.optimizer, st.scaler, epoch, st.step, history,
+                                fingerprint, st.ema, best_state)
+                position.saved = epoch
+                log(f"epoch {epoch}/{cfg.epochs}  train loss {stats.loss:.4f} acc {stats.accuracy:.4f}  "
+                    f"val loss {val.loss:.4f} acc {val.accuracy:.4f}  "
+                    f"{stats.samples_per_second:,.0f} samples/s  {stats.seconds:.2f}s", flush=True)
+                stop = early_stop(history, cfg.patience)
+            if cfg.patience and stop_on_every_rank(stop is not None, ctx, device):
+                log(stop)
+                break
 
     # The outputs: rank 0 writes the weights, the metrics and the run summary.
     peaks = all_gather_floats(peak_memory_mb(plan, device), ctx, device)
@@ -336,12 +368,25 @@ def train(p: Params, plan: DevicePlan, ctx: DistContext, data_dir: Path, model_p
         **extra,  # launcher, restarts, gpu_claim
     }
     write_outputs(model_path, kept, metadata, live, run, metrics_dir)
-    log(f"saved {model_path}  ({throughput:,.0f} samples/s over {len(history)} epochs)")
+    kept_weights = (f"epoch {best}'s weights (train.keep: best; val accuracy {history[best - 1]['val_accuracy']:.4f})"
+                    if cfg.keep == "best" else f"the last epoch's weights (epoch {len(history)})")
+    log(f"saved {model_path}: {kept_weights}  ({throughput:,.0f} samples/s over {plural(len(history), 'epoch')})")
     # Last: a kill before this line leaves the checkpoint, and the next run rewrites the outputs from it.
     checkpoint_path.unlink(missing_ok=True)
 
 
 # --- the steps above, spelled out ---------------------------------------------------------
+
+
+@contextlib.contextmanager
+def same_on_every_rank():
+    """The checks of the params against the data: every rank refuses alike, so rank 0 alone says it."""
+    try:
+        yield
+    except RefusedOnEveryRank:
+        raise
+    except UserError as exc:
+        raise RefusedOnEveryRank(str(exc)) from None
 
 
 def check_batch_size(cfg: TrainParams, n_train: int, plan: DevicePlan, ctx: DistContext, log) -> None:
@@ -402,6 +447,44 @@ def resumable_checkpoint(path: Path, fingerprint: dict, log) -> Checkpoint | Non
     return ck
 
 
+class RunPosition:
+    """Where training is (the epoch running, the last one checkpointed), for what Ctrl-C says."""
+
+    def __init__(self, checkpoint_path: Path, epochs: int, epoch: int, saved: int | None):
+        self.checkpoint_path, self.epochs, self.epoch, self.saved = checkpoint_path, epochs, epoch, saved
+
+    @contextlib.contextmanager
+    def said_on_interrupt(self):
+        """Ctrl-C (SIGINT) becomes one line: the epoch interrupted, the checkpoint kept, how to resume."""
+        try:
+            yield
+        except KeyboardInterrupt:
+            # Every rank of a DDP group gets the terminal's SIGINT: rank 0 says it.
+            raise RefusedOnEveryRank(interrupted_line(self.epoch, self.epochs, self.saved, self.checkpoint_path)) \
+                from None
+
+
+def checkpoint_kept(checkpoint_path: Path, p: Params, data_dir: Path) -> str:
+    """What a stopped run leaves to resume from, read from the checkpoint file itself."""
+    try:
+        ck = resumable_checkpoint(checkpoint_path, run_fingerprint(p, data_dir), lambda *a, **k: None)
+    except (UserError, OSError):  # a damaged checkpoint or missing data: nothing to resume from
+        ck = None
+    if ck is None:
+        return "no checkpoint of this run was kept: `dvc repro` starts afresh"
+    return (f"kept the checkpoint of epoch {ck.epoch} ({checkpoint_path}): `dvc repro` (or this train command) "
+            f"resumes after epoch {ck.epoch}")
+
+
+def interrupted_line(epoch: int, epochs: int, saved: int | None, checkpoint_path: Path) -> str:
+    where = f"interrupted after epoch {epoch} of {epochs}" if saved == epoch else \
+        f"interrupted in epoch {epoch} of {epochs}"
+    if saved is None:
+        return f"{where}, before any epoch of this run completed; no checkpoint kept: `dvc repro` starts afresh"
+    return (f"{where}; kept the checkpoint of epoch {saved} ({checkpoint_path}): `dvc repro` (or this train "
+            f"command) resumes after epoch {saved}")
+
+
 def kept_model(wrapped: torch.nn.Module, st) -> torch.nn.Module:
     """The weights that are validated and saved: the moving average with train.ema, else the model's."""
     return st.ema.module if st.ema is not None else unwrap(wrapped)
@@ -420,7 +503,7 @@ def early_stop(history: list[dict], patience: int) -> str | None:
     if history[-1]["epoch"] - best < patience:
         return None
     return (f"early stop after epoch {history[-1]['epoch']}: val accuracy {history[best - 1]['val_accuracy']:.4f} "
-            f"of epoch {best} was not bettered in {patience} epochs (train.patience)")
+            f"of epoch {best} was not bettered in {plural(patience, 'epoch')} (train.patience)")
 
 
 def stop_on_every_rank(stop: bool, ctx: DistContext, device: torch.device) -> bool:

@@ -52,6 +52,11 @@ class PeerLost(UserError):
     """A collective failed because another rank died or was stopped: a consequence, not a cause."""
 
 
+class RefusedOnEveryRank(UserError):
+    """A refusal that every rank reaches alike, from the params and the data alone (a batch the
+    processes cannot share, an image too small for the model): rank 0 says it, the others stay quiet."""
+
+
 def under_launcher() -> bool:
     """True when torchrun (or our own launcher) started this process as one DDP rank."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ

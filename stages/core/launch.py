@@ -26,6 +26,10 @@ from ..errors import UserError
 from . import rank_status
 
 
+class Stopped(UserError):
+    """The launch was stopped by a signal (Ctrl-C, SIGTERM): the caller may add what was kept."""
+
+
 def launch_ranks(module: str, argv: list[str], nproc: int, max_restarts: int, timeout_s: float,
                  env: dict[str, str] | None = None) -> None:
     """Run `python -m MODULE ARGV` as `nproc` DDP ranks on this machine and wait for them; `env`
@@ -60,8 +64,13 @@ def launch_ranks(module: str, argv: list[str], nproc: int, max_restarts: int, ti
             except ChildFailedError as exc:
                 raise UserError(failure_line(exc.failures, status_dir, max_restarts)) from None
             except SignalException as exc:
+                # Ctrl-C reaches the ranks too: rank 0's own line says where it stopped (the train stage's
+                # epoch and the checkpoint kept).
+                said = rank0_refusal(rank_status.records(status_dir) if status_dir.is_dir() else {})
                 name = signal.Signals(exc.sigval).name
-                raise UserError(f"stopped by {name}; the ddp ranks were stopped too") from None
+                if said:
+                    raise UserError(said) from None
+                raise Stopped(f"stopped by {name}; the ddp ranks were stopped too") from None
             except RendezvousTimeoutError:  # raised with no message of its own
                 raise UserError(f"the {nproc} ddp ranks did not all start within {timeout_s:g} s "
                                 "(train.dist_timeout)") from None
@@ -86,6 +95,9 @@ def failure_line(failures: dict, status_dir: Path, max_restarts: int) -> str:
     """The rank that failed on its own (the agent lists the ranks it stopped with SIGTERM too), how,
     with the memory it had, and what to do."""
     known = rank_status.records(status_dir) if status_dir.is_dir() else {}
+    said = rank0_refusal(known)
+    if said:  # rank 0 refused (bad params, data or files, Ctrl-C): its own one line says it all
+        return said
     described = {}
     for rank, failure in failures.items():
         record = dict(known.get(failure.pid, {"rank": rank, "pid": failure.pid}))
@@ -93,6 +105,8 @@ def failure_line(failures: dict, status_dir: Path, max_restarts: int) -> str:
         described[rank] = (record, failure)
     rank, (record, failure) = min(described.items(), key=lambda kv: (not rank_status.is_cause(kv[1][0]),
                                                                       kv[1][1].timestamp, kv[0]))
+    if record.get("ended") == "refused":  # a refusal (bad params, data or files): its own one line says it all
+        return record["message"]
     line = rank_status.describe(record)
     if failure.exitcode == -signal.SIGKILL:
         line += ("; if the kernel's log (dmesg) names the out-of-memory killer, lower train.batch_size (or "
@@ -104,6 +118,13 @@ def failure_line(failures: dict, status_dir: Path, max_restarts: int) -> str:
     elif failure.exitcode < 0:
         line += "; train.max_restarts: 1 restarts the group from the last epoch's checkpoint"
     return line
+
+
+def rank0_refusal(known: dict[int, dict]) -> str | None:
+    """The refusal rank 0 ended with (the line it says when it runs alone), or None."""
+    zeros = sorted((r for r in known.values() if r.get("rank") == 0), key=lambda r: r.get("attempt", 0))
+    last = zeros[-1] if zeros else {}  # the latest attempt's rank 0 (the group may have been restarted)
+    return last["message"] if last.get("ended") == "refused" and last.get("message") else None
 
 
 @contextlib.contextmanager

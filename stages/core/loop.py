@@ -24,7 +24,7 @@ from .devices import DevicePlan
 from .distributed import DistContext, all_reduce_sum
 from .models import classifier_head
 from .precision import autocast_context, resolve_precision
-from .transforms import FLIP_DATASETS, crop_padding, normalize, random_crop_flip, stats_tensors
+from .transforms import crop_padding, normalize, random_crop_flip, stats_tensors, use_hflip
 
 # --- the model: placement, wrappers, optimizer --------------------------------------------
 
@@ -124,12 +124,28 @@ def scheduled_lr(base_lr: float, step: int, total_steps: int, warmup_steps: int)
     return cosine_lr(base_lr, step - warmup_steps, total_steps - warmup_steps)
 
 
+def ema_decay(decay: float, updates: int) -> float:
+    """The decay of the average's next update after `updates` earlier ones: train.ema, warmed up as
+    tf.train.ExponentialMovingAverage (num_updates) and timm's ModelEma do, min(decay, (1 + n) / (10 + n)).
+    Without it a short run keeps its first weights in the average: 315 steps at 0.999 leave 0.999^315
+    = 73% of them. With it the average spans about the last tenth of the steps taken so far, up to
+    1 / (1 - decay) steps; a decay fixed to the run's length (torchvision's reference) would also
+    work, but this one needs nothing but the count AveragedModel already keeps (and checkpoints)."""
+    return min(decay, (1 + updates) / (10 + updates))
+
+
 def make_ema(model: nn.Module, decay: float):
     """torch's exponential moving average of the plain model's weights and BatchNorm statistics
-    (train.ema): after each optimizer step, average = decay * average + (1 - decay) * weights."""
+    (train.ema): after each optimizer step, average = d * average + (1 - d) * weights, where
+    d = ema_decay(decay, updates so far) warms up to train.ema. The count is AveragedModel's
+    n_averaged buffer, saved in the checkpoint with the average, so a resumed run continues exactly."""
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-    return AveragedModel(unwrap(model), multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    def warmed_up(averaged: list, current: list, n_averaged: torch.Tensor) -> None:
+        # n_averaged: the updates before this one (AveragedModel copies the weights on the first)
+        get_ema_multi_avg_fn(ema_decay(decay, int(n_averaged)))(averaged, current, n_averaged)
+
+    return AveragedModel(unwrap(model), multi_avg_fn=warmed_up, use_buffers=True)
 
 
 def make_mix(cfg: TrainParams, num_classes: int):
@@ -206,7 +222,7 @@ def build_loop_state(model: nn.Module, cfg: TrainParams, ctx: DistContext, devic
         amp_dtype=amp_dtype, scaler=scaler,
         channels_last=use_channels_last(model, device),
         augment_pad=crop_padding(size) if cfg.augment else 0,
-        augment_flip=cfg.augment and info.get("dataset") in FLIP_DATASETS,
+        augment_flip=cfg.augment and use_hflip(cfg.hflip, info.get("dataset")),
         total_steps=cfg.epochs * steps_per_epoch,
         warmup_steps=cfg.warmup_epochs * steps_per_epoch,
         ema=make_ema(model, cfg.ema) if cfg.ema else None,

@@ -25,6 +25,7 @@ from ..errors import UserError
 from ..params import (
     ModelParams,
     check_weights_available,
+    plural,
     torchvision_model_names,
     torchvision_weights,
     weights_cache_file,
@@ -93,8 +94,27 @@ def fetch_weights(m: ModelParams, progress: bool = False) -> None:
     if not cached.is_file():
         cached.parent.mkdir(parents=True, exist_ok=True)
         # Written to a temporary file and moved into place, and checked against the name's hash digits.
-        torch.hub.download_url_to_file(weights.url, str(cached), hash_prefix=url_hash_prefix(weights.url),
-                                       progress=progress)
+        try:
+            torch.hub.download_url_to_file(weights.url, str(cached), hash_prefix=url_hash_prefix(weights.url),
+                                           progress=progress)
+        except OSError as exc:  # URLError, HTTPError, a refused or reset connection, a timeout: all OSErrors
+            raise UserError(download_failure(weights.url, cached, exc)) from None
+
+
+def download_failure(url: str, cached: Path, exc: OSError) -> str:
+    """One line for a download that failed: the host that could not be reached (or what it answered),
+    where the file belongs, and how to put it there by hand."""
+    from urllib.error import HTTPError, URLError
+    from urllib.parse import urlparse
+
+    host = urlparse(url).hostname
+    if isinstance(exc, HTTPError):
+        what = f"{host} answered HTTP {exc.code} ({exc.reason})"
+    else:
+        reason = exc.reason if isinstance(exc, URLError) else exc
+        what = f"{host} is unreachable ({getattr(reason, 'strerror', None) or reason})"
+    return (f"model.download: cannot fetch {url}: {what}; on a machine with network, download that URL and "
+            f"place the file at {cached} (the cache of $TORCH_HOME), then rerun")
 
 
 def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -209,7 +229,7 @@ def fit_pretrained(model: nn.Module, pretrained: Pretrained, model_name: str, sm
         parts = ([f"{len(misfit)} of another shape ({listed(misfit)})"] if misfit else []) + \
                 ([f"{len(missing)} missing from the file ({listed(missing)})"] if missing else [])
         raise UserError(f"model.weights = {pretrained.described} does not fit model {model_name!r}: "
-                        f"{len(misfit) + len(missing)} tensors cannot be loaded: {'; '.join(parts)}")
+                        f"{plural(len(misfit) + len(missing), 'tensor')} cannot be loaded: {'; '.join(parts)}")
     with torch.no_grad():
         for key, value in fitted.items():
             own[key].copy_(value)  # state_dict tensors share storage with the model's
@@ -217,7 +237,7 @@ def fit_pretrained(model: nn.Module, pretrained: Pretrained, model_name: str, sm
     if new_stem:
         new.append(f"small-image stem {conv_name}")
     unused = sorted(k for k in tensors if k not in own)  # e.g. GoogLeNet's auxiliary classifiers
-    line = f"pretrained {pretrained.described}: loaded {len(fitted)} tensors; new: {', '.join(new)}"
+    line = f"pretrained {pretrained.described}: loaded {plural(len(fitted), 'tensor')}; new: {', '.join(new)}"
     if notes:
         line += f"; {'; '.join(notes)}"
     if unused:

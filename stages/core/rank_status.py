@@ -113,7 +113,7 @@ class RankStatus:
                 return  # the folder is gone (the launcher cleaned up); nothing left to report to
 
     def end(self, outcome: str, message: str = "") -> None:
-        """Record how this rank ended: "done", "error" (with its message) or "peer-lost"."""
+        """Record how this rank ended: "done", "error" or "refused" (a UserError; with its message) or "peer-lost"."""
         self._stop.set()
         with self._lock:
             if self.path is None or "ended" in self.record:
@@ -191,7 +191,7 @@ def describe(record: dict) -> str:
     """One rank's end in words, e.g. "ddp rank 1 (pid 4242) was killed by signal 9 (SIGKILL, as the
     kernel's out-of-memory killer does); it had 736 MiB resident (peak 740 MiB) when last sampled"."""
     who = f"ddp rank {record['rank']} (pid {record['pid']})"
-    if record.get("ended") == "error" and record.get("message"):
+    if record.get("ended") in ("error", "refused") and record.get("message"):
         how = f"failed: {record['message']}"
     elif record.get("exitcode") is not None:
         how = describe_exit(record["exitcode"])

@@ -9,8 +9,23 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Horizontal flips change the meaning of digits and letters; they suit photos.
-FLIP_DATASETS = ("cifar10", "imagefolder")
+# Horizontal flips change the meaning of digits and letters; they suit photos. An image folder may hold
+# either (digits-like folders lost a third of their accuracy to flips), so there they are asked for
+# (train.hflip: true); auto flips only the datasets known to be photos.
+FLIP_DATASETS = ("cifar10",)
+
+
+def use_hflip(setting: bool | str, dataset: str) -> bool:
+    """Whether augmentation flips images horizontally: train.hflip, with auto deciding by the dataset."""
+    return dataset in FLIP_DATASETS if setting == "auto" else bool(setting)
+
+
+def augmentations(pad: int, flip: bool, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0) -> str:
+    """What the log says of the augmentations that run (empty when none does)."""
+    ran = ([f"random crop (padding {pad})"] if pad else []) + (["horizontal flip"] if flip else []) + \
+        ([f"mixup (alpha {mixup_alpha:g})"] if mixup_alpha else []) + \
+        ([f"cutmix (alpha {cutmix_alpha:g})"] if cutmix_alpha else [])
+    return ", ".join(ran)
 
 
 def stats_tensors(mean: list[float], std: list[float], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,37 @@
+"""How many CPU threads each training process uses for torch's intra-op work (train.threads).
+
+`auto` shares the cores this process may run on (its CPU affinity: what taskset, cgroups' cpusets
+and Slurm give it, not the machine's count) between the ranks on this machine, so that DDP ranks
+never ask for more threads than there are cores together. An explicit OMP_NUM_THREADS wins over
+auto (torchrun sets it to 1 for every rank unless told otherwise). Float sums split over threads
+differently with each count, so the bytes of CPU results are the same for the same thread count.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def usable_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def choose_threads(setting: int | str, local_ranks: int) -> tuple[int, str]:
+    """The intra-op thread count for train.threads (`auto` or a count) and where it comes from."""
+    if setting != "auto":
+        return int(setting), "train.threads"
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) >= 1:
+        return int(os.environ["OMP_NUM_THREADS"]), "OMP_NUM_THREADS"
+    cores = usable_cores()
+    ranks = f" / {local_ranks} ranks on this machine" if local_ranks > 1 else ""
+    return max(1, cores // local_ranks), f"auto: {cores} usable cores{ranks}"
+
+
+def set_threads(setting: int | str, local_ranks: int) -> dict:
+    """Set this process's intra-op threads; what run.json records of the choice."""
+    threads, source = choose_threads(setting, local_ranks)
+    torch.set_num_threads(threads)
+    return {"threads": threads, "threads_from": source}

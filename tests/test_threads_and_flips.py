@@ -1,0 +1,106 @@
+"""train.threads (CPU threads per process, recorded in run.json) and train.hflip (flips a choice)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from stages.core.distributed import DistContext
+from stages.core.loop import build_loop_state
+from stages.core.models import build_model
+from stages.core.threads import choose_threads, usable_cores
+from stages.errors import UserError
+from stages.params import TrainParams, validate
+
+from .helpers import ROOT, run_stages, write_params
+
+CPU = torch.device("cpu")
+
+
+def test_auto_shares_the_usable_cores_between_the_ranks_and_omp_num_threads_wins(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cores = len(os.sched_getaffinity(0))
+    assert usable_cores() == cores
+    assert choose_threads("auto", 1)[0] == cores
+    assert choose_threads("auto", 2)[0] == max(1, cores // 2)
+    assert choose_threads("auto", 10 * cores)[0] == 1  # never 0
+    assert choose_threads(3, 2) == (3, "train.threads")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert choose_threads("auto", 1) == (1, "OMP_NUM_THREADS")
+
+
+@pytest.mark.parametrize("value", [0, -1, "two", 1.5, True])
+def test_threads_refuses_what_is_not_auto_or_a_count(value):
+    with pytest.raises(UserError, match=r"train.threads = .* is not allowed; expected auto or an integer >= 1"):
+        validate({"train": {"threads": value}})
+
+
+def test_the_thread_count_is_set_recorded_in_run_json_and_gives_the_same_bytes(tmp_path, prepared_digits):
+    files = []
+    for name in ("a", "b"):
+        params = write_params(tmp_path / f"{name}.yaml", model={"name": "mlp"},
+                              train={"accelerator": "cpu", "epochs": 1, "threads": 1})
+        out = tmp_path / name
+        proc = run_stages("train", "--params", str(params), "--data", str(prepared_digits),
+                          "--model", str(out / "model.safetensors"), "--metrics", str(out / "metrics"),
+                          "--checkpoint", str(out / "ck.safetensors"))
+        run = json.loads((out / "metrics" / "run.json").read_text())
+        assert (run["threads"], run["threads_from"]) == (1, "train.threads")
+        assert ", 1 CPU thread" in proc.stdout
+        files.append((out / "model.safetensors").read_bytes())
+    assert files[0] == files[1]
+
+
+# --- train.hflip ---------------------------------------------------------------------------------
+
+INFO = {"mean": [0.5], "std": [0.25], "shape": [1, 8, 8], "num_classes": 10}
+
+
+@pytest.mark.parametrize(("dataset", "hflip", "flips"), [
+    ("imagefolder", "auto", False),  # digits-like folders lost a third of their accuracy to flips
+    ("imagefolder", True, True),
+    ("cifar10", "auto", True),
+    ("cifar10", False, False),
+    ("digits", "auto", False),
+    ("digits", True, True),
+])
+def test_flips_are_a_choice(dataset, hflip, flips):
+    cfg = TrainParams(accelerator="cpu", augment=True, hflip=hflip)
+    st = build_loop_state(build_model("mlp", 1, 8, 10), cfg, DistContext(), CPU, dict(INFO, dataset=dataset), 640)
+    assert st.augment_flip is flips and st.augment_pad == 1
+
+
+def test_the_log_says_which_augmentations_ran(tmp_path, prepared_digits):
+    for hflip, said in (("auto", "augmentation: random crop (padding 1); no horizontal flip (train.hflip: auto, "
+                                 "dataset digits)"),
+                        (True, "augmentation: random crop (padding 1), horizontal flip")):
+        params = write_params(tmp_path / "p.yaml", model={"name": "mlp"},
+                              train={"accelerator": "cpu", "epochs": 1, "augment": True, "hflip": hflip})
+        out = tmp_path / str(hflip)
+        proc = run_stages("train", "--params", str(params), "--data", str(prepared_digits),
+                          "--model", str(out / "model.safetensors"), "--metrics", str(out / "metrics"),
+                          "--checkpoint", str(out / "ck.safetensors"))
+        assert said in proc.stdout.splitlines(), proc.stdout
+
+
+@pytest.mark.slow
+def test_ddp_ranks_share_the_usable_cores(tmp_path, prepared_digits):
+    """Two self-launched ranks on the CPU: each takes usable cores / 2 threads (at least 1)."""
+    params = write_params(tmp_path / "p.yaml", model={"name": "mlp"},
+                          train={"accelerator": "cpu", "epochs": 1, "strategy": "ddp", "devices": 2})
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    proc = subprocess.run([sys.executable, "-m", "stages", "train", "--params", str(params), "--data",
+                           str(prepared_digits), "--model", str(tmp_path / "m.safetensors"), "--metrics",
+                           str(tmp_path / "metrics"), "--checkpoint", str(tmp_path / "ck.safetensors")],
+                          env=dict(env, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    run = json.loads((tmp_path / "metrics" / "run.json").read_text())
+    cores = len(os.sched_getaffinity(0))
+    assert (run["threads"], run["threads_from"]) == (max(1, cores // 2),
+                                                     f"auto: {cores} usable cores / 2 ranks on this machine")
+    assert f", {max(1, cores // 2)} CPU thread" in proc.stdout and " per process" in proc.stdout
