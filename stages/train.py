@@ -4,7 +4,9 @@ DVCLive logging, the per-epoch checkpoint, the weights file and the run summary.
 
 Only rank 0 logs and writes. Outputs (paths from dvc.yaml via the CLI):
   model weights (.safetensors), DVCLive metrics + per-epoch plots, run.json
-  (devices, batches, timings, peak memory).
+  (devices, batches, timings, peak memory). They are written only when training has completed
+  (`write_outputs`): until then DVCLive logs into a folder beside the checkpoint, so a run that
+  is refused, crashes or is stopped leaves the last good outputs in place.
 
 The per-epoch checkpoint is not a DVC output: it lives only while a run is incomplete. It is
 written after every epoch, resumed after a kill when it belongs to this very run, and deleted

@@ -18,9 +18,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from stages.cli import app
-from stages.core.weights import load_model, read_metadata, save_model
+from stages.core.weights import load_model, save_model
 from stages.errors import UserError
-from stages.io import save_tensors, staged_dir
+from stages.io import save_tensors
 from stages.train import LAUNCH_ONLY
 
 from .helpers import error_line, write_params
@@ -114,6 +114,8 @@ def test_a_file_that_is_not_a_model_of_ours_is_one_line_for_every_consumer(tmp_p
 
 
 def test_the_weights_record_the_params_that_made_them_and_nothing_else(digits_run):
+    from stages.core.weights import read_metadata
+
     recorded = read_metadata(digits_run["model"])["params"]
     assert recorded["model.name"] == "mlp" and recorded["train.epochs"] == 1 and recorded["train.lr"] == 0.002
     assert not LAUNCH_ONLY & set(recorded) and all(key.startswith(("model.", "train.")) for key in recorded)
@@ -172,6 +174,8 @@ def test_a_model_file_without_recorded_params_is_refused_with_how_to_retrain(tmp
 
 
 def test_a_staged_folder_replaces_the_old_one_whole_or_not_at_all(tmp_path):
+    from stages.io import staged_dir
+
     folder = tmp_path / "out"
     folder.mkdir()
     (folder / "old.txt").write_text("old")

@@ -81,8 +81,10 @@ def check_metadata(meta: dict, path: str | Path) -> dict:
         raise UserError(f"{path} is not a model weights file of this project (its metadata has format "
                         f"{meta.get('format')!r}, expected {FORMAT!r}); give the .safetensors file the train "
                         "stage wrote")
+    shape = meta.get("input_shape")
     for key, kind in REQUIRED.items():
-        if not isinstance(meta.get(key), kind):
+        if not isinstance(meta.get(key), kind) or (key == "input_shape" and (
+                len(shape) != 3 or not all(isinstance(v, int) and v > 0 for v in shape))):
             raise UserError(f"{path} is a damaged model file: its metadata has no valid {key!r}; retrain with "
                             "`dvc repro`")
     return meta
