@@ -194,7 +194,7 @@ def export(
         from .export import export_stage
         from .params import load_params
 
-        export_stage(load_params(params).export, model, data, out)
+        export_stage(load_params(params), params, model, data, out)
 
     _run(stage)
 

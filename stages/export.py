@@ -22,12 +22,12 @@ import numpy as np
 import torch
 
 from .core.transforms import normalize, stats_tensors
-from .core.weights import load_model
+from .core.weights import check_weights_use, load_model, read_metadata
 from .errors import UserError
 from .io import atomic_path
 from .onnx_model import INPUT_NAME, OUTPUT_NAME, onnx_metadata
-from .params import ExportParams
-from .prepared import load_prepared
+from .params import ExportParams, Params
+from .prepared import load_prepared, read_info
 
 CHECK_BATCH = 256  # images per forward pass of the check, so a large check_images needs little memory
 
@@ -88,10 +88,15 @@ def check_against_torch(model: torch.nn.Module, session, images: torch.Tensor, m
     return {"images": n, "max_abs_diff": largest, "top1_differ": differ}
 
 
-def export_stage(p: ExportParams, weights: str | Path, data_dir: str | Path, out: str | Path) -> dict:
+def export_stage(params: Params, params_path: str | Path, weights: str | Path, data_dir: str | Path,
+                 out: str | Path) -> dict:
     import onnxruntime as ort
 
+    p = params.export
     weights, out = Path(weights), Path(out)
+    # Like every consumer of the weights: made with these params, and fit for this data (one line if not).
+    check_weights_use(read_metadata(weights), weights, params=(params, params_path),
+                      data=(read_info(data_dir), data_dir))
     model = load_model(weights)  # eval mode, on the CPU: the file is made and checked there
     meta = model.stages_metadata
     name = meta["model_name"]

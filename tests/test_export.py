@@ -19,9 +19,11 @@ from typer.testing import CliRunner
 from stages.cli import app
 from stages.core.models import build_model
 from stages.core.transforms import normalize, stats_tensors
-from stages.core.weights import load_model, model_metadata, save_model
+from stages.core.weights import load_model, model_metadata, read_metadata, save_model, trained_params
 from stages.onnx_model import FORMAT
+from stages.params import validate
 from stages.prepared import load_prepared
+from stages.train import LAUNCH_ONLY
 
 from .helpers import ROOT, error_line, run_stages, write_params
 from .test_predict import read_csv, write_digit_files
@@ -39,7 +41,13 @@ def train(root: Path, prepared: Path, name: str, epochs: int) -> Path:
 
 
 def export(tmp_path: Path, weights: Path, prepared: Path, out: Path, **export_params):
-    params = write_params(tmp_path / "export-params.yaml", export=export_params)
+    """`python -m stages export` with the model.* and train.* params the weights record, as in the pipeline
+    (export, like every consumer of the weights, refuses weights that other params made)."""
+    sections: dict[str, dict] = {"model": {}, "train": {}}
+    for key, value in read_metadata(weights)["params"].items():
+        section, name = key.split(".", 1)
+        sections[section][name] = value
+    params = write_params(tmp_path / "export-params.yaml", export=export_params, **sections)
     return runner.invoke(app, ["export", "--params", str(params), "--model", str(weights), "--data", str(prepared),
                                "--out", str(out)])
 
@@ -114,7 +122,8 @@ def initialised_model(path: Path, name: str, prepared: Path) -> Path:
     with torch.no_grad():
         for start in range(0, 1024, 256):
             model(normalize(images[start : start + 256], mean, std))
-    save_model(path, model.eval(), model_metadata(name, info))
+    recorded = trained_params(validate({"model": {"name": name}}), LAUNCH_ONLY)  # as if trained with defaults
+    save_model(path, model.eval(), model_metadata(name, info, params=recorded))
     return path
 
 
