@@ -20,11 +20,15 @@ from .errors import UserError
 # Read when MKL starts, before any command imports torch; the ranks a command starts inherit it.
 os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 
-# GNU OpenMP's idle threads spin before they sleep; beside another busy process each spinning thread
-# takes a core from the thread that has work, and 2 threads ran 10-90x slower than 1 (benchmarks/
-# bench_threads.py). Passive waiting keeps the thread count (so the bytes) and removes that. OpenMP
-# reads it when torch loads it, so before any command imports torch; the ranks a command starts inherit it.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# GNU OpenMP's idle threads spin before they sleep. On a quiet machine that is fastest (passive waiting
+# made the default digits run 2.3x slower here); beside busy processes each spinning thread takes a core
+# from a thread with work, and 2 threads ran 3-90x slower than 1 (benchmarks/bench_threads.py). The
+# wait policy changes speed only, never a result (same threads, same sums), so it follows the load when
+# a command starts: passive once the load average reaches the cores this process may use. OpenMP reads
+# it when torch loads it, so before any command imports torch; the ranks a command starts inherit it.
+if "OMP_WAIT_POLICY" not in os.environ and hasattr(os, "getloadavg") and hasattr(os, "sched_getaffinity"):
+    if os.getloadavg()[0] >= len(os.sched_getaffinity(0)):
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Stages of the image-classification pipeline. Run them all with `dvc repro`.")

@@ -34,4 +34,5 @@ def set_threads(setting: int | str, local_ranks: int) -> dict:
     """Set this process's intra-op threads; what run.json records of the choice."""
     threads, source = choose_threads(setting, local_ranks)
     torch.set_num_threads(threads)
-    return {"threads": threads, "threads_from": source}
+    # OMP_WAIT_POLICY: set by the CLI from the load when the command started (stages/cli.py), or by the user
+    return {"threads": threads, "threads_from": source, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default")}
