@@ -37,11 +37,14 @@ def torchrun(nproc: int) -> list[str]:
 
 
 def test_batch_not_divisible_by_the_self_launched_ranks_is_one_line(tmp_path, prepared_digits):
-    proc = subprocess.run([sys.executable, *train_args(tmp_path, prepared_digits, strategy="ddp", devices=3)],
+    # (a batch the processes cannot split is refused before any rank starts; one larger than the training
+    # split only the ranks find, each of them)
+    proc = subprocess.run([sys.executable, *train_args(tmp_path, prepared_digits, strategy="ddp", devices=2,
+                                                       batch_size=2000)],
                           env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [
-        "error: train.batch_size = 64 must be divisible by the 3 ddp processes times train.accumulate = 1"], proc.stderr
+        "error: train.batch_size = 2000 is larger than the training split (1295 images)"], proc.stderr
 
 
 def test_batch_not_divisible_under_torchrun_is_said_by_rank_0_only(tmp_path, prepared_digits):

@@ -28,6 +28,7 @@ EXPONENT_FORM = {
     "train.ema": "9.99e-1", "train.mixup_alpha": "2e-1", "train.cutmix_alpha": "1e0", "train.clip_grad_norm": "1e3",
     "train.accumulate": "2e0", "train.patience": "3e0", "train.freeze_epochs": "2e0", "train.backbone_lr": "1e-1",
     "evaluate.batch_size": "5.12e2", "analyze.probe_steps": "1e1",
+    "export.check_images": "2.56e2", "export.atol": "1e-5", "export.rtol": "1e-4", "export.label_mismatch": "5e-2",
 }
 
 
