@@ -360,6 +360,7 @@ def train(p: Params, plan: DevicePlan, ctx: DistContext, data_dir: Path, model_p
         "data_on_device": train_split.images.device.type == "cuda",
         "data_streamed": train_split.streamed,
         "torch_version": torch.__version__,
+        "versions": library_versions(),
         "train_params": p.section_dict("train"),
         "samples_per_second": round(throughput, 1),
         "peak_memory_mb": peaks,
@@ -378,6 +379,13 @@ def train(p: Params, plan: DevicePlan, ctx: DistContext, data_dir: Path, model_p
 
 
 # --- the steps above, spelled out ---------------------------------------------------------
+
+
+def library_versions() -> dict[str, str]:
+    """The versions of the libraries the weights' bytes depend on (requirements.lock pins them)."""
+    import importlib.metadata
+
+    return {name: importlib.metadata.version(name) for name in ("torch", "torchvision", "numpy")}
 
 
 @contextlib.contextmanager

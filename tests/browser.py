@@ -7,6 +7,7 @@ view whose libraries did not load leaves an empty <div>.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import tempfile
@@ -25,7 +26,10 @@ CHROMIUM_FLAGS = [
 def chromium() -> str:
     found = shutil.which("chromium") or shutil.which("chromium-browser")
     if found is None:
-        pytest.fail("Chromium is not installed: `apt-get install -y chromium` (.ci/run installs it)")
+        message = "Chromium is not installed: `apt-get install -y chromium` (.ci/run installs it)"
+        if os.environ.get("CI"):  # CI must check the pages; a developer's machine may lack a browser
+            pytest.fail(message)
+        pytest.skip(message)
     return found
 
 

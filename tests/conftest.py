@@ -16,3 +16,10 @@ def prepared_digits(tmp_path_factory) -> Path:
     params = write_params(out.parent / "params.yaml")
     run_stages("prepare-data", "--params", str(params), "--out", str(out))
     return out
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every end-to-end run of the real dvc is slow: `pytest -m "not slow"` (the fast lane) leaves them out."""
+    for item in items:
+        if item.get_closest_marker("e2e") is not None:
+            item.add_marker(pytest.mark.slow)

@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -31,8 +32,8 @@ from .test_layout import command_modules, stage_command
 
 pytestmark = pytest.mark.e2e
 
-COPY = ["stages", "dvc.yaml", "params.yaml", ".gitignore", ".dvcignore", "data/raw/.gitkeep", "data/raw/digits",
-        "models/.gitignore", "models/pretrained/.gitkeep"]
+COPY = ["stages", "dvc.yaml", "params.yaml", "requirements.lock", ".gitignore", ".dvcignore", "data/raw/.gitkeep",
+        "data/raw/digits", "models/.gitignore", "models/pretrained/.gitkeep"]
 
 
 def sh(repo: Path, *cmd: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -315,6 +316,15 @@ def test_a_grid_of_queued_experiments_runs_and_compares(project, tmp_path):
     rows = [row for row in csv.DictReader(io.StringIO(table)) if row["Experiment"]]
     accuracy = [float(row["test.accuracy"]) for row in rows]
     assert len(rows) >= 2 and accuracy == sorted(accuracy, reverse=True)
+    # README's grid table, as written there: it keeps the State column, which tells a failed experiment
+    # (listed with its baseline's metrics) from one that ran
+    recipe = next(line for line in (ROOT / "README.md").read_text().splitlines()
+                  if line.startswith("dvc exp show --drop '.*' --keep"))
+    table = sh(repo, *shlex.split(recipe.split(" > ")[0])).stdout
+    header = next(csv.reader(io.StringIO(table)))
+    assert header[:2] == ["Experiment", "State"] and {"train.lr", "test.accuracy"} <= set(header)
+    states = {row["Experiment"]: row["State"] for row in csv.DictReader(io.StringIO(table)) if row["Experiment"]}
+    assert {states[grid[lr]["name"]] for lr in grid} == {"Success"}
     names = [grid[lr]["name"] for lr in sorted(grid)]
     shown = json.loads(sh(repo, "dvc", "plots", "diff", *names, "--json").stdout)["data"]
     assert shown["Loss"][0]["revisions"] == names  # one chart, a curve per experiment
