@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from .errors import UserError
 from .params import plural
 
 MAX_WARNINGS = 20  # skipped files named one per line; the rest are counted
@@ -121,3 +122,23 @@ def report_skipped(skipped: list[tuple[str, str]]) -> None:
         warn(f"skipped unreadable image {path}: {reason}")
     if len(skipped) > MAX_WARNINGS:
         warn(f"... and {plural(len(skipped) - MAX_WARNINGS, 'more unreadable image')} skipped")
+
+
+def find_images(inputs: list[Path]) -> list[str]:
+    """The files named, and the image files below the folders named (recursively, sorted), once each."""
+    extensions = image_extensions()
+    found: dict[str, None] = {}  # ordered, without repeats
+    for path in inputs:
+        if path.is_dir():
+            paths, ignored = images_below(path, extensions)
+            if ignored:
+                warn(f"ignored {plural(ignored, 'file')} under {path} whose extension is not an image format")
+            found.update(dict.fromkeys(paths))
+        elif path.is_file():
+            found[str(path)] = None
+        else:
+            raise UserError(f"{path} does not exist; name image files or folders of images")
+    if not found:
+        raise UserError(f"no image files in {', '.join(map(str, inputs))}: expected files PIL can open "
+                        "(.png, .jpg, .bmp, .webp, ...)")
+    return list(found)

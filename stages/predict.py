@@ -31,37 +31,9 @@ import torch
 from .core.transforms import normalize, stats_tensors
 from .core.weights import check_weights_use, load_model, read_metadata
 from .errors import UserError
+from .images import cpu_count, decode_image, find_images, progress_bar, report_skipped
 from .io import atomic_path
 from .params import RESIZE_MODES, load_params
-from .sources.imagefolder import (
-    cpu_count,
-    decode_image,
-    image_extensions,
-    images_below,
-    progress_bar,
-    report_skipped,
-    warn,
-)
-
-
-def find_images(inputs: list[Path]) -> list[str]:
-    """The files named, and the image files below the folders named (recursively, sorted), once each."""
-    extensions = image_extensions()
-    found: dict[str, None] = {}  # ordered, without repeats
-    for path in inputs:
-        if path.is_dir():
-            paths, ignored = images_below(path, extensions)
-            if ignored:
-                warn(f"ignored {ignored} files under {path} whose extension is not an image format")
-            found.update(dict.fromkeys(paths))
-        elif path.is_file():
-            found[str(path)] = None
-        else:
-            raise UserError(f"{path} does not exist; name image files or folders of images")
-    if not found:
-        raise UserError(f"no image files in {', '.join(map(str, inputs))}: expected files PIL can open "
-                        "(.png, .jpg, .bmp, .webp, ...)")
-    return list(found)
 
 
 def preprocessing(meta: dict, path: Path):

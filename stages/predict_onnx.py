@@ -18,30 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
-from .images import cpu_count, decode_image, image_extensions, images_below, progress_bar, report_skipped, warn
+from .images import cpu_count, decode_image, find_images, progress_bar, report_skipped
 from .io import atomic_path
 from .onnx_model import INPUT_NAME, normalized, open_onnx, softmax
 from .params import RESIZE_MODES
-
-
-def find_images(inputs: list[Path]) -> list[str]:
-    """The files named, and the image files below the folders named (recursively, sorted), once each."""
-    extensions = image_extensions()
-    found: dict[str, None] = {}  # ordered, without repeats
-    for path in inputs:
-        if path.is_dir():
-            paths, ignored = images_below(path, extensions)
-            if ignored:
-                warn(f"ignored {ignored} files under {path} whose extension is not an image format")
-            found.update(dict.fromkeys(paths))
-        elif path.is_file():
-            found[str(path)] = None
-        else:
-            raise UserError(f"{path} does not exist; name image files or folders of images")
-    if not found:
-        raise UserError(f"no image files in {', '.join(map(str, inputs))}: expected files PIL can open "
-                        "(.png, .jpg, .bmp, .webp, ...)")
-    return list(found)
 
 
 def csv_header(top_k: int) -> list[str]:

@@ -373,6 +373,8 @@ def train(p: Params, plan: DevicePlan, ctx: DistContext, data_dir: Path, model_p
     write_outputs(model_path, kept, metadata, live, run, metrics_dir)
     kept_weights = (f"epoch {best}'s weights (train.keep: best; val accuracy {history[best - 1]['val_accuracy']:.4f})"
                     if cfg.keep == "best" else f"the last epoch's weights (epoch {len(history)})")
+    if st.ema is not None:
+        kept_weights += f", their moving average (train.ema = {cfg.ema:g})"
     log(f"saved {model_path}: {kept_weights}  ({throughput:,.0f} samples/s over {plural(len(history), 'epoch')})")
     # Last: a kill before this line leaves the checkpoint, and the next run rewrites the outputs from it.
     checkpoint_path.unlink(missing_ok=True)
@@ -482,8 +484,7 @@ def checkpoint_kept(checkpoint_path: Path, p: Params, data_dir: Path) -> str:
         ck = None
     if ck is None:
         return "no checkpoint of this run was kept: `dvc repro` starts afresh"
-    return (f"kept the checkpoint of epoch {ck.epoch} ({checkpoint_path}): `dvc repro` (or this train command) "
-            f"resumes after epoch {ck.epoch}")
+    return f"kept the checkpoint of epoch {ck.epoch} ({checkpoint_path}): {how_to_resume(ck.epoch)}"
 
 
 def interrupted_line(epoch: int, epochs: int, saved: int | None, checkpoint_path: Path) -> str:
@@ -491,8 +492,15 @@ def interrupted_line(epoch: int, epochs: int, saved: int | None, checkpoint_path
         f"interrupted in epoch {epoch} of {epochs}"
     if saved is None:
         return f"{where}, before any epoch of this run completed; no checkpoint kept: `dvc repro` starts afresh"
-    return (f"{where}; kept the checkpoint of epoch {saved} ({checkpoint_path}): `dvc repro` (or this train "
-            f"command) resumes after epoch {saved}")
+    return f"{where}; kept the checkpoint of epoch {saved} ({checkpoint_path}): {how_to_resume(saved)}"
+
+
+def how_to_resume(epoch: int) -> str:
+    # DVC reruns the stage only when something it depends on changed: after an interrupted `dvc repro -f`
+    # (or a direct train command) of an up-to-date stage, the last good outputs are in place and only -f
+    # reruns it.
+    return (f"rerun the same command to resume after epoch {epoch} (`dvc repro` reruns train when its params or "
+            "data changed; `dvc repro -f train` when they did not)")
 
 
 def kept_model(wrapped: torch.nn.Module, st) -> torch.nn.Module:

@@ -84,4 +84,4 @@ def test_ctrl_c_of_a_self_launched_ddp_run_names_the_checkpoint_kept(tmp_path, p
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err, err
     assert lines[0].startswith("error: interrupted ") and f"; kept the checkpoint of epoch {kept} (" in lines[0], err
-    assert lines[0].endswith(f"`dvc repro` (or this train command) resumes after epoch {kept}"), err
+    assert f": rerun the same command to resume after epoch {kept} (" in lines[0], err

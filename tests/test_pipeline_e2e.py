@@ -33,7 +33,7 @@ from .test_layout import command_modules, stage_command
 pytestmark = pytest.mark.e2e
 
 COPY = ["stages", "dvc.yaml", "params.yaml", "requirements.lock", ".gitignore", ".dvcignore", "data/raw/.gitkeep",
-        "data/raw/digits", "models/.gitignore", "models/pretrained/.gitkeep"]
+        "data/raw/digits", "models/.gitignore", "metrics/train/.gitignore", "models/pretrained/.gitkeep"]
 
 
 def sh(repo: Path, *cmd: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:

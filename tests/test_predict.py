@@ -76,7 +76,7 @@ def test_predict_labels_digit_files_as_evaluate_did(tmp_path, digits_model):
     proc = run_stages("predict", str(tmp_path / "digits"), "--model", str(digits_model["model"]), "--out", str(out),
                       "--top-k", "3", "--batch-size", "100", "--params", str(digits_model["params"]))
     assert f"labelled {len(paths)} images on the cpu -> {out}" in proc.stdout
-    assert "ignored 1 files" in proc.stderr
+    assert "ignored 1 file under" in proc.stderr
     header, rows = read_csv(out)
     assert header == ["path", "predicted", "probability", "class_2", "probability_2", "class_3", "probability_3"]
     assert [row["path"] for row in rows] == [str(p) for p in paths]  # every file, folders walked in order

@@ -72,8 +72,9 @@ def test_ctrl_c_says_which_epochs_checkpoint_was_kept_and_that_dvc_repro_resumes
     # Between epochs (the epoch's line printed, its checkpoint written) or during the next one.
     where = (f"in epoch {kept + 1}", f"after epoch {kept}")
     assert err.strip() in (f"error: interrupted {w} of 10000; kept the checkpoint of epoch {kept} "
-                           f"({tmp_path / 'checkpoint.safetensors'}): `dvc repro` (or this train command) resumes "
-                           f"after epoch {kept}" for w in where), err
+                           f"({tmp_path / 'checkpoint.safetensors'}): rerun the same command to resume after "
+                           f"epoch {kept} (`dvc repro` reruns train when its params or data changed; `dvc repro -f "
+                           "train` when they did not)" for w in where), err
 
 
 @pytest.mark.parametrize("keep", ["best", "last"])
