@@ -7,11 +7,14 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from .helpers import ROOT
 
 CUDA_ONLY = {"(vi) step vs floor", "(viii) airbench peer"}
 
 
+@pytest.mark.slow
 def test_gpu_check_smoke_runs_every_section_on_the_cpu(tmp_path):
     out = tmp_path / "gpu_check.json"
     proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--smoke", "--cpu", "--json", str(out)],

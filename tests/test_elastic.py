@@ -85,6 +85,7 @@ def check_restarted(lines: list[str], killed: int, out: Path, reference: bytes, 
     assert run["restarts"] == 1 and run["resumed_from_epoch"] == resumed
 
 
+@pytest.mark.slow
 def test_self_launched_run_survives_a_killed_rank(tmp_path, prepared_digits, reference):
     params = write_params(tmp_path / "params.yaml", train=dict(DDP, max_restarts=1))
     proc = start([sys.executable, *train_args(tmp_path, params, prepared_digits)])
@@ -96,6 +97,7 @@ def test_self_launched_run_survives_a_killed_rank(tmp_path, prepared_digits, ref
     assert run["launcher"] == "stages (torch elastic)"
 
 
+@pytest.mark.slow
 def test_torchrun_job_survives_a_killed_rank(tmp_path, prepared_digits, reference):
     """torchrun started by hand, without TORCH_DISABLE_SHARE_RDZV_TCP_STORE: the ranks keep the
     attempts apart in torchrun's shared store themselves (pytorch/pytorch#135712)."""
@@ -126,6 +128,7 @@ def test_a_killed_rank_without_restarts_is_one_line(tmp_path, prepared_digits):
     assert not (tmp_path / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_two_torchrun_agents_make_one_group(tmp_path, prepared_digits, reference):
     """The README's two-machine recipe on loopback: two agents, --nnodes 2, one rank each."""
     params = write_params(tmp_path / "params.yaml", train=DDP)
@@ -199,6 +202,7 @@ def test_watchdog_ends_a_call_stuck_in_cpp():
 
 @pytest.mark.skipif(shutil.which("slurmctld") is None or os.geteuid() != 0,
                     reason="needs root and Debian's slurm-wlm (apt-get install slurm-wlm)")
+@pytest.mark.slow
 def test_slurm_job_trains_under_srun_torchrun(tmp_path, prepared_digits, reference):
     """examples/slurm/train.sbatch on a real one-node Slurm (slurmctld, slurmd and munged started
     here by examples/slurm/one-node-cluster.sh): two torchrun agents as two Slurm tasks."""

@@ -57,6 +57,7 @@ class Claimer:
         self.proc.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_three_runs_on_two_gpus_take_turns_and_a_killed_holder_frees_its_gpu(tmp_path):
     a, b = Claimer(tmp_path), Claimer(tmp_path)
     try:

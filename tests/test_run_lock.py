@@ -7,9 +7,12 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 from .helpers import ROOT, run_stages, write_params
 
 
+@pytest.mark.slow
 def test_a_second_train_run_on_the_same_checkpoint_is_refused_and_the_first_goes_on(tmp_path, prepared_digits):
     params = write_params(tmp_path / "params.yaml", train={"epochs": 400, "accelerator": "cpu"})
     args = ["train", "--params", str(params), "--data", str(prepared_digits),

@@ -142,6 +142,7 @@ def test_ddp_two_processes_match_one_process(tmp_path, prepared_digits):
     assert metrics["world_size"] == 2
 
 
+@pytest.mark.slow
 def test_ddp_accumulation_and_a_frozen_epoch_match_one_process(tmp_path, prepared_digits):
     """Two gloo ranks, each step in two passes of 16 per rank (DDP's all-reduce only on the second),
     the backbone frozen for the first epoch (the wrapper rebuilt when it thaws), end with the weights
@@ -209,6 +210,7 @@ RECIPE = dict(epochs=6, ema=0.9, keep="best", patience=3, mixup_alpha=0.2, label
               accumulate=2, clip_grad_norm=1.0, freeze_epochs=4, backbone_lr=0.5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("train", [dict(epochs=40), RECIPE], ids=["defaults", "recipe"])
 def test_killed_run_resumes_to_identical_weights_and_deletes_its_checkpoint(tmp_path, prepared_digits, train):
     epochs = train["epochs"]
@@ -252,6 +254,7 @@ def test_checkpoint_from_other_params_is_not_resumed(tmp_path, prepared_digits):
     assert not (out / "ck.safetensors").exists()  # replaced by this run's own, then deleted at its end
 
 
+@pytest.mark.slow
 def test_run_that_failed_after_its_last_epoch_only_writes_its_outputs(tmp_path, prepared_digits):
     """Training ends, then writing the weights fails (here: their folder is a file): the checkpoint of
     the last epoch stays, and the next run writes the outputs from it without training again."""
@@ -271,6 +274,7 @@ def test_run_that_failed_after_its_last_epoch_only_writes_its_outputs(tmp_path, 
     assert not (out / "ck.safetensors").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncate", "garble"])
 def test_damaged_files_are_refused_by_name(tmp_path, prepared_digits, damage):
     data = tmp_path / "data"
@@ -466,6 +470,7 @@ def test_train_stage_streamed_and_resident_write_the_same_weights(tmp_path, prep
     assert run["data_streamed"] is True and run["data_on_device"] is False
 
 
+@pytest.mark.slow
 def test_ddp_ranks_streaming_their_batches_match_one_process(tmp_path, prepared_digits):
     common = dict(model={"name": "mlp"}, epochs=1, batch_size=64, optimizer="sgd", momentum=0.0, weight_decay=0.0,
                   lr=0.05, accelerator="cpu")
