@@ -15,12 +15,12 @@ agree, is refused in one line by name, and the previous `models/model.onnx` stay
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .core.pretrained import file_sha256
 from .core.transforms import normalize, stats_tensors
 from .core.weights import check_weights_use, load_model, read_metadata
 from .errors import UserError
@@ -30,14 +30,6 @@ from .params import ExportParams, Params
 from .prepared import load_prepared, read_info
 
 CHECK_BATCH = 256  # images per forward pass of the check, so a large check_images needs little memory
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def to_onnx(model: torch.nn.Module, example: torch.Tensor, opset: int | None, name: str):

@@ -13,15 +13,12 @@ says what the file is not), trained with the model.* and train.* params of the p
 there is one (`--params`; by default params.yaml for the pipeline's own models/model.safetensors;
 `--no-check-params` skips it).
 
-Files are decoded on a thread pool, one batch ahead of the model, which runs on the first
-CUDA device when there is one. The CSV is written to a temporary file and renamed into place,
-so a refused file leaves the previous CSV as it was.
+The model runs on the first CUDA device when there is one; decoding, batching and the CSV are
+`stages/labelling.py`'s, shared with the ONNX path.
 """
 
 from __future__ import annotations
 
-import csv
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
@@ -31,8 +28,8 @@ import torch
 from .core.transforms import normalize, stats_tensors
 from .core.weights import check_weights_use, load_model, read_metadata
 from .errors import UserError
-from .images import cpu_count, decode_image, find_images, progress_bar, report_skipped
-from .io import atomic_path
+from .images import decode_image, find_images
+from .labelling import label_files
 from .params import RESIZE_MODES, load_params
 
 
@@ -54,13 +51,6 @@ def class_probabilities(model: torch.nn.Module, images: torch.Tensor, mean: torc
     """uint8 (N, C, H, W) -> softmax probabilities (N, classes), float32 on the CPU."""
     logits = model(normalize(images.to(device), mean, std))
     return torch.softmax(logits.float(), dim=1).cpu()
-
-
-def csv_header(top_k: int) -> list[str]:
-    header = ["path", "predicted", "probability"]
-    for rank in range(2, top_k + 1):
-        header += [f"class_{rank}", f"probability_{rank}"]
-    return header
 
 
 PIPELINE_WEIGHTS = "models/model.safetensors"  # the train stage's out in dvc.yaml
@@ -96,43 +86,9 @@ def predict(model_path: Path, inputs: list[Path], out: Path, top_k: int = 1, bat
     mean, std = stats_tensors(meta["mean"], meta["std"], device)
     paths = find_images(inputs)
 
-    skipped: list[tuple[str, str]] = []
-    labelled = 0
-    chunks = [paths[start : start + batch_size] for start in range(0, len(paths), batch_size)]
-    # Threads, not prepare-data's forked decoders: one batch at a time is decoded while the model runs
-    # on the last, and threads hand the arrays over without pickling them.
-    pool = ThreadPoolExecutor(min(cpu_count(), max(1, len(paths))))
-    try:
-        with atomic_path(out) as tmp, open(tmp, "w", newline="") as f, progress_bar(len(paths), "predict") as bar:
-            writer = csv.writer(f, lineterminator="\n")
-            writer.writerow(csv_header(top_k))
-            decoded = pool.map(decode, chunks[0])
-            for i, chunk in enumerate(chunks):
-                results = list(decoded)
-                if i + 1 < len(chunks):
-                    decoded = pool.map(decode, chunks[i + 1])  # the next batch decodes while the model runs
-                good = []
-                for path, result in zip(chunk, results):
-                    if isinstance(result, str):
-                        if not skip_bad_images:
-                            raise UserError(f"cannot read image {path}: {result}; fix or remove it, "
-                                            "or pass --skip-bad-images to skip such files")
-                        skipped.append((path, result))
-                    else:
-                        good.append((path, result))
-                if good:
-                    images = torch.from_numpy(np.stack([pixels for _, pixels in good]))
-                    top = class_probabilities(model, images, mean, std, device).topk(top_k, dim=1)
-                    for (path, _), probs, classes in zip(good, top.values.tolist(), top.indices.tolist()):
-                        row = [path]
-                        for p, c in zip(probs, classes):
-                            row += [names[c], f"{p:.6f}"]
-                        writer.writerow(row)
-                    labelled += len(good)
-                bar.update(len(chunk))
-            if labelled == 0:
-                raise UserError(f"none of the {len(paths)} files could be read as an image")
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-    report_skipped(skipped)
-    return {"labelled": labelled, "skipped": len(skipped), "device": device.type}
+    def top_classes(pixels: np.ndarray) -> tuple[list[list[int]], list[list[float]]]:
+        top = class_probabilities(model, torch.from_numpy(pixels), mean, std, device).topk(top_k, dim=1)
+        return top.indices.tolist(), top.values.tolist()
+
+    summary = label_files(paths, decode, top_classes, names, out, top_k, batch_size, skip_bad_images)
+    return {**summary, "device": device.type}

@@ -1,0 +1,75 @@
+"""Label image files into predict's CSV, whichever runs the model: the part of `python -m stages
+predict` that PyTorch (stages/predict.py) and ONNX Runtime (stages/predict_onnx.py) share.
+
+Files are decoded on a thread pool, one batch ahead of the model (threads, not prepare-data's forked
+decoders: they hand the arrays over without pickling, and the model's runtime releases the GIL). One
+CSV row per readable image: its path and its top classes with their probabilities, highest first.
+The CSV is written to a temporary file and renamed into place, so a refusal leaves the previous
+CSV as it was. No torch here: the ONNX path must run where torch is not installed.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+from .images import cpu_count, progress_bar, report_skipped
+from .io import atomic_path
+
+# uint8 images (N, C, H, W) -> for each image, its top classes and their probabilities, highest first
+TopClasses = Callable[[np.ndarray], tuple[list[list[int]], list[list[float]]]]
+
+
+def csv_header(top_k: int) -> list[str]:
+    header = ["path", "predicted", "probability"]
+    for rank in range(2, top_k + 1):
+        header += [f"class_{rank}", f"probability_{rank}"]
+    return header
+
+
+def label_files(paths: list[str], decode: Callable[[str], np.ndarray | str], top_classes: TopClasses,
+                names: list[str], out: Path, top_k: int, batch_size: int, skip_bad_images: bool) -> dict:
+    """Decode, label and write every file of `paths`; (labelled, skipped) counts. `decode` gives a file's
+    uint8 (C, H, W) pixels or the reason it cannot be read."""
+    skipped: list[tuple[str, str]] = []
+    labelled = 0
+    chunks = [paths[start : start + batch_size] for start in range(0, len(paths), batch_size)]
+    pool = ThreadPoolExecutor(min(cpu_count(), max(1, len(paths))))
+    try:
+        with atomic_path(out) as tmp, open(tmp, "w", newline="") as f, progress_bar(len(paths), "predict") as bar:
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(csv_header(top_k))
+            decoded = pool.map(decode, chunks[0])
+            for i, chunk in enumerate(chunks):
+                results = list(decoded)
+                if i + 1 < len(chunks):
+                    decoded = pool.map(decode, chunks[i + 1])  # the next batch decodes while the model runs
+                good = []
+                for path, result in zip(chunk, results):
+                    if isinstance(result, str):
+                        if not skip_bad_images:
+                            raise UserError(f"cannot read image {path}: {result}; fix or remove it, "
+                                            "or pass --skip-bad-images to skip such files")
+                        skipped.append((path, result))
+                    else:
+                        good.append((path, result))
+                if good:
+                    classes, probs = top_classes(np.stack([pixels for _, pixels in good]))
+                    for (path, _), row_classes, row_probs in zip(good, classes, probs):
+                        row = [path]
+                        for c, p in zip(row_classes, row_probs):
+                            row += [names[c], f"{p:.6f}"]
+                        writer.writerow(row)
+                    labelled += len(good)
+                bar.update(len(chunk))
+            if labelled == 0:
+                raise UserError(f"none of the {len(paths)} files could be read as an image")
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    report_skipped(skipped)
+    return {"labelled": labelled, "skipped": len(skipped)}
