@@ -10,14 +10,13 @@ import io
 import json
 import statistics
 import sys
-import time
 
 import pytest
 import yaml
 
 from stages.stats import holm
 
-from .test_pipeline_e2e import commit, new_project, set_param, sh
+from .test_pipeline_e2e import commit, new_project, run_queue, set_param, sh
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -56,13 +55,7 @@ def runs(tmp_path_factory):
     commit(repo, "lr 0.01")
     # Three seeds through the queue (up to evaluate: analyze adds nothing compare reads).
     sh(repo, "dvc", "exp", "run", "--queue", "-S", "train.seed=1,2,3", "evaluate")
-    sh(repo, "dvc", "queue", "start", "-j", "2")
-    deadline = time.time() + 900
-    while time.time() < deadline:
-        queue = sh(repo, "dvc", "queue", "status").stdout
-        if "Queued" not in queue and "Running" not in queue:
-            break
-        time.sleep(3)
+    queue = run_queue(repo, jobs=2, timeout=900)
     assert "Failed" not in queue, queue
     exps = {}
     for row in json.loads(sh(repo, "dvc", "exp", "show", "--json").stdout):

@@ -76,6 +76,17 @@ def set_param(repo: Path, section: str, key: str, value) -> None:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+def run_queue(repo: Path, jobs: int, timeout: int) -> str:
+    """`dvc queue start -j <jobs>`, then wait until nothing is queued or running: the last `dvc queue status`."""
+    sh(repo, "dvc", "queue", "start", "-j", str(jobs))
+    deadline = time.time() + timeout
+    while True:
+        queue = sh(repo, "dvc", "queue", "status").stdout
+        if ("Queued" not in queue and "Running" not in queue) or time.time() > deadline:
+            return queue
+        time.sleep(3)
+
+
 def ran(output: str) -> list[str]:
     return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")]
 
@@ -300,13 +311,7 @@ def test_a_grid_of_queued_experiments_runs_and_compares(project, tmp_path):
     """A 2x1 grid through the queue, two at a time; then sorted by accuracy and plotted side by side."""
     repo = project["repo"]
     sh(repo, "dvc", "exp", "run", "--queue", "-S", "train.lr=0.001,0.004", "-S", "train.epochs=4")
-    sh(repo, "dvc", "queue", "start", "-j", "2")
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        queue = sh(repo, "dvc", "queue", "status").stdout
-        if "Queued" not in queue and "Running" not in queue:
-            break
-        time.sleep(3)
+    queue = run_queue(repo, jobs=2, timeout=600)
     assert "Failed" not in queue, queue
     grid = {e["params"]["train"]["lr"]: e for e in experiments(repo) if e["params"]["train"]["epochs"] == 4}
     assert set(grid) == {0.001, 0.004}
