@@ -6,3 +6,10 @@ The CLI turns it into a one-line message and a non-zero exit, with no traceback.
 
 class UserError(Exception):
     """A problem with the user's input: params, data, files or machine setup."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): how a library's
+    error is quoted in a one-line refusal."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

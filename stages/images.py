@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .params import plural
 
 MAX_WARNINGS = 20  # skipped files named one per line; the rest are counted
@@ -99,7 +99,7 @@ def decode_image(path: str, mode: str, size: int, resize: str) -> np.ndarray | s
             img = img.resize((size, size), Image.Resampling.BILINEAR, box=box)
             pixels = np.asarray(img, dtype=np.uint8)
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, EOFError, ... for damaged files
-        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return first_line(exc)
     return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
 
 

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -212,8 +212,9 @@ def write_at(path: str | Path, offset: int, data) -> None:
         f.write(memoryview(data).cast("B"))
 
 
-def load_tensors(path: str | Path, device: str = "cpu") -> tuple[dict, dict[str, Any]]:
-    """Read a .safetensors file written by `save_tensors`: (tensors, metadata).
+def load_tensors(path: str | Path, device: str = "cpu", metadata_only: bool = False) -> tuple[dict, dict[str, Any]]:
+    """Read a .safetensors file written by `save_tensors`: (tensors, metadata); with `metadata_only`,
+    the header alone ({}, metadata).
 
     A missing, truncated or garbled file is a UserError naming the file.
     """
@@ -225,9 +226,9 @@ def load_tensors(path: str | Path, device: str = "cpu") -> tuple[dict, dict[str,
     try:
         with safe_open(str(path), framework="pt", device=device) as f:
             raw_meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {} if metadata_only else {k: f.get_tensor(k) for k in f.keys()}
         metadata = {k: json.loads(v) for k, v in raw_meta.items()}
     except Exception as exc:  # safetensors raises several types for damaged files
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         raise UserError(f"{path} is damaged or not a safetensors file: {reason}") from None
     return tensors, metadata

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 FORMAT = "stages.onnx/1"
 INPUT_NAME = "images"
@@ -51,7 +51,7 @@ def open_onnx(path: str | Path, threads: int = 0):
     try:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ONNX Runtime raises InvalidProtobuf, Fail, InvalidGraph, ... for damaged files
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         raise UserError(f"{path} is damaged or not an ONNX model: {reason}") from None
     raw = session.get_modelmeta().custom_metadata_map
     if raw.get("format") != json.dumps(FORMAT):

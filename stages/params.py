@@ -414,8 +414,14 @@ def in_other_section(key: str) -> str:
 
 
 def plural(count: int, noun: str, nouns: str | None = None) -> str:
-    """'1 file', '2 files', '1,000 files' ('1 process', '3 processes' with nouns given)."""
-    return f"{count:,} {noun if count == 1 else nouns or noun + 's'}"
+    """'1 file', '2 files', '1,000 files', '3 classes' ('es' after an s; `nouns` where neither fits)."""
+    return f"{count:,} {noun if count == 1 else nouns or noun + ('es' if noun.endswith('s') else 's')}"
+
+
+def listed(items: list[str], shown: int = 3) -> str:
+    """A few names, then a count: 'a, b, c and 7 more'."""
+    more = f" and {len(items) - shown:,} more" if len(items) > shown else ""
+    return ", ".join(items[:shown]) + more
 
 
 def check_combinations(p: Params, source: str) -> None:

@@ -18,7 +18,7 @@ import torch
 
 from .errors import UserError
 from .io import staged_dir
-from .params import DataParams
+from .params import DataParams, listed
 from .prepared import IMAGE_MODES, SPLITS, ChannelStats, PreparedWriter, copy_rows
 from .sources import Source, count, load_source, warn
 
@@ -76,8 +76,7 @@ def warn_classes_left_out(source: Source, rows: dict[str, tuple[str, torch.Tenso
     totals = torch.bincount(source.labels["train"], minlength=n).tolist()
     named = [f"{source.class_names[c]} ({count(totals[c], 'image')}: no {' or '.join(splits)} image)"
              for c, splits in sorted(left_out.items())]
-    shown = ", ".join(named[:10]) + (f" and {len(named) - 10:,} more" if len(named) > 10 else "")
-    warn(f"{count(len(named), 'class', 'classes')} too small to split: {shown}; "
+    warn(f"{count(len(named), 'class', 'classes')} too small to split: {listed(named, 10)}; "
          "val and test cannot measure them; add images to them")
 
 

@@ -56,7 +56,6 @@ from .core.distributed import (
     broadcast_bytes,
     collective_device,
     collective_errors,
-    first_line,
     init_distributed,
     shutdown_distributed,
     under_launcher,
@@ -72,7 +71,7 @@ from .core.readout import LatestValue
 from .core.threads import set_threads
 from .core.transforms import augmentations
 from .core.weights import model_metadata, save_model, trained_params
-from .errors import UserError
+from .errors import UserError, first_line
 from .io import install, write_json
 from .params import Params, TrainParams, free_gpu_count, is_resnet, plural, show_value, weights_kind
 from .prepared import load_prepared

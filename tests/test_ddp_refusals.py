@@ -47,22 +47,17 @@ def test_batch_not_divisible_by_the_self_launched_ranks_is_one_line(tmp_path, pr
         "error: train.batch_size = 2000 is larger than the training split (1295 images)"], proc.stderr
 
 
-def test_batch_not_divisible_under_torchrun_is_said_by_rank_0_only(tmp_path, prepared_digits):
-    proc = subprocess.run([*torchrun(2), *train_args(tmp_path, prepared_digits, strategy="ddp", batch_size=63)],
+@pytest.mark.parametrize("train, said", [
+    (dict(strategy="ddp", batch_size=63),
+     "error: train.batch_size = 63 must be divisible by the 2 ddp processes times train.accumulate = 1"),
+    (dict(strategy="dp"), "error: started by torchrun with WORLD_SIZE=2 but train.strategy = 'dp'; "
+                          "set train.strategy: ddp"),
+], ids=["batch not divisible", "strategy dp"])
+def test_a_refusal_every_rank_reaches_under_torchrun_is_said_once(tmp_path, prepared_digits, train, said):
+    proc = subprocess.run([*torchrun(2), *train_args(tmp_path, prepared_digits, **train)],
                           env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
-    said = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert said == ["error: train.batch_size = 63 must be divisible by the 2 ddp processes times "
-                    "train.accumulate = 1"], proc.stderr
-
-
-def test_torchrun_with_strategy_dp_is_refused_once(tmp_path, prepared_digits):
-    proc = subprocess.run([*torchrun(2), *train_args(tmp_path, prepared_digits, strategy="dp")],
-                          env=ENV, capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0
-    said = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert said == ["error: started by torchrun with WORLD_SIZE=2 but train.strategy = 'dp'; "
-                    "set train.strategy: ddp"], proc.stderr
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error: ")] == [said], proc.stderr
 
 
 def test_ctrl_c_of_a_self_launched_ddp_run_names_the_checkpoint_kept(tmp_path, prepared_digits):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import fields
 
-from ..params import TrainParams, show_value
+from ..params import TrainParams, listed, plural, show_value
 
 FIGURES_DIR = "figures"
 # Thresholds of the lessons; each lesson line quotes the number it was derived from.
@@ -48,10 +48,6 @@ def fmt_rate(value: float | None) -> str:
 
 def fmt_memory(values: list[float]) -> str:
     return ", ".join(f"{v:,.0f}" for v in values) if values else "—"
-
-
-def plural(count: int, noun: str) -> str:
-    return f"{count} {noun}" + ("" if count == 1 else "es" if noun.endswith("s") else "s")
 
 
 def figure_link(title: str, name: str) -> str:
@@ -403,10 +399,9 @@ def model_lessons(curves: dict, per_class: dict, predictions: list[dict]) -> lis
     low = [(name, s) for name, s in per_class.items() if s["support"] > 0 and s["recall"] < LOW_RECALL]
     if low:
         low.sort(key=lambda item: (item[1]["recall"], item[0]))
-        named = ", ".join(f"{name!r} {s['recall']:.2f} of {s['support']}" for name, s in low[:MAX_NAMED_CLASSES])
-        more = f" and {len(low) - MAX_NAMED_CLASSES} more" if len(low) > MAX_NAMED_CLASSES else ""
+        named = listed([f"{name!r} {s['recall']:.2f} of {s['support']}" for name, s in low], MAX_NAMED_CLASSES)
         out.append(f"{plural(len(low), 'class')} of {classes_present} with recall under {LOW_RECALL:.2f} (the model "
-                   f"almost never recognises them): {named}{more}. See what they are taken for under Confusion "
+                   f"almost never recognises them): {named}. See what they are taken for under Confusion "
                    "matrix, and check their training images: too few, or mislabelled.")
     # Still rising: over the last RISING_EPOCHS epochs val accuracy gained at least RISING_PER_EPOCH an epoch,
     # the last epoch improved on the one before and is the best, and val loss fell too (accuracy up with

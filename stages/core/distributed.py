@@ -29,7 +29,7 @@ from datetime import timedelta
 
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 
 
 @dataclass(frozen=True)
@@ -187,11 +187,6 @@ def collective_errors(ctx: DistContext, timeout_s: float) -> Iterator[None]:
             raise PeerLost(f"ddp rank {ctx.rank} stopped: it lost its connection to another rank, which died or "
                            f"was stopped ({found})") from None
         raise
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def shutdown_distributed() -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..params import SMALL_STEM_BELOW, ModelName, is_resnet, torchvision_model_names
 
 
@@ -181,10 +181,6 @@ def smallest_input(name: str) -> str:
 
     smallest = models.get_model_weights(name).DEFAULT.meta.get("min_size")
     return f"; torchvision gives {smallest[0]}x{smallest[1]} as its smallest input" if smallest else ""
-
-
-def first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def classifier_head(model: nn.Module) -> str:

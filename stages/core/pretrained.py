@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..params import (
     ModelParams,
     check_weights_available,
+    listed,
     plural,
     torchvision_model_names,
     torchvision_weights,
@@ -127,7 +128,7 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
                 return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # safetensors and torch.load raise many types for damaged or foreign files
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise UserError(f"model.weights = {str(path)!r} cannot be read as a state dict: {reason}") from None
     for wrapper in ("state_dict", "model"):  # a training checkpoint around the weights
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
@@ -178,12 +179,6 @@ def read_pretrained(m: ModelParams) -> Pretrained | None:
 def for_channels(values: list[float], channels: int) -> list[float]:
     """RGB statistics for greyscale data: their average (the first conv sums its RGB kernels)."""
     return values if len(values) == channels else [sum(values) / len(values)] * channels
-
-
-def listed(items: list[str], shown: int = 3) -> str:
-    """A few names, then a count: 'a, b, c and 7 more'."""
-    more = f" and {len(items) - shown} more" if len(items) > shown else ""
-    return ", ".join(items[:shown]) + more
 
 
 def fit_pretrained(model: nn.Module, pretrained: Pretrained, model_name: str, small_stem: bool) -> str:

@@ -92,18 +92,7 @@ def check_metadata(meta: dict, path: str | Path) -> dict:
 
 def read_metadata(path: str | Path) -> dict:
     """The checked metadata of a model file, without reading its tensors."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"file not found: {path} (run the stage that writes it first, e.g. `dvc repro`)")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = f.metadata() or {}
-        meta = {k: json.loads(v) for k, v in raw.items()}
-    except Exception as exc:  # safetensors raises several types for damaged files
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"{path} is damaged or not a safetensors file: {reason}") from None
+    _, meta = load_tensors(path, metadata_only=True)
     return check_metadata(meta, path)
 
 

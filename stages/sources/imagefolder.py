@@ -51,7 +51,7 @@ from ..images import (  # decoding one file is shared with predict, which must n
 )
 from ..images import report_skipped as report_skipped  # prepare-data and predict import it from here
 from ..io import write_at
-from ..params import DataParams
+from ..params import DataParams, listed
 from ..prepared import IMAGE_MODES, ChannelStats, SplitWriter, channel_histogram
 from . import Source, count
 
@@ -68,11 +68,6 @@ FILES_PER_TASK = 64
 class SplitFiles:
     paths: list[str]
     labels: list[int]
-
-
-def listing(names: list[str], limit: int = 10) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def visible(path: Path) -> bool:
@@ -103,7 +98,7 @@ def find_split_folders(root: Path) -> dict[str, Path]:
     others = [f.name for f in folders if f.name.lower() not in SPLIT_FOLDERS]
     if others:
         raise UserError(f"{root} mixes split folders ({', '.join(f.name + '/' for f in splits.values())}) "
-                        f"with other folders ({listing(others, 3)}); move class folders into the split folders")
+                        f"with other folders ({listed(others)}); move class folders into the split folders")
     if "train" not in by_split:
         raise UserError(f"{root} has {', '.join(f.name + '/' for f in splits.values())} but no train/ folder")
     return {split: by_split[split] for split in ("train", "val", "test") if split in by_split}
@@ -122,7 +117,7 @@ def list_files(split_folders: dict[str, Path]) -> tuple[list[str], dict[str, Spl
         for class_folder in subfolders(folder):
             if class_folder.name not in index:
                 raise UserError(f"{class_folder} is a class that {split_folders['train']} does not have; "
-                                f"classes there: {listing(class_names)}")
+                                f"classes there: {listed(class_names, 10)}")
             paths, n_ignored = images_below(class_folder, extensions)
             if not paths and split == "train":
                 raise UserError(f"no images in {class_folder}: expected files PIL can open "

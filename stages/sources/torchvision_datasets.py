@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torchvision import datasets
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..params import DataParams
 from . import Source
 
@@ -85,7 +85,7 @@ def open_split(name: str, kind: TorchvisionDataset, root: Path, train: bool, dow
     except UserError:
         raise
     except Exception as exc:  # torchvision raises RuntimeError, ValueError, KeyError, pickle and URL errors
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         if download:
             raise UserError(f"could not download or read {name} in {folder}: {reason}") from None
         raise UserError(f"could not read {name} from {folder}, a file there is damaged: {reason}") from None
