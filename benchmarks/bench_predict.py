@@ -37,7 +37,8 @@ sys.path.insert(0, str(ROOT))  # run from anywhere, with or without `pip install
 from benchmarks.bench_data import STAGES_ENV, ensure_photos, list_photos, stages_command  # noqa: E402
 from benchmarks.loops import describe, machine  # noqa: E402
 from stages.core.models import build_model  # noqa: E402
-from stages.core.weights import model_metadata, save_model  # noqa: E402
+from stages.core.weights import model_metadata, save_model, trained_params  # noqa: E402
+from stages.params import load_params  # noqa: E402
 
 TARGETS = {"small-cnn": 1.5, "resnet18": 1.0}  # ONNX end to end at least this many times faster
 FIRST = 200  # photos of the short run that start-up is measured with
@@ -53,9 +54,10 @@ def run(*args: str) -> float:
     return seconds
 
 
-def params_file(path: Path, **data) -> Path:
+def params_file(path: Path, model: str, **data) -> Path:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["data"].update(data)
+    params["model"]["name"] = model
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
 
@@ -69,7 +71,10 @@ def make_model(work: Path, name: str, params: Path) -> tuple[Path, Path]:
     info = json.loads((prepared / "info.json").read_text())
     channels, size, _ = info["shape"]
     torch.manual_seed(0)
-    save_model(weights, build_model(name, channels, size, info["num_classes"]), model_metadata(name, info))
+    # The params recorded as if these weights were trained with the params file: export checks them.
+    recorded = trained_params(load_params(params))
+    save_model(weights, build_model(name, channels, size, info["num_classes"]), model_metadata(name, info,
+                                                                                               params=recorded))
     run("export", "--params", str(params), "--model", str(weights), "--data", str(prepared), "--out", str(onnx_file))
     return weights, onnx_file
 
@@ -102,9 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     photos = ensure_photos(args.work, args.photos)
     first = list_photos(photos)[:FIRST]
     models = {
-        "small-cnn": make_model(args.work, "small-cnn", params_file(args.work / "digits.yaml")),
+        "small-cnn": make_model(args.work, "small-cnn", params_file(args.work / "digits.yaml", "small-cnn")),
         "resnet18": make_model(args.work, "resnet18", params_file(
-            args.work / "photos.yaml", dataset="imagefolder", root=str(ensure_photos(args.work, 400)),
+            args.work / "photos.yaml", "resnet18", dataset="imagefolder", root=str(ensure_photos(args.work, 400)),
             image_size=32, channels=3)),
     }
     figures: dict = {"machine": info, "photos": args.photos, "short_run": FIRST, "models": {}}
