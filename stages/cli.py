@@ -165,12 +165,38 @@ def evaluate(
 
 
 @app.command()
+def probe(
+    params: ParamsOption = Path("params.yaml"),
+    data: Annotated[Path, typer.Option(help="Folder of prepared data.")] = Path("data/prepared"),
+    model: Annotated[Path, typer.Option(help="The trained weights.")] = Path("models/model.safetensors"),
+    run: Annotated[Path, typer.Option(help="The train stage's run.json: how training ran.")] = Path(
+        "metrics/train/run.json"),
+    out: Annotated[Path, typer.Option(help="The JSON file to write.")] = Path("report/scaling.json"),
+) -> None:
+    """Time training steps of the trained model at 1, 2, 4, ... devices (the scaling probe), or say why not."""
+
+    def stage() -> None:
+        from .core.distributed import under_launcher
+        from .core.launch import launched_plan
+        from .params import load_params
+        from .probe import probe_rank, probe_stage
+
+        if under_launcher():  # one DDP rank of a probe point that this command started
+            probe_rank(launched_plan())
+            return
+        probe_stage(load_params(params), params, data, model, run, out)
+
+    _run(stage)
+
+
+@app.command()
 def analyze(
     params: ParamsOption = Path("params.yaml"),
     data: Annotated[Path, typer.Option(help="Folder of prepared data.")] = Path("data/prepared"),
     model: Annotated[Path, typer.Option(help="The trained weights.")] = Path("models/model.safetensors"),
     train_metrics: Annotated[Path, typer.Option(help="The train stage's DVCLive folder.")] = Path("metrics/train"),
     eval_metrics: Annotated[Path, typer.Option(help="The evaluate stage's folder.")] = Path("metrics/evaluate"),
+    scaling: Annotated[Path, typer.Option(help="The probe stage's JSON file.")] = Path("report/scaling.json"),
     out: Annotated[Path, typer.Option(help="Folder for the report and its figures.")] = Path("report"),
 ) -> None:
     """Write the report: how well the model did and how well the devices were used."""
@@ -179,7 +205,7 @@ def analyze(
         from .analyze.stage import analyze_stage
         from .params import load_params
 
-        analyze_stage(load_params(params), params, data, model, train_metrics, eval_metrics, out)
+        analyze_stage(load_params(params), params, data, model, train_metrics, eval_metrics, scaling, out)
 
     _run(stage)
 

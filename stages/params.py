@@ -167,9 +167,12 @@ class Weights:
                 f"or a state-dict file ({' or '.join(WEIGHTS_FILE_SUFFIXES)})")
 
 
-def param(default: Any, allowed: Any, help: str) -> Any:
-    """Declare one key: its default, what is allowed, and the comment params.yaml shows for it."""
-    return field(default=default, metadata={"allowed": allowed, "help": help})
+def param(default: Any, allowed: Any, help: str, affects_result: bool = True) -> Any:
+    """Declare one key: its default, what is allowed, the comment params.yaml shows for it, and whether
+    it changes what a run computes. A key with `affects_result=False` only decides how a run is kept
+    going, whether a file may be fetched, or how the data reaches the device: the weights do not record
+    it and a checkpoint made with another value is still resumed (`result_params`)."""
+    return field(default=default, metadata={"allowed": allowed, "help": help, "affects_result": affects_result})
 
 
 # --- the schema: one dataclass per section of params.yaml ---------------------------------
@@ -233,7 +236,8 @@ class ModelParams:
     weights: str = param("none", Weights(),
                          f"none | torchvision weights (DEFAULT, IMAGENET1K_V1, ...) | a state dict in "
                          f"{PRETRAINED_DIR}/")
-    download: bool = param(False, Bool(), "let torchvision download named weights into its cache ($TORCH_HOME)")
+    download: bool = param(False, Bool(), "let torchvision download named weights into its cache ($TORCH_HOME)",
+                           affects_result=False)
 
 
 @dataclass(frozen=True)
@@ -261,9 +265,11 @@ class TrainParams:
                        "with augment, flip half the images left-right: auto (cifar10 only) | true (photos) "
                        "| false (digits, text: a mirror image is another class)")
     deterministic: bool = param(False, Bool(), "deterministic GPU kernels (slower); CPU runs are deterministic anyway")
-    max_restarts: int = param(0, Int(0, 100), "ddp: restart the group this often when a rank dies, from the last epoch")
+    max_restarts: int = param(0, Int(0, 100), "ddp: restart the group this often when a rank dies, from the last epoch",
+                              affects_result=False)
     dist_timeout: int = param(600, Int(1, 86_400),
-                              "ddp: seconds a rank waits for the others to join or at a collective before failing")
+                              "ddp: seconds a rank waits for the others to join or at a collective before failing",
+                              affects_result=False)
     # The fine-tuning recipe: each key is off (or neutral) by default.
     label_smoothing: float = param(0.0, Float(0.0, 1.0, hi_open=True),
                                    "share of each target spread evenly over all classes (0 = off)")
@@ -280,7 +286,8 @@ class TrainParams:
     freeze_epochs: int = param(0, Int(0, 100_000), "first epochs train the head only, the backbone frozen")
     backbone_lr: float = param(1.0, Float(0.0, 1.0, lo_open=True), "the backbone's lr as a fraction of lr")
     data_placement: str = param("auto", OneOf(PLACEMENTS),
-                                "auto (on the GPU if the split fits, else streamed) | device | stream")
+                                "auto (on the GPU if the split fits, else streamed) | device | stream",
+                                affects_result=False)
     threads: Any = param("auto", AutoOrCount(),
                          "CPU threads per process: auto (usable cores / ranks on this machine; OMP_NUM_THREADS wins) "
                          "| a count; results are byte-identical for the same count")
@@ -340,6 +347,12 @@ class Params:
     def section_dict(self, name: str) -> dict[str, Any]:
         section = getattr(self, name)
         return {f.name: getattr(section, f.name) for f in fields(section)}
+
+    def result_params(self, sections: tuple[str, ...]) -> dict[str, Any]:
+        """The keys of `sections` that change what a run computes ("train.lr" -> 0.002), in declaration
+        order: those declared `affects_result=False` are left out."""
+        return {f"{name}.{f.name}": getattr(getattr(self, name), f.name) for name in sections
+                for f in fields(getattr(self, name)) if f.metadata["affects_result"]}
 
 
 def show_value(value: Any) -> str:

@@ -17,7 +17,6 @@ store, push or find missing in a fresh clone (README, "Why the checkpoint is not
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import sys
@@ -30,14 +29,15 @@ import torch
 from .core.batches import place_split
 from .core.checkpoint import (
     Checkpoint,
-    file_digest,
     fingerprint_difference,
     load_checkpoint,
     restore_rng,
+    run_fingerprint,
     save_checkpoint,
 )
 from .core.devices import (
     DevicePlan,
+    check_batch_split,
     configure_determinism,
     device_names,
     peak_memory_mb,
@@ -60,8 +60,8 @@ from .core.distributed import (
     shutdown_distributed,
     under_launcher,
 )
-from .core.gpu_claims import GpuClaim, claim_gpus
-from .core.launch import Stopped, launch_ranks
+from .core.gpu_claims import claim_gpus
+from .core.launch import Stopped, launch_ranks, launched_plan
 from .core.loop import build_loop_state, compile_mode, evaluate, prepare_model, train_one_epoch, unwrap
 from .core.models import build_model, check_input_size, count_parameters, set_backbone_trainable, uses_small_stem
 from .core.precision import precision_name
@@ -72,11 +72,10 @@ from .core.threads import set_threads
 from .core.transforms import augmentations
 from .core.weights import model_metadata, save_model, trained_params
 from .errors import UserError, first_line
-from .io import install, write_json
-from .params import Params, TrainParams, free_gpu_count, is_resnet, plural, show_value, weights_kind
+from .io import install
+from .params import Params, TrainParams, free_gpu_count, is_resnet, plural, show_value
 from .prepared import load_prepared
-
-LAUNCH_ENV = "STAGES_LAUNCH"  # what this command tells the DDP ranks it starts: the planned devices, the claim
+from .run_summary import RunSummary, curve_point
 
 
 def train_stage(p: Params, data_dir: Path, model_path: Path, metrics_dir: Path, checkpoint_path: Path,
@@ -104,7 +103,9 @@ def train_stage(p: Params, data_dir: Path, model_path: Path, metrics_dir: Path, 
             # Each rank reruns this command under torch's elastic launcher (and lands in run_rank).
             try:
                 launch_ranks("stages", argv, plan.world_size, cfg.max_restarts, cfg.dist_timeout,
-                             env=rank_environment(plan, claim))
+                             plan={"accelerator": plan.accelerator, "device_ids": plan.device_ids,
+                                   "gpu_claim": claim.record() if claim else None},
+                             env=rank_environment(plan))
             except Stopped as exc:  # before rank 0 could say where it stopped: the checkpoint says it
                 raise UserError(f"{exc}; {checkpoint_kept(checkpoint_path, p, data_dir)}") from None
             return
@@ -125,7 +126,7 @@ def run_rank(p: Params, data_dir: Path, model_path: Path, metrics_dir: Path, che
     """One DDP rank, started by torchrun or by this command's own launcher: join the group, learn
     whether this is a restart (and who died), train, and leave a record of how it ended."""
     cfg = p.train
-    launched = json.loads(os.environ[LAUNCH_ENV]) if LAUNCH_ENV in os.environ else None
+    launched = launched_plan()
     plan = rank_plan(cfg.accelerator, int(os.environ["WORLD_SIZE"]), launched)
     status = start_rank_status()
     if launched is None:  # started by torchrun: no command of ours ran before the ranks
@@ -179,13 +180,9 @@ def out_of_memory_advice(cfg: TrainParams, plan: DevicePlan, ctx: DistContext):
                         f"train.accumulate = {cfg.accumulate * 2} to keep the batch in smaller passes") from None
 
 
-def rank_environment(plan: DevicePlan, claim: GpuClaim | None) -> dict[str, str]:
+def rank_environment(plan: DevicePlan) -> dict[str, str]:
     """The environment of the ranks this command starts: they see exactly the planned GPUs."""
-    env = {LAUNCH_ENV: json.dumps({"accelerator": plan.accelerator, "device_ids": plan.device_ids,
-                                   "gpu_claim": claim.record() if claim else None})}
-    if plan.accelerator == "cuda":
-        env["CUDA_VISIBLE_DEVICES"] = visible_devices_env(plan.device_ids)
-    return env
+    return {"CUDA_VISIBLE_DEVICES": visible_devices_env(plan.device_ids)} if plan.accelerator == "cuda" else {}
 
 
 def train(p: Params, plan: DevicePlan, ctx: DistContext, data_dir: Path, model_path: Path, metrics_dir: Path,
@@ -200,7 +197,7 @@ def train(p: Params, plan: DevicePlan, ctx: DistContext, data_dir: Path, model_p
     train_images, train_labels, info = load_prepared(data_dir, "train")
     val_images, val_labels, _ = load_prepared(data_dir, "val")
     with same_on_every_rank():
-        check_batch_size(cfg, len(train_labels), plan, ctx, log)
+        check_batch_size(cfg, len(train_labels), plan, ctx, extra["launcher"], log)
 
     # Resume only from a checkpoint of this very run: same params, same data.
     # Rank 0 decides, and every rank resumes from its checkpoint (after a restart of the group too).
@@ -321,54 +318,55 @@ def train(p: Params, plan: DevicePlan, ctx: DistContext, data_dir: Path, model_p
     if best_state is not None:
         kept.load_state_dict(best_state)
     metadata = model_metadata(p.model.name, info, small_stem, pretrained.source if pretrained else None,
-                              normalization, trained_params(p, LAUNCH_ONLY))
+                              normalization, trained_params(p))
     throughput = sum(r["samples"] for r in history) / max(sum(r["seconds"] for r in history), 1e-9)
     for name, value in (("samples_per_second", round(throughput, 1)), ("num_devices", plan.num_devices(ctx)),
                         ("world_size", ctx.world_size)):
         live.log_metric(name, value, plot=False)
     best = best_epoch(history)
-    run = {
-        "accelerator": device.type,
-        "strategy": plan.strategy,
-        "data_parallel": plan.use_data_parallel,
-        "device_ids": plan.used_device_ids(ctx),
-        "device_names": device_names(plan, ctx, device),
-        "num_devices": plan.num_devices(ctx),
-        "world_size": ctx.world_size,
-        "global_batch": cfg.batch_size,
-        "accumulate": cfg.accumulate,
-        "per_device_batch": per_device,
-        "precision": precision_name(st.amp_dtype),
-        "model": p.model.name,
-        "parameters": count_parameters(model),
-        "small_input_stem": small_stem if is_resnet(p.model.name) else None,
-        "pretrained": pretrained.source if pretrained else None,
-        "normalization": normalization[2] if normalization else "train split",
-        "dataset": info["dataset"],
-        "epochs": cfg.epochs,
-        "epochs_run": len(history),
-        "stopped_early": early_stop(history, cfg.patience) is not None,
-        "best_epoch": best,
-        "best_val_accuracy": history[best - 1]["val_accuracy"],
-        "kept": f"best (epoch {best})" if cfg.keep == "best" else f"last (epoch {len(history)})",
-        "resumed_from_epoch": start_epoch or None,
-        "epoch_seconds": [round(r["seconds"], 4) for r in history],
-        "compile": compile_mode(cfg.compile),
-        "compile_seconds": round(st.compile_seconds, 3),  # this process's; not in epoch_seconds or samples/s
-        "stage_seconds": round(time.perf_counter() - started, 3),
-        "data_on_device": train_split.images.device.type == "cuda",
-        "data_streamed": train_split.streamed,
-        "torch_version": torch.__version__,
-        "versions": library_versions(),
-        "train_params": p.section_dict("train"),
-        "samples_per_second": round(throughput, 1),
-        "peak_memory_mb": peaks,
+    run = RunSummary(
+        accelerator=device.type,
+        strategy=plan.strategy,
+        data_parallel=plan.use_data_parallel,
+        device_ids=plan.used_device_ids(ctx),
+        device_names=device_names(plan, ctx, device),
+        num_devices=plan.num_devices(ctx),
+        world_size=ctx.world_size,
+        global_batch=cfg.batch_size,
+        accumulate=cfg.accumulate,
+        per_device_batch=per_device,
+        precision=precision_name(st.amp_dtype),
+        model=p.model.name,
+        parameters=count_parameters(model),
+        small_input_stem=small_stem if is_resnet(p.model.name) else None,
+        pretrained=pretrained.source if pretrained else None,
+        normalization=normalization[2] if normalization else "train split",
+        dataset=info["dataset"],
+        epochs=cfg.epochs,
+        epochs_run=len(history),
+        stopped_early=early_stop(history, cfg.patience) is not None,
+        best_epoch=best,
+        best_val_accuracy=history[best - 1]["val_accuracy"],
+        kept=f"best (epoch {best})" if cfg.keep == "best" else f"last (epoch {len(history)})",
+        resumed_from_epoch=start_epoch or None,
+        epoch_seconds=[round(r["seconds"], 4) for r in history],
+        compile=compile_mode(cfg.compile),
+        compile_seconds=round(st.compile_seconds, 3),
+        stage_seconds=round(time.perf_counter() - started, 3),
+        data_on_device=train_split.images.device.type == "cuda",
+        data_streamed=train_split.streamed,
+        torch_version=torch.__version__,
+        versions=library_versions(),
+        train_params=p.section_dict("train"),
+        samples_per_second=round(throughput, 1),
+        peak_memory_mb=peaks,
         # On the CPU max RSS also counts the pages of the memory-mapped splits a process has read: shared
         # page cache, not its own memory (README, "Data at scale").
-        "peak_memory_kind": "cuda allocated per device" if device.type == "cuda"
+        peak_memory_kind="cuda allocated per device" if device.type == "cuda"
         else "process max RSS per process, incl. the mapped splits' shared pages",
-        **extra,  # launcher, restarts, gpu_claim
-    }
+        **extra,  # launcher, restarts, gpu_claim, threads, threads_from, omp_wait_policy
+        history=history,
+    )
     write_outputs(model_path, kept, metadata, live, run, metrics_dir)
     kept_weights = (f"epoch {best}'s weights (train.keep: best; val accuracy {history[best - 1]['val_accuracy']:.4f})"
                     if cfg.keep == "best" else f"the last epoch's weights (epoch {len(history)})")
@@ -400,31 +398,16 @@ def same_on_every_rank():
         raise RefusedOnEveryRank(str(exc)) from None
 
 
-def check_batch_size(cfg: TrainParams, n_train: int, plan: DevicePlan, ctx: DistContext, log) -> None:
+def check_batch_size(cfg: TrainParams, n_train: int, plan: DevicePlan, ctx: DistContext, launcher: str | None,
+                     log) -> None:
     batch_size = cfg.batch_size
     if batch_size > n_train:
         raise UserError(f"train.batch_size = {batch_size} is larger than the training split ({n_train} images)")
-    if batch_size % (ctx.world_size * cfg.accumulate):
-        raise UserError(f"train.batch_size = {batch_size} must be divisible by the {ctx.world_size} ddp processes "
-                        f"times train.accumulate = {cfg.accumulate}")
+    if launcher == "torchrun":  # a run this command plans was checked before any rank started (plan_training)
+        check_batch_split(cfg, ctx.world_size, under_torchrun=True)
     if plan.use_data_parallel and cfg.pass_batch < plan.num_devices(ctx):
         log(f"warning: train.batch_size = {batch_size} is smaller than the {plan.num_devices(ctx)} GPUs; "
             f"some GPUs get no samples")
-
-
-# How a run is kept going, whether a file may be fetched, how the data reaches the device: not what it computes.
-LAUNCH_ONLY = {"train.max_restarts", "train.dist_timeout", "model.download", "train.data_placement"}
-
-
-def run_fingerprint(p: Params, data_dir: Path) -> dict:
-    """What the weights depend on: the model and train params, the content of a local weights file,
-    and the prepared training data. (model.download decides only whether a file may be fetched.)"""
-    fingerprint = trained_params(p, LAUNCH_ONLY)
-    if weights_kind(p.model.weights) == "file":
-        fingerprint["model.weights sha256"] = file_digest([Path(p.model.weights)])[:16]
-    fingerprint["prepared data sha256"] = file_digest(
-        [data_dir / "info.json", data_dir / "train.safetensors", data_dir / "val.safetensors"])[:16]
-    return fingerprint
 
 
 def shared_checkpoint(path: Path, fingerprint: dict, ctx: DistContext, log) -> Checkpoint | None:
@@ -546,7 +529,8 @@ def open_live(live_dir: Path, history: list[dict]):
     return live
 
 
-def write_outputs(model_path: Path, model: torch.nn.Module, metadata: dict, live, run: dict, metrics_dir: Path) -> None:
+def write_outputs(model_path: Path, model: torch.nn.Module, metadata: dict, live, run: RunSummary,
+                  metrics_dir: Path) -> None:
     """The stage's outputs, all at the very end, each written beside and renamed into place: the
     weights, then DVCLive's folder moved from its staging place into `metrics_dir` (the curves'
     folder swapped whole, so no curve of an older run survives), then run.json. dvc.yaml marks them
@@ -557,14 +541,12 @@ def write_outputs(model_path: Path, model: torch.nn.Module, metadata: dict, live
     for item in sorted(live_dir.iterdir()):
         install(item, metrics_dir / item.name)
     shutil.rmtree(live_dir, ignore_errors=True)
-    write_json(metrics_dir / "run.json", run)
+    run.write(metrics_dir / "run.json")
 
 
 def log_epoch(live, record: dict) -> None:
-    live.log_metric("train/loss", round(record["train_loss"], 6))
-    live.log_metric("train/accuracy", round(record["train_accuracy"], 6))
-    live.log_metric("val/loss", round(record["val_loss"], 6))
-    live.log_metric("val/accuracy", round(record["val_accuracy"], 6))
+    for name, value in curve_point(record).items():
+        live.log_metric(name, value)
     live.next_step()
 
 

@@ -102,6 +102,22 @@ def train_in_process(tmp_path: Path, name: str, prepared: Path, model: dict | No
     return out, result
 
 
+def run_summary(**changes):
+    """The RunSummary (run.json) of a small one-process CPU run with `changes`: for tests of what reads it."""
+    from stages.run_summary import RunSummary
+
+    base = dict(accelerator="cpu", strategy="dp", data_parallel=False, device_ids=[], device_names=["cpu"],
+                num_devices=1, world_size=1, global_batch=64, accumulate=1, per_device_batch=64, precision="fp32",
+                model="small-cnn", parameters=1000, small_input_stem=None, pretrained=None,
+                normalization="train split", dataset="digits", epochs=2, epochs_run=2, stopped_early=False,
+                best_epoch=2, best_val_accuracy=0.9, kept="last (epoch 2)", resumed_from_epoch=None, epoch_seconds=[],
+                compile=None, compile_seconds=0.0, stage_seconds=3.0, data_on_device=False, data_streamed=False,
+                torch_version="2.14.1", versions={}, train_params={}, samples_per_second=3000.0, peak_memory_mb=[],
+                peak_memory_kind="process max RSS per process", launcher=None, restarts=0, gpu_claim=None,
+                threads=1, threads_from="train.threads", omp_wait_policy="default", history=[])
+    return RunSummary(**{**base, **changes})
+
+
 def error_line(result) -> str:
     """The one `error: ...` line of a CliRunner result that failed as a UserError (exit 2, no traceback)."""
     assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output

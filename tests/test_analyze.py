@@ -15,10 +15,12 @@ import pytest
 from typer.testing import CliRunner
 
 from stages.analyze import report as report_text
-from stages.analyze.probe import device_counts, planned_points
 from stages.analyze.report import lessons
-from stages.analyze.stage import read_curves
 from stages.cli import app
+from stages.probe import device_counts, planned_points
+from stages.run_summary import RunSummary, read_run_summary
+
+from .helpers import run_summary
 
 FIGURES = ("learning_curves.png", "per_class.png", "confusion.png", "misclassified.png")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -41,9 +43,14 @@ def invoke(*args: str) -> str:
 
 
 def analyze(root: Path, params: Path, out: Path) -> str:
-    return invoke("analyze", "--params", str(params), "--data", str(root / "data"),
-                  "--model", str(root / "model.safetensors"), "--train-metrics", str(root / "train"),
-                  "--eval-metrics", str(root / "evaluate"), "--out", str(out))
+    """The probe stage, then the analyze stage, as `dvc repro` runs them: what they printed."""
+    scaling = out / "scaling.json"
+    return invoke("probe", "--params", str(params), "--data", str(root / "data"),
+                  "--model", str(root / "model.safetensors"), "--run", str(root / "train" / "run.json"),
+                  "--out", str(scaling)) + \
+        invoke("analyze", "--params", str(params), "--data", str(root / "data"),
+               "--model", str(root / "model.safetensors"), "--train-metrics", str(root / "train"),
+               "--eval-metrics", str(root / "evaluate"), "--scaling", str(scaling), "--out", str(out))
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +124,8 @@ def test_report_numbers_match_the_inputs(run):
     assert lessons_text.count("\n- ") >= 1 and f"{summary['per_device_batch']} samples per device" in lessons_text
     with (run / "evaluate" / "predictions.csv").open() as f:
         predictions = list(csv.DictReader(f))
-    about_the_model = report_text.model_lessons(read_curves(run / "train"), per_class, predictions)
+    curves = read_run_summary(run / "train" / "run.json").curves()
+    about_the_model = report_text.model_lessons(curves, per_class, predictions)
     assert about_the_model and all(f"- {line}\n" in lessons_text for line in about_the_model)
 
 
@@ -166,7 +174,7 @@ def test_default_probe_on_one_device_times_nothing_and_says_so_in_one_line(run):
     log = (run / "report_default.log").read_text()
     assert "scaling probe not run: " in log and "nothing to compare" in log
     scaling = json.loads((run / "report_default" / "scaling.json").read_text())
-    assert scaling == {"probe": "nothing to compare", "reason": line.removeprefix("Not run: "), "rows": []}
+    assert scaling == {"probe": "nothing to compare", "reason": line.removeprefix("Not run: "), "rows": [], "gpus": []}
     assert not (run / "report_default" / "figures" / "scaling.png").exists()
 
 
@@ -182,9 +190,10 @@ def test_probe_off_is_skipped_and_said(run):
 # --- the lessons logic on synthetic measurements -----------------------------------
 
 
-def gpu_run(per_device_batch: int, devices: int = 2, strategy: str = "dp") -> dict:
-    return {"accelerator": "cuda", "num_devices": devices, "per_device_batch": per_device_batch,
-            "global_batch": per_device_batch * devices, "samples_per_second": 20000.0, "strategy": strategy}
+def gpu_run(per_device_batch: int, devices: int = 2, strategy: str = "dp", **changes) -> RunSummary:
+    return run_summary(**{"accelerator": "cuda", "num_devices": devices, "per_device_batch": per_device_batch,
+                          "global_batch": per_device_batch * devices, "samples_per_second": 20000.0,
+                          "strategy": strategy, **changes})
 
 
 def row(strategy: str, devices: int, speedup: float, scaling: str = "weak") -> dict:
@@ -222,14 +231,13 @@ def test_healthy_scaling_gives_only_the_measured_line():
 
 
 def test_slow_first_epoch_is_explained():
-    run = {**gpu_run(64, devices=1), "samples_per_second": 5504.0, "epoch_seconds": [0.86, 0.07, 0.08, 0.08, 0.08]}
+    run = gpu_run(64, devices=1, samples_per_second=5504.0, epoch_seconds=[0.86, 0.07, 0.08, 0.08, 0.08])
     [line] = [line for line in lessons(run, [], [], True, True) if "first epoch" in line]
     assert "0.86 s against 0.08 s" in line and "16,099 samples/s" in line
 
 
 def test_cpu_run_says_multi_gpu_lessons_need_gpus():
-    cpu = {"accelerator": "cpu", "num_devices": 1, "per_device_batch": 64, "global_batch": 64,
-           "samples_per_second": 9000.0, "strategy": "dp"}
+    cpu = run_summary(samples_per_second=9000.0)
     lines = lessons(cpu, [row("dp", 1, 1.0)], [], True, None)
     assert any("need a machine with 2 or more GPUs" in line and "10,000 samples/s" in line for line in lines)
 
@@ -243,9 +251,10 @@ def test_planned_points_cover_weak_and_strong_scaling():
 
 
 def test_ddp_probe_point_runs_two_cpu_processes(run):
-    """The DDP worker path (`python -m stages.analyze.probe`) on the CPU with gloo, as the tests of train do."""
-    from stages.analyze.probe import time_ddp_point
+    """The DDP rank path (`python -m stages probe` under the elastic launcher, its point in the launch plan)
+    on the CPU with gloo, as the tests of train do."""
     from stages.params import TrainParams
+    from stages.probe import time_ddp_point
 
     point = time_ddp_point(run / "model.safetensors", run / "data", TrainParams(batch_size=32), "cpu",
                            world_size=2, global_batch=32, steps=2)

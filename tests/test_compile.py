@@ -93,9 +93,10 @@ def test_train_stage_compiles_and_reports_the_compile_time_apart(tmp_path, prepa
     assert run["compile"] == "reduce-overhead" and run["compile_seconds"] > 0
     assert json.loads((eager / "metrics" / "run.json").read_text())["compile_seconds"] == 0
     from stages.analyze.report import run_summary_section
+    from stages.run_summary import read_run_summary
 
     info = json.loads((prepared_digits / "info.json").read_text())
-    summary = "\n".join(run_summary_section(run, info, run["train_params"]))
+    summary = "\n".join(run_summary_section(read_run_summary(compiled / "metrics" / "run.json"), info))
     assert f"(not counting {run['compile_seconds']:.1f} s of torch.compile, mode reduce-overhead)" in summary
     a, _ = load_tensors(eager / "model.safetensors")
     b, _ = load_tensors(compiled / "model.safetensors")

@@ -49,7 +49,9 @@ def test_batch_not_divisible_by_the_self_launched_ranks_is_one_line(tmp_path, pr
 
 @pytest.mark.parametrize("train, said", [
     (dict(strategy="ddp", batch_size=63),
-     "error: train.batch_size = 63 must be divisible by the 2 ddp processes times train.accumulate = 1"),
+     "error: train.batch_size = 63 is not allowed with 2 ddp processes (WORLD_SIZE = 2, from torchrun): the batch "
+     "must split into 2 equal parts; use a multiple of 2 such as 62 or 64, or another process count (torchrun's "
+     "--nproc-per-node)"),
     (dict(strategy="dp"), "error: started by torchrun with WORLD_SIZE=2 but train.strategy = 'dp'; "
                           "set train.strategy: ddp"),
 ], ids=["batch not divisible", "strategy dp"])

@@ -23,7 +23,6 @@ from stages.core.weights import load_model, model_metadata, read_metadata, save_
 from stages.onnx_model import FORMAT
 from stages.params import validate
 from stages.prepared import load_prepared
-from stages.train import LAUNCH_ONLY
 
 from .helpers import ROOT, error_line, run_stages, write_params
 from .test_predict import read_csv, write_digit_files
@@ -122,7 +121,7 @@ def initialised_model(path: Path, name: str, prepared: Path) -> Path:
     with torch.no_grad():
         for start in range(0, 1024, 256):
             model(normalize(images[start : start + 256], mean, std))
-    recorded = trained_params(validate({"model": {"name": name}}), LAUNCH_ONLY)  # as if trained with defaults
+    recorded = trained_params(validate({"model": {"name": name}}))  # as if trained with defaults
     save_model(path, model.eval(), model_metadata(name, info, params=recorded))
     return path
 

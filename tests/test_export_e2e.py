@@ -23,7 +23,7 @@ def test_repro_exports_and_reruns_export_only_for_its_params(tmp_path):
     commit(repo, "short run")
 
     out = sh(repo, "dvc", "repro").stdout
-    assert ran(out) == ["check-params", "prepare-data", "train", "evaluate", "analyze", "export"]
+    assert ran(out) == ["check-params", "prepare-data", "train", "evaluate", "probe", "analyze", "export"]
     assert "ONNX Runtime matches PyTorch on 359 test images" in out  # the digits' whole test split (< 512)
     first = (repo / "models/model.onnx").read_bytes()
     meta = {p.key: json.loads(p.value) for p in onnx.load_from_string(first).metadata_props}

@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from stages.analyze.probe import ProbePoint, ProbeResult, merge_identical_modes, scaling_rows
+from stages.analyze.report import merge_identical_modes
 from stages.core.checkpoint import fingerprint_difference, flatten_optimizer_state, unflatten_optimizer_state
 from stages.core.loop import cosine_lr, epoch_permutation
 from stages.io import load_tensors, save_tensors
 from stages.prepare_data import stratified_split
 from stages.prepared import ChannelStats, channel_histogram
+from stages.probe import ProbePoint, ProbeResult, scaling_rows
 
 # --- prepare-data ------------------------------------------------------------------------------
 

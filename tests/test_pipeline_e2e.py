@@ -131,7 +131,8 @@ def project(tmp_path_factory):
 
 def test_repro_runs_every_stage_and_learns(project):
     repo = project["repo"]
-    assert ran(project["first_output"]) == ["check-params", "prepare-data", "train", "evaluate", "analyze", "export"]
+    assert ran(project["first_output"]) == ["check-params", "prepare-data", "train", "evaluate", "probe", "analyze",
+                                            "export"]
     m = metrics(repo)
     test = m["metrics/evaluate/metrics.json"]["test"]
     assert test["accuracy"] >= 0.97 and 0 < test["loss"] < 0.2
@@ -139,7 +140,7 @@ def test_repro_runs_every_stage_and_learns(project):
     train = m["metrics/train/metrics.json"]
     assert train["samples_per_second"] > 0 and train["num_devices"] == 1 and train["world_size"] == 1
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"check-params", "prepare-data", "train", "evaluate", "analyze", "export"}
+    assert set(lock["stages"]) == {"check-params", "prepare-data", "train", "evaluate", "probe", "analyze", "export"}
     assert set(lock["stages"]["prepare-data"]["params"]["params.yaml"]) == {"data"}
     artifacts = yaml.safe_load((repo / "dvc.yaml").read_text())["artifacts"]
     assert any(a["type"] == "model" and a["path"] == "models/model.safetensors" for a in artifacts.values())
@@ -154,14 +155,41 @@ def test_default_params_still_give_the_reference_weights(project):
 def test_second_repro_runs_nothing(project):
     out = sh(project["repo"], "dvc", "repro").stdout
     assert ran(out) == []
-    assert out.count("didn't change, skipping") == 6
+    assert out.count("didn't change, skipping") == 7
+
+
+def test_a_report_wording_change_reruns_analyze_alone_and_a_probe_change_probe_and_analyze(project):
+    """analyze only reads files: a sentence of the report reruns it alone, never the probe that times the
+    hardware; a change to the probe reruns the probe and then analyze, which reads its file."""
+    repo = project["repo"]
+    report, probe = repo / "stages/analyze/report.py", repo / "stages/probe.py"
+    report_text, probe_text = report.read_text(), probe.read_text()
+    assert '"## Lessons"' in report_text and "so there is nothing to compare one device with" in probe_text
+    try:
+        report.write_text(report_text.replace('"## Lessons"', '"## What this run teaches"'))
+        assert set(status(repo)) == {"analyze"}
+        out = sh(repo, "dvc", "repro").stdout
+        assert ran(out) == ["analyze"]
+        assert "## What this run teaches" in (repo / "report/report.md").read_text()
+        # Without GPUs (probe_ddp off), the default probe says in its file why it did not run.
+        probe.write_text(probe_text.replace("so there is nothing to compare one device with",
+                                            "so there is nothing to set one device against"))
+        assert set(status(repo)) == {"probe"}
+        out = sh(repo, "dvc", "repro").stdout
+        assert ran(out) == ["probe", "analyze"]
+        assert "nothing to set one device against" in (repo / "report/report.md").read_text()
+    finally:
+        report.write_text(report_text)
+        probe.write_text(probe_text)
+    sh(repo, "dvc", "repro")
+    assert status(repo) == {}
 
 
 def test_epochs_change_reruns_train_not_prepare(project):
     repo = project["repo"]
     set_param(repo, "train", "epochs", 8)
     out = sh(repo, "dvc", "repro").stdout
-    assert ran(out) == ["check-params", "train", "evaluate", "analyze", "export"]
+    assert ran(out) == ["check-params", "train", "evaluate", "probe", "analyze", "export"]
     assert "Stage 'prepare-data' didn't change, skipping" in out
     commit(repo, "8 epochs")
 
@@ -369,7 +397,7 @@ def test_killed_training_resumes_under_dvc(project):
     assert (repo / "checkpoints" / "train.safetensors").is_file()
     assert status(repo) != {}
     out = sh(repo, "dvc", "repro").stdout
-    assert ran(out) == ["train", "evaluate", "analyze", "export"]
+    assert ran(out) == ["train", "evaluate", "probe", "analyze", "export"]
     resuming = [line for line in out.splitlines() if "Resuming" in line]
     assert len(resuming) == 1 and "of 30" in resuming[0]
     assert "epoch 1/30" not in out and "epoch 30/30" in out

@@ -1,6 +1,6 @@
 """The report's text, lessons and figures from small files in the formats the analyze stage reads.
 
-Each case writes what train and evaluate would (run.json, DVCLive's .tsv curves, metrics.json,
+Each case writes what train and evaluate would (run.json with its per-epoch history, metrics.json,
 per_class.json as evaluate computes it, predictions.csv), reads it back with the stage's own
 readers, and checks what the report makes of it. The whole report on a real run is in
 tests/test_analyze.py.
@@ -11,22 +11,28 @@ from __future__ import annotations
 import csv
 import json
 import re
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
 
-from stages.analyze import figures, probe, report, stage
+from stages import probe
+from stages.analyze import figures, report, stage
+from stages.errors import UserError
+from stages.run_summary import read_run_summary
+
+from .helpers import run_summary
 
 # --- the input files ---------------------------------------------------------------
 
 
 def write_curves(train_dir: Path, curves: dict[str, dict[str, list[float]]]) -> None:
-    """DVCLive's plots/metrics/<split>/<metric>.tsv: a `step<TAB><metric>` header, one row per epoch."""
-    for metric, splits in curves.items():
-        for split, values in splits.items():
-            path = train_dir / "plots" / "metrics" / split / f"{metric}.tsv"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(f"step\t{metric}\n" + "".join(f"{i}\t{v}\n" for i, v in enumerate(values)))
+    """run.json with these curves as its per-epoch history."""
+    epochs = len(curves["loss"]["train"])
+    history = [{"epoch": i + 1, **{f"{split}_{metric}": curves[metric][split][i] for metric in curves
+                                   for split in ("train", "val")}} for i in range(epochs)]
+    train_dir.mkdir(parents=True, exist_ok=True)
+    run_summary(history=history).write(train_dir / "run.json")
 
 
 def write_evaluation(eval_dir: Path, classes: list[str], pairs: list[tuple[str, str]]) -> None:
@@ -51,7 +57,7 @@ def write_evaluation(eval_dir: Path, classes: list[str], pairs: list[tuple[str, 
 
 def read_back(root: Path) -> dict:
     """What the analyze stage reads, read with its own readers."""
-    return {"curves": stage.read_curves(root / "train"),
+    return {"curves": read_run_summary(root / "train" / "run.json").curves(),
             "per_class": json.loads((root / "evaluate" / "per_class.json").read_text()),
             "predictions": stage.read_predictions(root / "evaluate" / "predictions.csv"),
             "test": json.loads((root / "evaluate" / "metrics.json").read_text())["test"]}
@@ -176,7 +182,8 @@ def test_learning_curves_have_whole_epochs_and_readable_loss_labels(tmp_path, mo
     curves = {"loss": {"train": loss, "val": [v * 1.2 for v in loss]},
               "accuracy": {"train": [0.8, 0.9, 0.95, 0.97], "val": [0.8, 0.88, 0.9, 0.91]}}
     write_curves(tmp_path / "train", curves)
-    [fig] = drawn(monkeypatch, figures.learning_curves, stage.read_curves(tmp_path / "train"), tmp_path / "lc.png")
+    read = read_run_summary(tmp_path / "train" / "run.json").curves()
+    [fig] = drawn(monkeypatch, figures.learning_curves, read, tmp_path / "lc.png")
     loss_ax, accuracy_ax = fig.axes
     for ax in (loss_ax, accuracy_ax):
         low, high = ax.get_xlim()
@@ -262,20 +269,36 @@ def probe_row(strategy: str, devices: int, batch: int, rate: float) -> dict:
             "efficiency": 1.0 / devices, "peak_memory_mb": [], "note": ""}
 
 
-CPU_RUN = {"accelerator": "cpu", "strategy": "dp", "num_devices": 1, "world_size": 1, "global_batch": 64,
-           "per_device_batch": 64, "accumulate": 1, "samples_per_second": 3000.0, "stage_seconds": 9.0,
-           # 1,295 images an epoch: the first epoch paid for start-up, the others ran at about 5,162 samples/s
-           "epoch_seconds": [1.2, 0.25087, 0.25086, 0.25088]}
-CPU_PROBE = {"accelerator": "cpu", "device_names": ["cpu"], "steps": 10, "per_device_batch": 64, "global_batch": 64,
-             "seconds": 30.0, "step_seconds": 28.0, "notes": []}
+# 1,295 images an epoch: the first epoch paid for start-up, the others ran at about 5,162 samples/s
+CPU_RUN = run_summary(samples_per_second=3000.0, stage_seconds=9.0, epoch_seconds=[1.2, 0.25087, 0.25086, 0.25088])
+CPU_PROBE = {"probe": "ran", "accelerator": "cpu", "device_names": ["cpu"], "steps": 10, "warmup_steps": 2,
+             "per_device_batch": 64, "global_batch": 64, "seconds": 30.0, "step_seconds": 28.0, "notes": []}
 
 
 def test_a_probe_rate_far_from_trainings_is_flagged():
-    run = {**CPU_RUN, "samples_per_second": 1295 * 4 / sum(CPU_RUN["epoch_seconds"])}
+    run = replace(CPU_RUN, samples_per_second=1295 * 4 / sum(CPU_RUN.epoch_seconds))
     busy = [probe_row("dp", 1, 64, 46.0), probe_row("ddp", 2, 128, 80.0)]
     text = "\n".join(report.scaling_section(CPU_PROBE, busy, run, ""))
     [line] = [line for line in text.splitlines() if "Far from training" in line]
     assert "46 samples/s" in line and "5,162 samples/s" in line and "112.2× slower" in line and "busy" in line
     quiet = [probe_row("dp", 1, 64, 4800.0), probe_row("ddp", 2, 128, 7000.0)]
     assert "Far from training" not in "\n".join(report.scaling_section(CPU_PROBE, quiet, run, ""))
-    assert report.probe_far_from_training([probe_row("dp", 1, 64, 46.0)], {**run, "accumulate": 2}) is None
+    assert report.probe_far_from_training([probe_row("dp", 1, 64, 46.0)], replace(run, accumulate=2)) is None
+
+
+# --- run.json ---------------------------------------------------------------------
+
+
+def test_a_run_json_of_another_version_is_refused_in_one_line(tmp_path):
+    """analyze and the probe read run.json through RunSummary: a key missing or unknown is one line, no KeyError."""
+    path = tmp_path / "run.json"
+    data = asdict(run_summary())
+    del data["history"]
+    path.write_text(json.dumps({**data, "gpu_names": ["cpu"]}))
+    with pytest.raises(UserError) as refused:
+        read_run_summary(path)
+    assert str(refused.value).startswith(f"{path} was written by another version of the train stage (it lacks "
+                                         "history; it has unknown gpu_names); rerun `dvc repro`")
+    run_summary(history=[{"epoch": 1, "train_loss": 0.5, "train_accuracy": 0.8, "val_loss": 0.4,
+                          "val_accuracy": 0.1234567}]).write(path)
+    assert read_run_summary(path).curves()["accuracy"]["val"] == [0.123457]  # as DVCLive's curve has it

@@ -1,7 +1,6 @@
-"""The analyze stage and its parts.
+"""The analyze stage and its parts (files in, report out; the probe stage, stages/probe.py, times the devices).
 
-    stage.py    reads the run's files, runs the probe, writes report.md, figures and scaling.json
+    stage.py    reads the run's files and the probe's, writes report.md and the figures
     report.py   the report's Markdown sections and the lessons drawn from the numbers
     figures.py  the PNG figures (matplotlib)
-    probe.py    the scaling probe: training steps timed at 1, 2, 4, ... devices with the core
 """

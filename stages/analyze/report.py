@@ -1,7 +1,7 @@
 """The report's text: the Markdown sections and the lessons drawn from the measurements.
 
-Plain data in (run.json, info.json, metrics, the probe's rows), Markdown lines out; the
-stage (`stage.py`) reads the files and writes report.md.
+Plain data in (run.json's `RunSummary`, info.json, metrics, the probe's file), Markdown lines
+out; the stage (`stage.py`) reads the files and writes report.md.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import fields
 
 from ..params import TrainParams, listed, plural, show_value
+from ..run_summary import RunSummary
 
 FIGURES_DIR = "figures"
 # Thresholds of the lessons; each lesson line quotes the number it was derived from.
@@ -57,48 +58,48 @@ def figure_link(title: str, name: str) -> str:
 # --- the sections ------------------------------------------------------------------
 
 
-def run_summary_section(run: dict, info: dict, train_params: dict) -> list[str]:
+def run_summary_section(run: RunSummary, info: dict) -> list[str]:
     """What ran: data, model, the params that shape the run, devices, batches, speed, memory."""
-    epochs = run.get("epoch_seconds") or []
+    epochs = run.epoch_seconds
     mean_epoch = sum(epochs) / len(epochs) if epochs else 0.0
     epoch_time = (f"{mean_epoch:.3f} s mean over {len(epochs)} epochs (first {epochs[0]:.3f} s, "
                   f"min {min(epochs):.3f} s, max {max(epochs):.3f} s; {sum(epochs):.2f} s in all)") if epochs else "—"
     counts = info["counts"]
+    train_params = run.train_params
     keys = ("epochs", "batch_size", "lr", "optimizer", "weight_decay", "precision", "augment", "compile", "seed")
     params = ", ".join(f"{k} {show_value(train_params[k])}" for k in keys if k in train_params)
-    devices = ", ".join(run["device_names"])
-    resumed = run.get("resumed_from_epoch")
-    ids = f" (ids {run['device_ids']})" if run.get("device_ids") else ""
+    devices = ", ".join(run.device_names)
+    ids = f" (ids {run.device_ids})" if run.device_ids else ""
     rows = [
         ["dataset", f"{info['dataset']}: {counts['train']} train / {counts['val']} val / {counts['test']} test images, "
                     f"shape {info['shape']}, {info['num_classes']} classes"],
         ["model", model_description(run)],
-        ["normalisation", f"mean and std of the {run.get('normalization', 'train split')}"],
+        ["normalisation", f"mean and std of the {run.normalization}"],
         ["train params", params],
         ["recipe", recipe_description(train_params)],
-        ["precision", run.get("precision", "—")],
-        ["accelerator", run["accelerator"]],
-        ["devices", f"{run['num_devices']}: {devices}{ids}"],
-        ["strategy", f"{run['strategy']}" + (" (nn.DataParallel)" if run.get("data_parallel") else "")
-                     + (f", {run['world_size']} processes" if run.get("world_size", 1) > 1 else "")],
-        ["batch", f"global {run['global_batch']}, per device {run['per_device_batch']}"
-                  + (f" ({run['accumulate']} passes per step)" if run.get("accumulate", 1) > 1 else "")],
-        ["epochs", epochs_description(run, resumed)],
+        ["precision", run.precision],
+        ["accelerator", run.accelerator],
+        ["devices", f"{run.num_devices}: {devices}{ids}"],
+        ["strategy", f"{run.strategy}" + (" (nn.DataParallel)" if run.data_parallel else "")
+                     + (f", {run.world_size} processes" if run.world_size > 1 else "")],
+        ["batch", f"global {run.global_batch}, per device {run.per_device_batch}"
+                  + (f" ({run.accumulate} passes per step)" if run.accumulate > 1 else "")],
+        ["epochs", epochs_description(run)],
         ["wall time per epoch", epoch_time],
-        ["throughput", f"{fmt_rate(run['samples_per_second'])} samples/s"
-                       + (f" (not counting {run['compile_seconds']:.1f} s of torch.compile, mode {run['compile']})"
-                          if run.get("compile") else "")],
-        ["peak memory (MiB)", f"{fmt_memory(run.get('peak_memory_mb', []))} ({run.get('peak_memory_kind', '')})"],
+        ["throughput", f"{fmt_rate(run.samples_per_second)} samples/s"
+                       + (f" (not counting {run.compile_seconds:.1f} s of torch.compile, mode {run.compile})"
+                          if run.compile else "")],
+        ["peak memory (MiB)", f"{fmt_memory(run.peak_memory_mb)} ({run.peak_memory_kind})"],
     ]
     return ["## Run summary", "", *md_table(["", ""], rows), ""]
 
 
-def model_description(run: dict) -> str:
+def model_description(run: RunSummary) -> str:
     """The model, its size, its stem and where its starting weights came from."""
-    text = f"{run['model']}, {run['parameters']:,} parameters"
-    if run.get("small_input_stem") is not None:
-        text += ", small-image stem" if run["small_input_stem"] else ", ImageNet stem"
-    source = run.get("pretrained")
+    text = f"{run.model}, {run.parameters:,} parameters"
+    if run.small_input_stem is not None:
+        text += ", small-image stem" if run.small_input_stem else ", ImageNet stem"
+    source = run.pretrained
     if source is None:
         return text + ", trained from scratch"
     if "torchvision" in source:
@@ -116,14 +117,13 @@ def recipe_description(train_params: dict) -> str:
     return ", ".join(changed) if changed else "none (all recipe keys at their defaults)"
 
 
-def epochs_description(run: dict, resumed: int | None) -> str:
-    text = str(run["epochs"]) + (f" (resumed after epoch {resumed})" if resumed else "")
-    if run.get("stopped_early"):
-        text += f"; stopped early after epoch {run['epochs_run']} (train.patience)"
-    if "best_epoch" in run:
-        text += (f"; best val accuracy {run['best_val_accuracy']:.4f} at epoch {run['best_epoch']}; "
-                 f"weights kept: {run['kept']}")
-    return text
+def epochs_description(run: RunSummary) -> str:
+    resumed = run.resumed_from_epoch
+    text = str(run.epochs) + (f" (resumed after epoch {resumed})" if resumed else "")
+    if run.stopped_early:
+        text += f"; stopped early after epoch {run.epochs_run} (train.patience)"
+    return text + (f"; best val accuracy {run.best_val_accuracy:.4f} at epoch {run.best_epoch}; "
+                   f"weights kept: {run.kept}")
 
 
 def predicted_counts(predictions: list[dict]) -> dict[str, int]:
@@ -235,25 +235,25 @@ def later_epochs_median(epochs: list[float]) -> float:
     return sorted(epochs[1:])[len(epochs[1:]) // 2]
 
 
-def steady_rate(run: dict) -> tuple[float, str]:
+def steady_rate(run: RunSummary) -> tuple[float, str]:
     """Training's samples/s without the first epoch's start-up, and how it was taken."""
-    epochs = run.get("epoch_seconds") or []
+    epochs = run.epoch_seconds
     if len(epochs) < 2:
-        return run["samples_per_second"], "over its one epoch"
+        return run.samples_per_second, "over its one epoch"
     mean = sum(epochs) / len(epochs)
-    return run["samples_per_second"] * mean / later_epochs_median(epochs), "its median epoch after the first"
+    return run.samples_per_second * mean / later_epochs_median(epochs), "its median epoch after the first"
 
 
-def probe_far_from_training(rows: list[dict], run: dict) -> str | None:
+def probe_far_from_training(rows: list[dict], run: RunSummary) -> str | None:
     """A warning when the probe's point in training's own configuration ran at a rate far from training's.
 
     The two time the same steps of the same model, so a large factor says the machine was shared
     while one of them ran, and the probe's other numbers are suspect too."""
-    if run.get("accumulate", 1) > 1:  # training made several passes per step; the probe makes one
+    if run.accumulate > 1:  # training made several passes per step; the probe makes one
         return None
-    same = [r for r in rows if r["samples_per_second"] and r["devices"] == run["num_devices"]
-            and r["global_batch"] == run["global_batch"]]
-    point = next((r for r in same if r["strategy"] == run["strategy"]), same[0] if same else None)
+    same = [r for r in rows if r["samples_per_second"] and r["devices"] == run.num_devices
+            and r["global_batch"] == run.global_batch]
+    point = next((r for r in same if r["strategy"] == run.strategy), same[0] if same else None)
     if point is None:
         return None
     trained, how = steady_rate(run)
@@ -269,9 +269,21 @@ def probe_far_from_training(rows: list[dict], run: dict) -> str | None:
             "trusting these numbers.")
 
 
-def scaling_section(probe: dict | None, rows: list[dict], run: dict, skipped_reason: str) -> list[str]:
-    from .probe import WARMUP_STEPS, merge_identical_modes
+def merge_identical_modes(rows: list[dict]) -> list[dict]:
+    """Weak and strong rows that are the same measurement (same strategy, devices and batch) as one
+    row labelled 'weak = strong' — on one device with one-device training they always are."""
+    merged: list[dict] = []
+    for row in rows:
+        twin = next((m for m in merged if m["strategy"] == row["strategy"] and m["devices"] == row["devices"]
+                     and m["global_batch"] == row["global_batch"]), None)
+        if twin is not None and twin["speedup"] == row["speedup"]:
+            twin["scaling"] = "weak = strong"
+        else:
+            merged.append(dict(row))
+    return merged
 
+
+def scaling_section(probe: dict | None, rows: list[dict], run: RunSummary, skipped_reason: str) -> list[str]:
     lines = ["## Scaling probe", ""]
     if probe is None:
         return lines + [f"Not run: {skipped_reason}", ""]
@@ -282,7 +294,8 @@ def scaling_section(probe: dict | None, rows: list[dict], run: dict, skipped_rea
     else:
         device = f"{plural(len(names), 'visible GPU')} ({', '.join(names)})"
     lines += [
-        f"Timed {probe['steps']} training steps (after {WARMUP_STEPS} warm-up steps) of the trained model on {device}: "
+        f"Timed {probe['steps']} training steps (after {probe['warmup_steps']} warm-up steps) of the trained model on "
+        f"{device}: "
         f"weak scaling keeps {probe['per_device_batch']} samples per device, strong scaling splits the global "
         f"batch of {probe['global_batch']}. Speedup and efficiency are against one device in the same mode.",
         "",
@@ -301,22 +314,23 @@ def scaling_section(probe: dict | None, rows: list[dict], run: dict, skipped_rea
     if far:
         lines += ["", f"**Far from training's rate**: {far}"]
     lines += ["", figure_link("Scaling", "scaling.png"), ""]
-    lines += [probe_cost_line(probe, run["stage_seconds"]), ""]
+    lines += [probe_cost_line(probe, run.stage_seconds), ""]
     if probe["notes"]:
         lines += ["Not measured:", "", *[f"- {note}" for note in probe["notes"]], ""]
     return lines
 
 
-def lessons(run: dict, rows: list[dict], gpus: list[dict], batchnorm: bool, data_on_device: bool | None) -> list[str]:
+def lessons(run: RunSummary, rows: list[dict], gpus: list[dict], batchnorm: bool,
+            data_on_device: bool | None) -> list[str]:
     """Advice that follows from the measurements; every line carries the number behind it.
 
     rows: the probe's derived rows (may be empty); gpus: `probe.gpu_inventory()` of this machine.
     """
-    devices = plural(run["num_devices"], run["accelerator"] + " device")
-    out = [f"Training ran at {fmt_rate(run['samples_per_second'])} samples/s on {devices} with "
-           f"{run['per_device_batch']} samples per device (global batch {run['global_batch']})."]
+    devices = plural(run.num_devices, run.accelerator + " device")
+    out = [f"Training ran at {fmt_rate(run.samples_per_second)} samples/s on {devices} with "
+           f"{run.per_device_batch} samples per device (global batch {run.global_batch})."]
     measured = [r for r in rows if r["samples_per_second"]]
-    if run["accelerator"] == "cpu" and not gpus:
+    if run.accelerator == "cpu" and not gpus:
         single = next((r for r in measured if r["devices"] == 1), None)
         probe = ""
         if single:
@@ -324,34 +338,34 @@ def lessons(run: dict, rows: list[dict], gpus: list[dict], batchnorm: bool, data
                      f"at batch {single['global_batch']}")
         out.append(f"No GPU here: training ran on the CPU{probe}. The multi-GPU lessons (DataParallel "
                    "efficiency, DDP, GPU balance) need a machine with 2 or more GPUs.")
-    elif run["accelerator"] == "cpu":
+    elif run.accelerator == "cpu":
         out.append(f"Training ran on the CPU with {plural(len(gpus), 'GPU')} visible here: "
                    "set `train.accelerator: auto` (or cuda) to use them.")
-    epochs = run.get("epoch_seconds") or []
+    epochs = run.epoch_seconds
     if len(epochs) >= 2:
         rest = later_epochs_median(epochs)
         if epochs[0] > SLOW_FIRST_EPOCH * rest:
             start_up = epochs[0] - rest
             steady, _ = steady_rate(run)
-            causes = ("lazy imports, first allocations, other work on the machine" if run["accelerator"] == "cpu"
+            causes = ("lazy imports, first allocations, other work on the machine" if run.accelerator == "cpu"
                       else "CUDA context, cuDNN autotuning, lazy imports")
             out.append(f"The first epoch took {epochs[0]:.2f} s against {rest:.2f} s for the others: start-up "
                        f"({causes}) is {100 * start_up / sum(epochs):.0f}% of the "
-                       f"{sum(epochs):.2f} s of training, so the run's {fmt_rate(run['samples_per_second'])} samples/s "
+                       f"{sum(epochs):.2f} s of training, so the run's {fmt_rate(run.samples_per_second)} samples/s "
                        f"understates the steady rate of about {fmt_rate(steady)} samples/s; train longer for a truer "
                        "average.")
     dp_weak = [r for r in measured if r["strategy"] == "dp" and r["scaling"] == "weak" and r["devices"] > 1]
     if dp_weak:
         widest = max(dp_weak, key=lambda r: r["devices"])
         if widest["efficiency"] is not None and widest["efficiency"] < LOW_EFFICIENCY:
-            advice = "set `train.strategy: ddp`" if run["strategy"] == "dp" else "keep `train.strategy: ddp`"
+            advice = "set `train.strategy: ddp`" if run.strategy == "dp" else "keep `train.strategy: ddp`"
             out.append(f"DataParallel reached {100 * widest['efficiency']:.0f}% efficiency on {widest['devices']} GPUs "
                        f"(below {100 * LOW_EFFICIENCY:.0f}%): one process scatters inputs and gathers outputs every "
                        f"step; {advice} (one process per GPU).")
-    if batchnorm and run["per_device_batch"] < SMALL_BATCH_FOR_BATCHNORM:
-        out.append(f"Each device sees only {run['per_device_batch']} samples per step (< {SMALL_BATCH_FOR_BATCHNORM}): "
+    if batchnorm and run.per_device_batch < SMALL_BATCH_FOR_BATCHNORM:
+        out.append(f"Each device sees only {run.per_device_batch} samples per step (< {SMALL_BATCH_FOR_BATCHNORM}): "
                    f"BatchNorm statistics are computed per device and get noisy; raise `train.batch_size` to "
-                   f"{SMALL_BATCH_FOR_BATCHNORM * run['num_devices']} or more.")
+                   f"{SMALL_BATCH_FOR_BATCHNORM * run.num_devices} or more.")
     if len(gpus) > 1:
         kinds = {(g["name"], g["memory_gib"], g["multiprocessors"]) for g in gpus}
         if len(kinds) > 1:

@@ -1,31 +1,30 @@
 """The analyze stage: how well the model did and how well the devices were used.
 
-Reads the prepared data, the weights, the train stage's run.json, metrics and DVCLive
-curves, and the evaluate stage's metrics, per-class scores and predictions. Writes
+Reads files only: the prepared data, the weights, the train stage's run.json, the probe stage's
+report/scaling.json, and the evaluate stage's metrics, per-class scores and predictions. Writes
 
   report/report.md       run summary, quality, scaling probe, lessons (links the figures)
   report/figures/*.png   learning curves, per-class scores, confusion matrix (up to
                          MAX_CLASSES_IN_MATRIX classes), misclassified images, scaling (when the probe ran)
-  report/scaling.json    the probe's settings, timed points and derived rows
 
-Only the scaling probe needs torch; everything else is files in, files out. The weights are
-first checked against the data and params.yaml (the check evaluate and predict make, too). The
-figures are drawn into a folder beside report/figures that replaces it whole once the report is
-complete, then scaling.json and report.md are renamed into place: a refusal midway leaves the
-last report as it was.
+It trains nothing and times nothing (the probe stage does), so a change to the report's wording
+reruns this stage alone. The weights are first checked against the data and params.yaml (the
+check evaluate and predict make, too). The figures are drawn into a folder beside report/figures
+that replaces it whole once the report is complete, then report.md is renamed into place: a
+refusal midway leaves the last report as it was.
 """
 
 from __future__ import annotations
 
 import csv
-from dataclasses import replace
 from pathlib import Path
 
 from ..core.weights import check_weights_use, read_metadata
 from ..errors import UserError
-from ..io import load_tensors, read_json, staged_dir, write_json, write_text
+from ..io import load_tensors, read_json, staged_dir, write_text
 from ..params import Params
 from ..prepared import load_prepared, read_info
+from ..run_summary import read_run_summary
 from . import figures
 from .report import (
     FIGURES_DIR,
@@ -45,21 +44,6 @@ MAX_MISCLASSIFIED_SHOWN = 32
 
 
 # --- reading the inputs ------------------------------------------------------------
-
-
-def read_tsv_column(path: Path, column: str) -> list[float]:
-    """One column of a DVCLive .tsv (step<TAB>value rows) as floats; [] when the file is missing."""
-    if not path.is_file():
-        return []
-    with path.open(newline="") as f:
-        return [float(row[column]) for row in csv.DictReader(f, delimiter="\t")]
-
-
-def read_curves(train_dir: Path) -> dict[str, dict[str, list[float]]]:
-    """Per-epoch train/val loss and accuracy from the train stage's DVCLive plots."""
-    base = Path(train_dir) / "plots" / "metrics"
-    return {metric: {split: read_tsv_column(base / split / f"{metric}.tsv", metric) for split in ("train", "val")}
-            for metric in ("loss", "accuracy")}
 
 
 def read_predictions(path: Path) -> list[dict]:
@@ -114,62 +98,44 @@ def write_figures(figures_dir: Path, curves: dict, per_class: dict, predictions:
     return written
 
 
-PROBE_OFF = "`analyze.probe` is false, so no training steps were timed; set it to true to measure scaling."
-
-
-def probe_scaling(p: Params, model_path: Path, data_dir: Path, run: dict):
-    """(scaling.json's probe data or None, its rows, this machine's GPUs, why the probe did not run)."""
-    from ..params import TrainParams
-    from .probe import gpu_inventory, nothing_to_compare, probe_json, run_probe
-
-    gpus = gpu_inventory()
-    reason = PROBE_OFF if not p.analyze.probe else nothing_to_compare(len(gpus), p.analyze.probe_ddp)
-    if reason:
-        return None, [], gpus, reason
-    # One forward pass per step (no accumulation): the probe times what each device computes per pass.
-    cfg = replace(TrainParams(**run["train_params"]), accumulate=1)
-    # On the CPU: as many DDP processes as training ran, or the smallest comparison, 2.
-    processes = run["world_size"] if run["accelerator"] == "cpu" and run.get("world_size", 1) > 1 else 2
-    result = run_probe(model_path, data_dir, cfg, run["per_device_batch"],
-                       run["global_batch"], p.analyze.probe_steps, p.analyze.probe_ddp, processes)
-    data = probe_json(result)
-    return data, data["rows"], gpus, ""
+def read_scaling(path: Path) -> dict:
+    """The probe stage's file: what it measured, or that it did not run and why."""
+    data = read_json(path)
+    if not isinstance(data, dict) or data.get("probe") not in ("ran", "off", "nothing to compare") \
+            or not {"rows", "gpus"} <= set(data):
+        raise UserError(f"{path} was not written by this version's probe stage; rerun `dvc repro`")
+    return data
 
 
 def analyze_stage(p: Params, params_path: Path, data_dir: Path, model_path: Path, train_dir: Path, eval_dir: Path,
-                  out_dir: Path) -> None:
+                  scaling_path: Path, out_dir: Path) -> None:
     data_dir, model_path, train_dir, eval_dir, out_dir = map(Path, (data_dir, model_path, train_dir, eval_dir, out_dir))
     info = read_info(data_dir)
     check_weights_use(read_metadata(model_path), model_path, params=(p, params_path), data=(info, data_dir))
-    run = read_json(train_dir / "run.json")
+    run = read_run_summary(train_dir / "run.json")
     test = read_json(eval_dir / "metrics.json")["test"]
     per_class = read_json(eval_dir / "per_class.json")
     predictions = read_predictions(eval_dir / "predictions.csv")
-    curves = read_curves(train_dir)
-    # The probe times steps with the params training used, which run.json records (a dep).
-    train_params = run["train_params"]
-
-    probe, rows, gpus, skipped = probe_scaling(p, model_path, data_dir, run)
+    curves = run.curves()
+    scaling = read_scaling(Path(scaling_path))
+    probe = scaling if scaling["probe"] == "ran" else None
+    rows, gpus, skipped = scaling["rows"], scaling["gpus"], scaling.get("reason", "")
     figures_dir = out_dir / FIGURES_DIR
-    train_seconds = run["stage_seconds"]  # the train process's wall time, start-up included
+    train_seconds = run.stage_seconds  # the train process's wall time, start-up included
     with staged_dir(figures_dir) as staged:  # holds exactly this run's figures once the block completes
         written = write_figures(staged, curves, per_class, predictions, info["class_names"], data_dir,
                                 rows if probe is not None else None)
         report = [
-            f"# Run report: {run['model']} on {info['dataset']}",
+            f"# Run report: {run.model} on {info['dataset']}",
             "",
-            *run_summary_section(run, info, train_params),
+            *run_summary_section(run, info),
             *quality_section(test, per_class, predictions, curves),
             *scaling_section(probe, rows, run, skipped),
             *lessons_section(model_lessons(curves, per_class, predictions)
                              + lessons(run, rows, gpus, has_batchnorm(model_path), probe and probe["data_on_device"])),
         ]
-    write_json(out_dir / "scaling.json", probe if probe is not None else
-               {"probe": "off" if skipped == PROBE_OFF else "nothing to compare", "reason": skipped, "rows": []})
     write_text(out_dir / "report.md", "\n".join(report))
-    if probe is None:
-        print(f"scaling probe not run: {skipped}")
-    elif far := probe_far_from_training(rows, run):
+    if probe is not None and (far := probe_far_from_training(rows, run)):
         print(f"warning: {far}")
     cost = (f"; probe {probe['seconds']:.2f} s ({probe['step_seconds']:.2f} s of steps) vs {train_seconds:.2f} s "
             "the train stage took" if probe is not None else "")

@@ -21,6 +21,8 @@ from torch import nn
 
 from ..errors import UserError
 from ..io import load_tensors, save_tensors
+from ..params import Params, weights_kind
+from .weights import trained_params
 
 FORMAT = "stages.checkpoint/1"
 
@@ -137,6 +139,18 @@ def load_checkpoint(path: Path) -> Checkpoint:
         ema_state=unprefixed("ema", tensors),
         best_state=unprefixed("best", tensors),
     )
+
+
+def run_fingerprint(p: Params, data_dir: Path) -> dict:
+    """What the weights depend on, so that a run resumes only from a checkpoint of this very run: the
+    params that change the result (`trained_params`), the content of a local weights file, and the
+    prepared training data."""
+    fingerprint = trained_params(p)
+    if weights_kind(p.model.weights) == "file":
+        fingerprint["model.weights sha256"] = file_digest([Path(p.model.weights)])[:16]
+    fingerprint["prepared data sha256"] = file_digest(
+        [data_dir / "info.json", data_dir / "train.safetensors", data_dir / "val.safetensors"])[:16]
+    return fingerprint
 
 
 def fingerprint_difference(old: dict, new: dict) -> str | None:

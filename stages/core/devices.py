@@ -107,17 +107,21 @@ def plan_training(cfg: TrainParams) -> DevicePlan:
     return plan
 
 
-def check_batch_split(cfg: TrainParams, processes: int) -> None:
-    """train.batch_size must split evenly into train.accumulate passes on each DDP process."""
+def check_batch_split(cfg: TrainParams, processes: int, under_torchrun: bool = False) -> None:
+    """train.batch_size must split evenly into train.accumulate passes on each DDP process. The
+    processes are train.devices' for a run this project starts, torchrun's WORLD_SIZE under torchrun."""
     parts = processes * cfg.accumulate
     if cfg.batch_size % parts == 0:
         return
     lower, upper = cfg.batch_size // parts * parts, (cfg.batch_size // parts + 1) * parts
     fits = f"{lower} or {upper}" if lower else str(upper)
-    how = (f"{plural(processes, 'ddp process', 'ddp processes')} (train.devices = {show_in_error(cfg.devices)})"
+    chosen = (f"WORLD_SIZE = {processes}, from torchrun" if under_torchrun
+              else f"train.devices = {show_in_error(cfg.devices)}")
+    how = (f"{plural(processes, 'ddp process', 'ddp processes')} ({chosen})"
            + (f" times train.accumulate = {cfg.accumulate}" if cfg.accumulate > 1 else ""))
+    other = "another process count (torchrun's --nproc-per-node)" if under_torchrun else "another device count"
     raise UserError(f"train.batch_size = {cfg.batch_size} is not allowed with {how}: the batch must split into "
-                    f"{parts} equal parts; use a multiple of {parts} such as {fits}, or another device count")
+                    f"{parts} equal parts; use a multiple of {parts} such as {fits}, or {other}")
 
 
 def with_claimed(plan: DevicePlan, ids: list[int]) -> DevicePlan:

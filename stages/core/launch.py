@@ -1,17 +1,20 @@
 """Start the DDP ranks of one machine with torch's elastic launcher, the engine torchrun is.
 
-`python -m stages train` with `train.strategy: ddp` (and the analyze stage's DDP probe points)
-start their ranks here, so one machine and many run the same code under the same agent, with
-its failure handling and restarts: when a rank dies, the agent stops the others and, while
-`max_restarts` allows, starts the whole group again (the train stage then resumes from its last
-checkpoint). Each launch gets its own rendezvous port (c10d on 127.0.0.1:0: the OS picks a free
-one), so experiments running side by side never meet. A failure that ends the launch becomes
-one line naming the rank, how it died and what to do.
+`python -m stages train` with `train.strategy: ddp` and the probe stage's DDP points start their
+ranks here, in one way: each rank reruns the same command (`python -m stages <command> ...`) and
+finds the plan its launching command made in one environment variable (`launched_plan`). So one
+machine and many run the same code under the same agent, with its failure handling and restarts:
+when a rank dies, the agent stops the others and, while `max_restarts` allows, starts the whole
+group again (the train stage then resumes from its last checkpoint). Each launch gets its own
+rendezvous port (c10d on 127.0.0.1:0: the OS picks a free one), so experiments running side by
+side never meet. A failure that ends the launch becomes one line naming the rank, how it died and
+what to do.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -25,15 +28,24 @@ from pathlib import Path
 from ..errors import UserError
 from . import rank_status
 
+PLAN_ENV = "STAGES_LAUNCH"  # the plan a command gives the ranks it starts (JSON): devices, claim, probe point
+
 
 class Stopped(UserError):
     """The launch was stopped by a signal (Ctrl-C, SIGTERM): the caller may add what was kept."""
 
 
+def launched_plan() -> dict | None:
+    """The plan the command that started this rank gave it (`launch_ranks(plan=...)`); None for a
+    rank that torchrun started, where no command of ours ran before the ranks."""
+    return json.loads(os.environ[PLAN_ENV]) if PLAN_ENV in os.environ else None
+
+
 def launch_ranks(module: str, argv: list[str], nproc: int, max_restarts: int, timeout_s: float,
-                 env: dict[str, str] | None = None) -> None:
-    """Run `python -m MODULE ARGV` as `nproc` DDP ranks on this machine and wait for them; `env`
-    is added to the ranks' environment. Raises UserError when the group fails for good."""
+                 plan: dict | None = None, env: dict[str, str] | None = None) -> None:
+    """Run `python -m MODULE ARGV` as `nproc` DDP ranks on this machine and wait for them; each
+    rank reads `plan` with `launched_plan()`, and `env` is added to the ranks' environment.
+    Raises UserError when the group fails for good."""
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -50,6 +62,7 @@ def launch_ranks(module: str, argv: list[str], nproc: int, max_restarts: int, ti
             monitor_interval=0.1, logs_specs=DefaultLogsSpecs(log_dir=str(Path(tmp) / "logs")))
         ranks_env = {
             **(env or {}),
+            **({PLAN_ENV: json.dumps(plan)} if plan is not None else {}),
             # The agent then gives each attempt a fresh store hosted by rank 0, instead of sharing its
             # own across restarts, which in torch 2.5+ makes about half of all restarts fail or hang
             # (pytorch/pytorch#135712).
@@ -80,7 +93,7 @@ def launch_ranks(module: str, argv: list[str], nproc: int, max_restarts: int, ti
 def own_signal_handlers():
     """Give back the signal handlers torch's agent replaces: it makes SIGTERM, SIGINT, SIGHUP and SIGQUIT
     raise an exception in this process and never restores them, which would outlive the launch in a
-    caller that goes on (a test, the analyze stage's probe) and in every process it forks later."""
+    caller that goes on (a test, the probe stage) and in every process it forks later."""
     names = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
     saved = {sig: signal.getsignal(sig) for sig in (getattr(signal, n) for n in names if hasattr(signal, n))}
     try:

@@ -5,7 +5,8 @@ Metadata: the format tag, an allow-listed model name, the number of classes, the
 the class names, the normalisation (per-channel mean and std in [0, 1] units), the dataset,
 how an image file becomes the model's input (`image_mode`, `resize`: see `stages/prepared.py`),
 and `params`: the model.* and train.* params that made these weights ("train.lr": 0.002, ...;
-those that only decide how a run is launched are left out, see `LAUNCH_ONLY` in stages/train.py).
+those declared `affects_result=False` in stages/params.py, which only decide how a run is launched,
+are left out).
 Every consumer of the weights checks them against params.yaml (`check_trained_with`), since DVC
 can be made to pair weights with params that did not make them (`dvc commit`, `dvc exp save`).
 Written only where they apply:
@@ -117,11 +118,10 @@ def check_fits(meta: dict, info: dict, path: str | Path, data_dir: str | Path) -
                     "that belong together")
 
 
-def trained_params(p: Params, launch_only: set[str] | frozenset[str] = frozenset()) -> dict[str, Any]:
+def trained_params(p: Params) -> dict[str, Any]:
     """The model.* and train.* params as recorded in a model file ("train.lr" -> 0.002), in
-    declaration order, without the `launch_only` keys (they do not change the weights)."""
-    return {f"{section}.{key}": value for section in RECORDED_SECTIONS for key, value in p.section_dict(section).items()
-            if f"{section}.{key}" not in launch_only}
+    declaration order, without those that do not change the weights (`affects_result=False`)."""
+    return p.result_params(RECORDED_SECTIONS)
 
 
 def check_trained_with(meta: dict, p: Params, params_path: str | Path, path: str | Path) -> None:
@@ -131,7 +131,11 @@ def check_trained_with(meta: dict, p: Params, params_path: str | Path, path: str
     if not isinstance(recorded, dict):
         raise UserError(f"{path} does not record the params that trained it (an older model file); retrain it with "
                         "`dvc repro` (or `dvc exp run`)")
-    current = json.loads(json.dumps(trained_params(p)))  # as the file holds them: lists, not tuples
+    # Every key, those that do not change the weights too: a file that recorded one (made before it was
+    # declared so) is still checked against it rather than refused for having it.
+    every = {f"{section}.{key}": value for section in RECORDED_SECTIONS
+             for key, value in p.section_dict(section).items()}
+    current = json.loads(json.dumps(every))  # as the file holds them: lists, not tuples
     keys = [key for key in current if key in recorded] + [key for key in recorded if key not in current]
     for key in keys:
         if key not in current:

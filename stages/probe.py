@@ -1,23 +1,26 @@
-"""The scaling probe: time a few training steps of the trained model at 1, 2, 4, ... devices.
+"""The probe stage: time a few training steps of the trained model at 1, 2, 4, ... devices.
 
-It answers "how does the speed scale with the number of GPUs?" by timing `steps`
-optimizer steps (after a short warm-up) of the trained architecture with the
-training core itself (`prepare_model`, `build_loop_state`, `train_one_epoch`), at
+It answers "how does the speed scale with the number of GPUs?" by timing `analyze.probe_steps`
+optimizer steps (after a short warm-up) of the trained architecture with the training core itself
+(`prepare_model`, `build_loop_state`, `train_one_epoch`), at
 
   weak scaling:   the training run's per-device batch on every device (global batch grows),
-  strong scaling: the training run's global batch split over the devices.
+  strong scaling: the training run's global batch split over the devices,
 
-DataParallel points run in this process; DDP points start one `python -m stages.analyze.probe`
-rank per device with torch's elastic launcher (`core.launch`), as the train stage starts its
-ranks. It times only what it can compare: 2 or more GPUs, or on a machine without CUDA (with
-`analyze.probe_ddp`) one process against several DDP processes. One device alone is a single
-point, with no speedup to read, which the train stage's own samples/s already gives.
+and writes what it measured to one JSON file (report/scaling.json), which the analyze stage
+reads. It is a stage of its own because it times the hardware: a change to the report's wording
+reruns analyze, never this.
+
+DataParallel points run in this process; DDP points start their ranks with torch's elastic
+launcher (`core.launch`), as the train stage does: each rank reruns `python -m stages probe` and
+finds its point in the launch plan. It times only what it can compare: 2 or more GPUs, or on a
+machine without CUDA (with `analyze.probe_ddp`) one process against several DDP processes. One
+device alone is a single point, with no speedup to read, which the train stage's own samples/s
+already gives; then the file records that the probe did not run, and why.
 """
 
 from __future__ import annotations
 
-import json
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -25,16 +28,17 @@ from pathlib import Path
 
 import torch
 
-from ..core.batches import Split, place_split
-from ..core.devices import DevicePlan, configure_determinism, peak_memory_mb, process_device
-from ..core.distributed import DistContext, all_gather_floats, init_distributed, shutdown_distributed
-from ..core.launch import launch_ranks
-from ..core.loop import build_loop_state, prepare_model, train_one_epoch
-from ..core.weights import load_model
-from ..errors import UserError
-from ..io import read_json, write_json
-from ..params import TrainParams
-from ..prepared import load_prepared
+from .core.batches import Split, place_split
+from .core.devices import DevicePlan, configure_determinism, peak_memory_mb, process_device
+from .core.distributed import DistContext, all_gather_floats, process_group
+from .core.launch import launch_ranks
+from .core.loop import build_loop_state, prepare_model, train_one_epoch
+from .core.weights import check_weights_use, load_model, read_metadata
+from .errors import UserError
+from .io import read_json, write_json
+from .params import Params, TrainParams
+from .prepared import load_prepared, read_info
+from .run_summary import read_run_summary
 
 WARMUP_STEPS = 2  # the first steps pay for CUDA context, cuDNN autotuning and DataParallel replicas
 
@@ -182,16 +186,16 @@ def time_dp_point(weights: Path, split: Split, info: dict, cfg: TrainParams, dev
 
 def time_ddp_point(weights: Path, data_dir: Path, cfg: TrainParams, accelerator: str, world_size: int,
                    global_batch: int, steps: int) -> ProbePoint:
-    """One process per device, started by torch's elastic launcher (no restarts); rank 0 reports."""
+    """One process per device, started by torch's elastic launcher (no restarts) as `python -m stages
+    probe` with this point as its plan (see `probe_rank`); rank 0 reports."""
     point = ProbePoint("ddp", world_size, global_batch)
     with tempfile.TemporaryDirectory(prefix="stages-probe-") as tmp:
         out = Path(tmp) / "result.json"
-        request = {"weights": str(weights), "data": str(data_dir),
-                   "train": asdict(replace(cfg, batch_size=global_batch)),
-                   "accelerator": accelerator, "steps": steps, "out": str(out)}
+        plan = {"weights": str(weights), "data": str(data_dir),
+                "train": asdict(replace(cfg, batch_size=global_batch)),
+                "accelerator": accelerator, "steps": steps, "out": str(out)}
         try:
-            launch_ranks("stages.analyze.probe", [json.dumps(request)], world_size, max_restarts=0,
-                         timeout_s=cfg.dist_timeout)
+            launch_ranks("stages", ["probe"], world_size, max_restarts=0, timeout_s=cfg.dist_timeout, plan=plan)
         except UserError as exc:
             point.note = str(exc)
             return point
@@ -203,12 +207,15 @@ def time_ddp_point(weights: Path, data_dir: Path, cfg: TrainParams, accelerator:
     return point
 
 
-def ddp_worker(request: dict) -> None:
-    """One DDP rank of a probe point: same placement, wrapping and steps as `train --strategy ddp`."""
+def probe_rank(request: dict | None) -> None:
+    """One DDP rank of a probe point (`request`: the launch plan `time_ddp_point` made): same placement,
+    wrapping and steps as the train stage's ranks."""
+    if request is None:
+        raise UserError("the probe stage starts its own DDP ranks; run `python -m stages probe` (or `dvc repro "
+                        "probe`) without torchrun")
     accelerator = request["accelerator"]
     cfg = TrainParams(**request["train"])
-    ctx = init_distributed(accelerator, cfg.dist_timeout)
-    try:
+    with process_group(accelerator, cfg.dist_timeout) as ctx:
         ids = list(range(ctx.world_size)) if accelerator == "cuda" else []
         plan = DevicePlan(accelerator, "ddp", ids, ctx.world_size)
         device = process_device(plan, ctx)
@@ -225,8 +232,6 @@ def ddp_worker(request: dict) -> None:
         peaks = all_gather_floats(peak_memory_mb(plan, device), ctx, device)
         if ctx.is_main:
             write_json(request["out"], {"seconds": slowest, "warmup_seconds": warmup, "peak_memory_mb": peaks})
-    finally:
-        shutdown_distributed()
 
 
 # --- the probe ---------------------------------------------------------------------
@@ -317,24 +322,37 @@ def scaling_rows(result: ProbeResult) -> list[dict]:
     return rows
 
 
-def merge_identical_modes(rows: list[dict]) -> list[dict]:
-    """Weak and strong rows that are the same measurement (same strategy, devices and batch) as one
-    row labelled 'weak = strong' — on one device with one-device training they always are."""
-    merged: list[dict] = []
-    for row in rows:
-        twin = next((m for m in merged if m["strategy"] == row["strategy"] and m["devices"] == row["devices"]
-                     and m["global_batch"] == row["global_batch"]), None)
-        if twin is not None and twin["speedup"] == row["speedup"]:
-            twin["scaling"] = "weak = strong"
-        else:
-            merged.append(dict(row))
-    return merged
+def probe_json(result: ProbeResult, gpus: list[dict]) -> dict:
+    """What report/scaling.json holds when the probe ran: the settings, every measured point, the
+    derived rows, and this machine's GPUs (`gpu_inventory`)."""
+    return {"probe": "ran", **asdict(result), "step_seconds": result.step_seconds, "warmup_steps": WARMUP_STEPS,
+            "rows": scaling_rows(result), "gpus": gpus}
 
 
-def probe_json(result: ProbeResult) -> dict:
-    """What report/scaling.json holds: the settings, every measured point and the derived rows."""
-    return {**asdict(result), "step_seconds": result.step_seconds, "rows": scaling_rows(result)}
+# --- the stage ---------------------------------------------------------------------
+
+PROBE_OFF = "`analyze.probe` is false, so no training steps were timed; set it to true to measure scaling."
 
 
-if __name__ == "__main__":  # a DDP rank started by time_ddp_point
-    ddp_worker(json.loads(sys.argv[1]))
+def probe_stage(p: Params, params_path: Path, data_dir: Path, model_path: Path, run_path: Path,
+                out_path: Path) -> None:
+    """Time the trained model as training ran it (run.json says how), or say why not; write `out_path`."""
+    check_weights_use(read_metadata(model_path), model_path, params=(p, params_path),
+                      data=(read_info(data_dir), data_dir))
+    run = read_run_summary(run_path)
+    gpus = gpu_inventory()
+    reason = PROBE_OFF if not p.analyze.probe else nothing_to_compare(len(gpus), p.analyze.probe_ddp)
+    if reason:
+        write_json(out_path, {"probe": "off" if reason == PROBE_OFF else "nothing to compare", "reason": reason,
+                              "rows": [], "gpus": gpus})
+        print(f"scaling probe not run: {reason}")
+        return
+    # One forward pass per step (no accumulation): the probe times what each device computes per pass.
+    cfg = replace(TrainParams(**run.train_params), accumulate=1)
+    # On the CPU: as many DDP processes as training ran, or the smallest comparison, 2.
+    processes = run.world_size if run.accelerator == "cpu" and run.world_size > 1 else 2
+    result = run_probe(model_path, data_dir, cfg, run.per_device_batch, run.global_batch,
+                       p.analyze.probe_steps, p.analyze.probe_ddp, processes)
+    write_json(out_path, probe_json(result, gpus))
+    print(f"wrote {out_path}: {len(result.points)} points timed in {result.seconds:.2f} s "
+          f"({result.step_seconds:.2f} s of steps) vs {run.stage_seconds:.2f} s the train stage took")
