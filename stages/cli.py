@@ -136,12 +136,12 @@ def train(
         from .core.distributed import under_launcher
         from .core.run_lock import one_run_per_checkpoint
         from .params import load_params
-        from .train import train_stage
+        from .train import TrainPaths, train_stage
 
         p = load_params(params)
         # The command a user or DVC starts holds the lock; the DDP ranks it (or torchrun) starts do not.
         with nullcontext() if under_launcher() else one_run_per_checkpoint(checkpoint):
-            train_stage(p, data, model, metrics, checkpoint, sys.argv[1:])
+            train_stage(p, TrainPaths(data, model, metrics, checkpoint), sys.argv[1:])
 
     _run(stage)
 

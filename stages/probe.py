@@ -30,8 +30,8 @@ import torch
 
 from .core.batches import Split, place_split
 from .core.devices import DevicePlan, configure_determinism, peak_memory_mb, process_device
-from .core.distributed import DistContext, all_gather_floats, process_group
-from .core.launch import launch_ranks
+from .core.distributed import DistContext, all_gather_floats
+from .core.launch import launch_ranks, run_as_rank
 from .core.loop import build_loop_state, prepare_model, train_one_epoch
 from .core.weights import check_weights_use, load_model, read_metadata
 from .errors import UserError
@@ -208,30 +208,33 @@ def time_ddp_point(weights: Path, data_dir: Path, cfg: TrainParams, accelerator:
 
 
 def probe_rank(request: dict | None) -> None:
-    """One DDP rank of a probe point (`request`: the launch plan `time_ddp_point` made): same placement,
-    wrapping and steps as the train stage's ranks."""
+    """One DDP rank of a probe point (`request`: the launch plan `time_ddp_point` made): same entry,
+    placement, wrapping and steps as the train stage's ranks."""
     if request is None:
         raise UserError("the probe stage starts its own DDP ranks; run `python -m stages probe` (or `dvc repro "
                         "probe`) without torchrun")
     accelerator = request["accelerator"]
     cfg = TrainParams(**request["train"])
-    with process_group(accelerator, cfg.dist_timeout) as ctx:
-        ids = list(range(ctx.world_size)) if accelerator == "cuda" else []
-        plan = DevicePlan(accelerator, "ddp", ids, ctx.world_size)
-        device = process_device(plan, ctx)
-        steps = request["steps"]
-        images, labels, info = load_prepared(request["data"], "train")
-        split = place_split(*probe_samples(images, labels, max(steps, WARMUP_STEPS) * cfg.batch_size), device,
-                            cfg.data_placement)
-        if accelerator == "cuda":
-            reset_peak_memory([device.index])
-        model, st = build_probe_model(Path(request["weights"]), cfg, plan, ctx, device, info, steps * cfg.batch_size)
-        warmup, seconds = time_steps(model, split, st, steps)
-        # Ranks step in lockstep; the slowest rank's time is the step time.
-        slowest = max(all_gather_floats([seconds], ctx, device))
-        peaks = all_gather_floats(peak_memory_mb(plan, device), ctx, device)
-        if ctx.is_main:
-            write_json(request["out"], {"seconds": slowest, "warmup_seconds": warmup, "peak_memory_mb": peaks})
+    run_as_rank(accelerator, cfg.dist_timeout, lambda ctx, restart: time_rank(request, cfg, ctx))
+
+
+def time_rank(request: dict, cfg: TrainParams, ctx: DistContext) -> None:
+    accelerator, steps = request["accelerator"], request["steps"]
+    ids = list(range(ctx.world_size)) if accelerator == "cuda" else []
+    plan = DevicePlan(accelerator, "ddp", ids, ctx.world_size)
+    device = process_device(plan, ctx)
+    images, labels, info = load_prepared(request["data"], "train")
+    split = place_split(*probe_samples(images, labels, max(steps, WARMUP_STEPS) * cfg.batch_size), device,
+                        cfg.data_placement)
+    if accelerator == "cuda":
+        reset_peak_memory([device.index])
+    model, st = build_probe_model(Path(request["weights"]), cfg, plan, ctx, device, info, steps * cfg.batch_size)
+    warmup, seconds = time_steps(model, split, st, steps)
+    # Ranks step in lockstep; the slowest rank's time is the step time.
+    slowest = max(all_gather_floats([seconds], ctx, device))
+    peaks = all_gather_floats(peak_memory_mb(plan, device), ctx, device)
+    if ctx.is_main:
+        write_json(request["out"], {"seconds": slowest, "warmup_seconds": warmup, "peak_memory_mb": peaks})
 
 
 # --- the probe ---------------------------------------------------------------------

@@ -1,6 +1,8 @@
-"""The train stage: check the params against the data, decide on resume, build, train epoch by
-epoch, write the outputs. The training core (`stages/core/`) does the work; this shell adds
-DVCLive logging, the per-epoch checkpoint, the weights file and the run summary.
+"""The train stage: load the data and check the params against it, resume, build, train epoch by
+epoch (validate, checkpoint, stop early), write the outputs; `train()` reads top down, and each
+step is a named helper below it or in the core. The training core (`stages/core/`) does the work
+(devices, launching and joining DDP ranks, the loop, the checkpoint and resume); this shell adds
+DVCLive logging, the weights file and the run summary (`RunSummary`, run.json).
 
 Only rank 0 logs and writes. Outputs (paths from dvc.yaml via the CLI):
   model weights (.safetensors), DVCLive metrics + per-epoch plots, run.json
@@ -20,20 +22,20 @@ import contextlib
 import os
 import shutil
 import sys
-import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .core.batches import place_split
+from .core.batches import Split, place_split
 from .core.checkpoint import (
     Checkpoint,
-    fingerprint_difference,
-    load_checkpoint,
-    restore_rng,
+    restore_loop_state,
+    resumable_checkpoint,
     run_fingerprint,
     save_checkpoint,
+    shared_checkpoint,
 )
 from .core.devices import (
     DevicePlan,
@@ -49,37 +51,42 @@ from .core.devices import (
 )
 from .core.distributed import (
     DistContext,
-    PeerLost,
     RefusedOnEveryRank,
     all_gather_floats,
     all_reduce_sum,
-    broadcast_bytes,
-    collective_device,
-    collective_errors,
     init_distributed,
     shutdown_distributed,
     under_launcher,
 )
 from .core.gpu_claims import claim_gpus
-from .core.launch import Stopped, launch_ranks, launched_plan
-from .core.loop import build_loop_state, compile_mode, evaluate, prepare_model, train_one_epoch, unwrap
+from .core.launch import Stopped, launch_ranks, launched_plan, refuse_once, run_as_rank
+from .core.loop import LoopState, build_loop_state, compile_mode, evaluate, prepare_model, train_one_epoch, unwrap
 from .core.models import build_model, check_input_size, count_parameters, set_backbone_trainable, uses_small_stem
 from .core.precision import precision_name
-from .core.pretrained import fetch_weights, fit_pretrained, pretrained_normalization, read_pretrained
-from .core.rank_status import RestartReport, describe, restart_report, start_rank_status
+from .core.pretrained import Pretrained, fetch_weights, fit_pretrained, pretrained_normalization, read_pretrained
+from .core.rank_status import RestartReport, describe
 from .core.readout import LatestValue
 from .core.threads import set_threads
 from .core.transforms import augmentations
 from .core.weights import model_metadata, save_model, trained_params
-from .errors import UserError, first_line
+from .errors import UserError
 from .io import install
 from .params import Params, TrainParams, free_gpu_count, is_resnet, plural, show_value
 from .prepared import load_prepared
 from .run_summary import RunSummary, curve_point
 
 
-def train_stage(p: Params, data_dir: Path, model_path: Path, metrics_dir: Path, checkpoint_path: Path,
-                argv: list[str]) -> None:
+@dataclass(frozen=True)
+class TrainPaths:
+    """The train stage's files (dvc.yaml's, through the CLI): the data it reads and what it writes."""
+
+    data: Path  # the prepared data
+    model: Path  # the weights (.safetensors)
+    metrics: Path  # DVCLive's metrics and curves, and run.json
+    checkpoint: Path  # the per-epoch checkpoint: no DVC output, deleted once the outputs are written
+
+
+def train_stage(p: Params, paths: TrainPaths, argv: list[str]) -> None:
     """Plan the devices (claiming free GPUs when asked); start the DDP ranks, or be one; train."""
     started = time.perf_counter() - (process_seconds() or 0.0)  # count the process's start-up too
     cfg = p.train
@@ -88,7 +95,7 @@ def train_stage(p: Params, data_dir: Path, model_path: Path, metrics_dir: Path, 
         if cfg.strategy != "ddp":
             refuse_once(RefusedOnEveryRank(f"started by torchrun with WORLD_SIZE={world} but train.strategy = "
                                            f"{cfg.strategy!r}; set train.strategy: ddp"), launched=False)
-        run_rank(p, data_dir, model_path, metrics_dir, checkpoint_path, started)
+        run_rank(p, paths, started)
         return
     plan = plan_training(cfg)  # refused here once, before any rank starts
     fetch_weights(p.model, progress=sys.stderr.isatty())  # once, before any rank starts
@@ -107,13 +114,13 @@ def train_stage(p: Params, data_dir: Path, model_path: Path, metrics_dir: Path, 
                                    "gpu_claim": claim.record() if claim else None},
                              env=rank_environment(plan))
             except Stopped as exc:  # before rank 0 could say where it stopped: the checkpoint says it
-                raise UserError(f"{exc}; {checkpoint_kept(checkpoint_path, p, data_dir)}") from None
+                raise UserError(f"{exc}; {checkpoint_kept(p, paths)}") from None
             return
         ctx = init_distributed(plan.accelerator, cfg.dist_timeout) if plan.strategy == "ddp" else DistContext()
         try:
             extra = {"launcher": None, "restarts": 0, "gpu_claim": claim.record() if claim else None}
             with out_of_memory_advice(cfg, plan, ctx):
-                train(p, plan, ctx, data_dir, model_path, metrics_dir, checkpoint_path, started, None, extra)
+                train(p, plan, ctx, paths, started, None, extra)
         finally:
             shutdown_distributed()
     finally:
@@ -121,51 +128,25 @@ def train_stage(p: Params, data_dir: Path, model_path: Path, metrics_dir: Path, 
             claim.release()
 
 
-def run_rank(p: Params, data_dir: Path, model_path: Path, metrics_dir: Path, checkpoint_path: Path,
-             started: float) -> None:
-    """One DDP rank, started by torchrun or by this command's own launcher: join the group, learn
-    whether this is a restart (and who died), train, and leave a record of how it ended."""
+def run_rank(p: Params, paths: TrainPaths, started: float) -> None:
+    """One DDP rank, started by torchrun or by this command's own launcher (`core.launch.run_as_rank`)."""
     cfg = p.train
     launched = launched_plan()
     plan = rank_plan(cfg.accelerator, int(os.environ["WORLD_SIZE"]), launched)
-    status = start_rank_status()
     if launched is None:  # started by torchrun: no command of ours ran before the ranks
         fetch_weights(p.model, progress=False)
-    try:
-        ctx = init_distributed(plan.accelerator, cfg.dist_timeout, on_give_up=lambda m: status.end("error", m))
+
+    def rank(ctx: DistContext, restart: RestartReport | None) -> None:
         if ctx.is_main and launched is None and free_gpu_count(cfg.devices):
             print(f"note: train.devices = {cfg.devices!r} claims GPUs for runs this command starts; under torchrun, "
                   "--nproc-per-node and CUDA_VISIBLE_DEVICES choose them", flush=True)
-        with collective_errors(ctx, cfg.dist_timeout), out_of_memory_advice(cfg, plan, ctx):
-            restart = restart_report(ctx, collective_device())
-            extra = {"launcher": "stages (torch elastic)" if launched else "torchrun",
-                     "restarts": restart.attempt if restart else 0,
-                     "gpu_claim": launched.get("gpu_claim") if launched else None}
-            train(p, plan, ctx, data_dir, model_path, metrics_dir, checkpoint_path, started, restart, extra)
-    except PeerLost as exc:  # a consequence: the launcher names the rank that failed
-        status.end("peer-lost", str(exc))
-        print(exc, file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
-    except UserError as exc:
-        status.end("refused", str(exc))  # our launcher prints this message, once (launch.failure_line)
-        refuse_once(exc, launched is not None)
-    except BaseException as exc:
-        status.end("error", first_line(exc))
-        raise
-    else:
-        status.end("done")
-        status.remove()
-    finally:
-        shutdown_distributed()
+        extra = {"launcher": "stages (torch elastic)" if launched else "torchrun",
+                 "restarts": restart.attempt if restart else 0,
+                 "gpu_claim": launched.get("gpu_claim") if launched else None}
+        with out_of_memory_advice(cfg, plan, ctx):
+            train(p, plan, ctx, paths, started, restart, extra)
 
-
-def refuse_once(exc: UserError, launched: bool) -> None:
-    """End a DDP rank with a refusal said once, not once per rank: under our own launcher no rank says it
-    (the launcher prints the failed rank's message); under torchrun rank 0 says a refusal that every rank
-    reaches alike, and each rank its own. Exit code 2, as the CLI's for any refusal."""
-    if launched or (isinstance(exc, RefusedOnEveryRank) and os.environ.get("RANK", "0") != "0"):
-        raise SystemExit(2) from None
-    raise exc
+    run_as_rank(plan.accelerator, cfg.dist_timeout, rank)
 
 
 @contextlib.contextmanager
@@ -185,92 +166,46 @@ def rank_environment(plan: DevicePlan) -> dict[str, str]:
     return {"CUDA_VISIBLE_DEVICES": visible_devices_env(plan.device_ids)} if plan.accelerator == "cuda" else {}
 
 
-def train(p: Params, plan: DevicePlan, ctx: DistContext, data_dir: Path, model_path: Path, metrics_dir: Path,
-          checkpoint_path: Path, started: float, restart: RestartReport | None, extra: dict) -> None:
+def train(p: Params, plan: DevicePlan, ctx: DistContext, paths: TrainPaths, started: float,
+          restart: RestartReport | None, extra: dict) -> None:
+    """One process of the run: load, resume, build; then epoch by epoch train, validate, checkpoint
+    and stop early; then rank 0 writes the outputs."""
     cfg = p.train
     configure_determinism(cfg.deterministic)
     device = process_device(plan, ctx)
     extra = {**extra, **set_threads(cfg.threads, int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size)))}
     log = print if ctx.is_main else (lambda *a, **k: None)
 
-    # The data, and the params checked against it.
-    train_images, train_labels, info = load_prepared(data_dir, "train")
-    val_images, val_labels, _ = load_prepared(data_dir, "val")
-    with same_on_every_rank():
-        check_batch_size(cfg, len(train_labels), plan, ctx, extra["launcher"], log)
-
-    # Resume only from a checkpoint of this very run: same params, same data.
-    # Rank 0 decides, and every rank resumes from its checkpoint (after a restart of the group too).
-    fingerprint = run_fingerprint(p, data_dir)
-    resume = shared_checkpoint(checkpoint_path, fingerprint, ctx, log)
+    # Load the data and check the params against it; resume only from a checkpoint of this very run
+    # (same params, same data): rank 0 decides, every rank resumes from its checkpoint.
+    (train_images, train_labels), (val_images, val_labels), info = load_data(p, paths.data, plan, ctx,
+                                                                             extra["launcher"], log)
+    fingerprint = run_fingerprint(p, paths.data)
+    resume = shared_checkpoint(paths.checkpoint, fingerprint, ctx, log)
     start_epoch = resume.epoch if resume is not None else 0
 
-    # Build: the model for the data (seeded, so every rank starts from the same weights), checked
-    # against the image size before any work; the pretrained weights into it; wrappers, optimizer.
-    torch.manual_seed(cfg.seed)
-    c, h, _ = info["shape"]
-    small_stem = uses_small_stem(p.model.name, h, p.model.small_input_stem)
-    model = build_model(p.model.name, c, h, info["num_classes"], small_stem)
-    with same_on_every_rank():
-        check_input_size(model, p.model.name, c, h, info.get("dataset"))
-    pretrained = read_pretrained(p.model)
-    normalization = pretrained_normalization(pretrained, c)  # None: the train split's mean and std
-    if pretrained is not None and resume is None:
-        log(fit_pretrained(model, pretrained, p.model.name, small_stem))
-    if resume is not None:
-        model.load_state_dict(resume.model_state)
+    # Build: the model (its starting or resumed weights), its wrappers, the optimizer and the rest of
+    # the loop's state, as the checkpoint left them.
+    model, made = build_for_data(p, info, resume, log)
     frozen = start_epoch < cfg.freeze_epochs
     if frozen:
         set_backbone_trainable(model, False)
     wrapped = prepare_model(model, cfg, plan, ctx, device)
-    if normalization is not None:
-        info = dict(info, mean=normalization[0], std=normalization[1])
+    info = made.normalized(info)
     st = build_loop_state(wrapped, cfg, ctx, device, info, len(train_labels))
-    history: list[dict] = []
-    best_state = None  # the kept weights of the best epoch so far (train.keep: best), on the CPU
-    if resume is not None:
-        st.optimizer.load_state_dict(resume.optim_state)
-        if st.scaler is not None and resume.scaler_state:
-            st.scaler.load_state_dict(resume.scaler_state)
-        if st.ema is not None:
-            st.ema.load_state_dict(resume.ema_state)
-        best_state = resume.best_state
-        restore_rng(resume.rng)
-        st.step, history = resume.step, resume.history
-    if restart is not None:  # the elastic agent restarted the group after a rank died
-        for lost in restart.lost:
-            log(describe(lost))
-        log(f"restarted after rank {restart.lost_ranks} died (attempt {restart.attempt} of {restart.max_restarts}); "
-            + (f"resuming after epoch {start_epoch}" if resume else "no epoch had completed; starting afresh"))
-    elif resume is not None:
-        log(f"Resuming from {checkpoint_path} after epoch {start_epoch} of {cfg.epochs}")
-    per_device = plan.per_device_batch(cfg.pass_batch, ctx)
-    strategy = {"dp": "dp (nn.DataParallel)" if plan.use_data_parallel else "dp (single device)",
-                "ddp": f"ddp ({plural(ctx.world_size, 'process', 'processes')})"}[plan.strategy]
-    where = f"cuda {plan.used_device_ids(ctx)}" if device.type == "cuda" else \
-        "cpu" + (f" x{ctx.world_size} processes" if ctx.world_size > 1 else "")
-    passes = f" in {cfg.accumulate} passes of {cfg.pass_batch}" if cfg.accumulate > 1 else ""
-    threads = f", {plural(torch.get_num_threads(), 'CPU thread')}" + (" per process" if ctx.world_size > 1 else "")
-    log(f"train: accelerator {device.type}{'' if device.type == 'cuda' else ' (no CUDA device; training on the CPU)'}, "
-        f"devices {where}, strategy {strategy}, global batch {cfg.batch_size}{passes}, per-device batch {per_device}, "
-        f"precision {precision_name(st.amp_dtype)}, model {p.model.name} ({count_parameters(model):,} parameters)"
-        f"{threads if device.type == 'cpu' else ''}")
-
+    history, best_state = restore_loop_state(st, resume)  # ([], None) when starting afresh
+    log_resume(restart, resume, paths.checkpoint, cfg.epochs, log)
+    log(setup_line(p, plan, ctx, device, st, model))
     train_split = place_split(train_images, train_labels, device, cfg.data_placement)
     val_split = place_split(val_images, val_labels, device, cfg.data_placement)
-    log(f"data: {len(train_split):,} training images, {train_split.where()}")
-    augmented = augmentations(st.augment_pad, st.augment_flip, cfg.mixup_alpha, cfg.cutmix_alpha)
-    if augmented or cfg.augment:
-        flip = "" if st.augment_flip or not cfg.augment else \
-            f"; no horizontal flip (train.hflip: {show_value(cfg.hflip)}, dataset {info['dataset']})"
-        log(f"augmentation: {augmented}{flip}")
-    live = open_live(live_staging(checkpoint_path), history) if ctx.is_main else None
+    log_data(cfg, st, info, train_split, log)
+    live = open_live(live_staging(paths.checkpoint), history) if ctx.is_main else None
 
     # The epochs: train, validate (rank 0) the weights to be kept, log, checkpoint, stop early.
     progress = Progress(ctx.is_main, cfg.epochs, cfg.batch_size, device)
     # A run killed after it stopped early resumes only to write its outputs.
     last_epoch = start_epoch if early_stop(history, cfg.patience) else cfg.epochs
-    position = RunPosition(checkpoint_path, cfg.epochs, start_epoch, start_epoch if resume is not None else None)
+    position = RunPosition(paths.checkpoint, cfg.epochs, start_epoch, start_epoch if resume is not None else None)
     with position.said_on_interrupt():
         for epoch in range(start_epoch + 1, last_epoch + 1):
             position.epoch = epoch
@@ -281,30 +216,13 @@ def train(p: Params, plan: DevicePlan, ctx: DistContext, data_dir: Path, model_p
                 st.model_wrapped()
                 frozen = False
                 log(f"epoch {epoch}: the backbone trains from now on, at {cfg.backbone_lr:g} x the lr")
-            compiled_before = st.compile_seconds
-            stats = train_one_epoch(wrapped, train_split, epoch, st, progress.for_epoch(epoch))
-            if st.compile_seconds > compiled_before:
-                log(f"epoch {epoch}: compiling (train.compile: {show_value(cfg.compile)}) took "
-                    f"{st.compile_seconds - compiled_before:.1f} s, not counted in samples/s")
-            record = {"epoch": epoch, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
-                      "seconds": stats.seconds, "samples": stats.samples,
-                      "samples_per_second": stats.samples_per_second}
-            history.append(record)
+            history.append(train_epoch(wrapped, train_split, epoch, st, progress, cfg, log))
             stop = None
             if ctx.is_main:
-                kept = kept_model(wrapped, st)
-                val = evaluate(kept, val_split, st.mean, st.std, p.evaluate.batch_size, device, st.amp_dtype,
-                               st.channels_last)
-                record.update(val_loss=val.loss, val_accuracy=val.accuracy)
-                log_epoch(live, record)
-                if cfg.keep == "best" and best_epoch(history) == epoch:
-                    best_state = {k: v.detach().cpu().clone() for k, v in kept.state_dict().items()}
-                save_checkpoint(checkpoint_path, unwrap(wrapped), st.optimizer, st.scaler, epoch, st.step, history,
-                                fingerprint, st.ema, best_state)
+                best_state = validate(wrapped, st, val_split, history, best_state, p, device, live)
+                save_epoch_checkpoint(paths.checkpoint, wrapped, st, history, fingerprint, best_state)
                 position.saved = epoch
-                log(f"epoch {epoch}/{cfg.epochs}  train loss {stats.loss:.4f} acc {stats.accuracy:.4f}  "
-                    f"val loss {val.loss:.4f} acc {val.accuracy:.4f}  "
-                    f"{stats.samples_per_second:,.0f} samples/s  {stats.seconds:.2f}s", flush=True)
+                log(epoch_line(history[-1], cfg.epochs), flush=True)
                 stop = early_stop(history, cfg.patience)
             if cfg.patience and stop_on_every_rank(stop is not None, ctx, device):
                 log(stop)
@@ -317,14 +235,153 @@ def train(p: Params, plan: DevicePlan, ctx: DistContext, data_dir: Path, model_p
     kept = kept_model(wrapped, st)
     if best_state is not None:
         kept.load_state_dict(best_state)
-    metadata = model_metadata(p.model.name, info, small_stem, pretrained.source if pretrained else None,
-                              normalization, trained_params(p))
+    run = summarize(p, plan, ctx, device, st, model, made, info, history, start_epoch, train_split, peaks,
+                    started, extra)
+    write_outputs(paths, kept, made.metadata(p, info), live, run)
+    log(saved_line(paths.model, cfg, st, run))
+    # Last: a kill before this line leaves the checkpoint, and the next run rewrites the outputs from it.
+    paths.checkpoint.unlink(missing_ok=True)
+
+
+# --- the steps above, spelled out ---------------------------------------------------------
+
+
+def load_data(p: Params, data_dir: Path, plan: DevicePlan, ctx: DistContext, launcher: str | None, log):
+    """The train and val splits ((images, labels) each, memory-mapped) and info.json, with the batch
+    checked against the training split and the processes that share it."""
+    train_images, train_labels, info = load_prepared(data_dir, "train")
+    val_images, val_labels, _ = load_prepared(data_dir, "val")
+    with same_on_every_rank():
+        check_batch_size(p.train, len(train_labels), plan, ctx, launcher, log)
+    return (train_images, train_labels), (val_images, val_labels), info
+
+
+@dataclass(frozen=True)
+class MadeFor:
+    """How the model was made for the data: its stem, its starting weights, its normalisation."""
+
+    small_stem: bool
+    pretrained: Pretrained | None
+    normalization: tuple[list[float], list[float], str] | None  # None: the train split's mean and std
+
+    def normalized(self, info: dict) -> dict:
+        """info.json with the mean and std the model is trained with."""
+        if self.normalization is None:
+            return info
+        return dict(info, mean=self.normalization[0], std=self.normalization[1])
+
+    def metadata(self, p: Params, info: dict) -> dict:
+        """The weights file's metadata (core/weights.py)."""
+        return model_metadata(p.model.name, info, self.small_stem, self.pretrained.source if self.pretrained else None,
+                              self.normalization, trained_params(p))
+
+
+def build_for_data(p: Params, info: dict, resume: Checkpoint | None, log) -> tuple[torch.nn.Module, MadeFor]:
+    """The model for the data (seeded, so every rank starts from the same weights), checked against the
+    image size before any work, with the pretrained weights in it, or the checkpoint's when resuming."""
+    torch.manual_seed(p.train.seed)
+    c, h, _ = info["shape"]
+    small_stem = uses_small_stem(p.model.name, h, p.model.small_input_stem)
+    model = build_model(p.model.name, c, h, info["num_classes"], small_stem)
+    with same_on_every_rank():
+        check_input_size(model, p.model.name, c, h, info.get("dataset"))
+    pretrained = read_pretrained(p.model)
+    normalization = pretrained_normalization(pretrained, c)
+    if pretrained is not None and resume is None:
+        log(fit_pretrained(model, pretrained, p.model.name, small_stem))
+    if resume is not None:
+        model.load_state_dict(resume.model_state)
+    return model, MadeFor(small_stem, pretrained, normalization)
+
+
+def log_resume(restart: RestartReport | None, resume: Checkpoint | None, checkpoint_path: Path, epochs: int,
+               log) -> None:
+    """Say where the run starts: after a restart of the group (and who died), from a checkpoint, or afresh."""
+    start_epoch = resume.epoch if resume is not None else 0
+    if restart is not None:  # the elastic agent restarted the group after a rank died
+        for lost in restart.lost:
+            log(describe(lost))
+        log(f"restarted after rank {restart.lost_ranks} died (attempt {restart.attempt} of {restart.max_restarts}); "
+            + (f"resuming after epoch {start_epoch}" if resume else "no epoch had completed; starting afresh"))
+    elif resume is not None:
+        log(f"Resuming from {checkpoint_path} after epoch {start_epoch} of {epochs}")
+
+
+def setup_line(p: Params, plan: DevicePlan, ctx: DistContext, device: torch.device, st: LoopState,
+               model: torch.nn.Module) -> str:
+    """The run's set-up in one line: devices, strategy, batches, precision, model."""
+    cfg = p.train
+    per_device = plan.per_device_batch(cfg.pass_batch, ctx)
+    strategy = {"dp": "dp (nn.DataParallel)" if plan.use_data_parallel else "dp (single device)",
+                "ddp": f"ddp ({plural(ctx.world_size, 'process', 'processes')})"}[plan.strategy]
+    where = f"cuda {plan.used_device_ids(ctx)}" if device.type == "cuda" else \
+        "cpu" + (f" x{ctx.world_size} processes" if ctx.world_size > 1 else "")
+    passes = f" in {cfg.accumulate} passes of {cfg.pass_batch}" if cfg.accumulate > 1 else ""
+    threads = f", {plural(torch.get_num_threads(), 'CPU thread')}" + (" per process" if ctx.world_size > 1 else "")
+    return (f"train: accelerator {device.type}"
+            f"{'' if device.type == 'cuda' else ' (no CUDA device; training on the CPU)'}, "
+            f"devices {where}, strategy {strategy}, global batch {cfg.batch_size}{passes}, per-device batch "
+            f"{per_device}, precision {precision_name(st.amp_dtype)}, model {p.model.name} "
+            f"({count_parameters(model):,} parameters){threads if device.type == 'cpu' else ''}")
+
+
+def log_data(cfg: TrainParams, st: LoopState, info: dict, train_split: Split, log) -> None:
+    """Say where the batches come from and how they are augmented."""
+    log(f"data: {len(train_split):,} training images, {train_split.where()}")
+    augmented = augmentations(st.augment_pad, st.augment_flip, cfg.mixup_alpha, cfg.cutmix_alpha)
+    if augmented or cfg.augment:
+        flip = "" if st.augment_flip or not cfg.augment else \
+            f"; no horizontal flip (train.hflip: {show_value(cfg.hflip)}, dataset {info['dataset']})"
+        log(f"augmentation: {augmented}{flip}")
+
+
+def train_epoch(wrapped: torch.nn.Module, train_split: Split, epoch: int, st: LoopState, progress: Progress,
+                cfg: TrainParams, log) -> dict:
+    """One epoch of training on every rank: its record in the history (val_* added by `validate`)."""
+    compiled_before = st.compile_seconds
+    stats = train_one_epoch(wrapped, train_split, epoch, st, progress.for_epoch(epoch))
+    if st.compile_seconds > compiled_before:
+        log(f"epoch {epoch}: compiling (train.compile: {show_value(cfg.compile)}) took "
+            f"{st.compile_seconds - compiled_before:.1f} s, not counted in samples/s")
+    return {"epoch": epoch, "train_loss": stats.loss, "train_accuracy": stats.accuracy, "seconds": stats.seconds,
+            "samples": stats.samples, "samples_per_second": stats.samples_per_second}
+
+
+def validate(wrapped: torch.nn.Module, st: LoopState, val_split: Split, history: list[dict],
+             best_state: dict | None, p: Params, device: torch.device, live) -> dict | None:
+    """Rank 0: validate the weights to be kept, complete the epoch's record and log it to DVCLive; the
+    kept weights of the best epoch so far (train.keep: best), else `best_state` as it was."""
+    record = history[-1]
+    kept = kept_model(wrapped, st)
+    val = evaluate(kept, val_split, st.mean, st.std, p.evaluate.batch_size, device, st.amp_dtype, st.channels_last)
+    record.update(val_loss=val.loss, val_accuracy=val.accuracy)
+    log_epoch(live, record)
+    if p.train.keep == "best" and best_epoch(history) == record["epoch"]:
+        best_state = {k: v.detach().cpu().clone() for k, v in kept.state_dict().items()}
+    return best_state
+
+
+def epoch_line(record: dict, epochs: int) -> str:
+    return (f"epoch {record['epoch']}/{epochs}  train loss {record['train_loss']:.4f} "
+            f"acc {record['train_accuracy']:.4f}  val loss {record['val_loss']:.4f} acc {record['val_accuracy']:.4f}  "
+            f"{record['samples_per_second']:,.0f} samples/s  {record['seconds']:.2f}s")
+
+
+def save_epoch_checkpoint(path: Path, wrapped: torch.nn.Module, st: LoopState, history: list[dict],
+                          fingerprint: dict, best_state: dict | None) -> None:
+    """The per-epoch checkpoint (rank 0): everything a killed run needs to resume byte-identically."""
+    save_checkpoint(path, unwrap(wrapped), st.optimizer, st.scaler, history[-1]["epoch"], st.step, history,
+                    fingerprint, st.ema, best_state)
+
+
+def summarize(p: Params, plan: DevicePlan, ctx: DistContext, device: torch.device, st: LoopState,
+              model: torch.nn.Module, made: MadeFor, info: dict, history: list[dict], start_epoch: int,
+              train_split: Split, peaks: list[float], started: float, extra: dict) -> RunSummary:
+    """run.json: how the run went."""
+    cfg = p.train
     throughput = sum(r["samples"] for r in history) / max(sum(r["seconds"] for r in history), 1e-9)
-    for name, value in (("samples_per_second", round(throughput, 1)), ("num_devices", plan.num_devices(ctx)),
-                        ("world_size", ctx.world_size)):
-        live.log_metric(name, value, plot=False)
     best = best_epoch(history)
-    run = RunSummary(
+    return RunSummary(
         accelerator=device.type,
         strategy=plan.strategy,
         data_parallel=plan.use_data_parallel,
@@ -334,13 +391,13 @@ def train(p: Params, plan: DevicePlan, ctx: DistContext, data_dir: Path, model_p
         world_size=ctx.world_size,
         global_batch=cfg.batch_size,
         accumulate=cfg.accumulate,
-        per_device_batch=per_device,
+        per_device_batch=plan.per_device_batch(cfg.pass_batch, ctx),
         precision=precision_name(st.amp_dtype),
         model=p.model.name,
         parameters=count_parameters(model),
-        small_input_stem=small_stem if is_resnet(p.model.name) else None,
-        pretrained=pretrained.source if pretrained else None,
-        normalization=normalization[2] if normalization else "train split",
+        small_input_stem=made.small_stem if is_resnet(p.model.name) else None,
+        pretrained=made.pretrained.source if made.pretrained else None,
+        normalization=made.normalization[2] if made.normalization else "train split",
         dataset=info["dataset"],
         epochs=cfg.epochs,
         epochs_run=len(history),
@@ -367,17 +424,16 @@ def train(p: Params, plan: DevicePlan, ctx: DistContext, data_dir: Path, model_p
         **extra,  # launcher, restarts, gpu_claim, threads, threads_from, omp_wait_policy
         history=history,
     )
-    write_outputs(model_path, kept, metadata, live, run, metrics_dir)
-    kept_weights = (f"epoch {best}'s weights (train.keep: best; val accuracy {history[best - 1]['val_accuracy']:.4f})"
-                    if cfg.keep == "best" else f"the last epoch's weights (epoch {len(history)})")
+
+
+def saved_line(model_path: Path, cfg: TrainParams, st: LoopState, run: RunSummary) -> str:
+    kept_weights = (f"epoch {run.best_epoch}'s weights (train.keep: best; val accuracy {run.best_val_accuracy:.4f})"
+                    if cfg.keep == "best" else f"the last epoch's weights (epoch {run.epochs_run})")
     if st.ema is not None:
         kept_weights += f", their moving average (train.ema = {cfg.ema:g})"
-    log(f"saved {model_path}: {kept_weights}  ({throughput:,.0f} samples/s over {plural(len(history), 'epoch')})")
-    # Last: a kill before this line leaves the checkpoint, and the next run rewrites the outputs from it.
-    checkpoint_path.unlink(missing_ok=True)
-
-
-# --- the steps above, spelled out ---------------------------------------------------------
+    throughput = sum(r["samples"] for r in run.history) / max(sum(r["seconds"] for r in run.history), 1e-9)
+    return (f"saved {model_path}: {kept_weights}  ({throughput:,.0f} samples/s over "
+            f"{plural(run.epochs_run, 'epoch')})")
 
 
 def library_versions() -> dict[str, str]:
@@ -410,37 +466,6 @@ def check_batch_size(cfg: TrainParams, n_train: int, plan: DevicePlan, ctx: Dist
             f"some GPUs get no samples")
 
 
-def shared_checkpoint(path: Path, fingerprint: dict, ctx: DistContext, log) -> Checkpoint | None:
-    """Rank 0's resumable checkpoint, on every rank: rank 0 reads it and sends its bytes, since on
-    several machines only rank 0's has the file, and all ranks must resume from the same state."""
-    resume = resumable_checkpoint(path, fingerprint, log) if ctx.is_main else None
-    if not ctx.distributed:
-        return resume
-    blob = broadcast_bytes(path.read_bytes() if resume is not None else None, ctx)
-    if blob is None or ctx.is_main:
-        return resume
-    with tempfile.TemporaryDirectory(prefix="stages-resume-") as tmp:
-        copy = Path(tmp) / path.name
-        copy.write_bytes(blob)
-        return load_checkpoint(copy)
-
-
-def resumable_checkpoint(path: Path, fingerprint: dict, log) -> Checkpoint | None:
-    """The checkpoint at `path` if it belongs to this run; says why not otherwise.
-
-    A completed run deletes its checkpoint, so one that is here was left by a run that was
-    killed: mid-way, or after its last epoch but before its outputs were all written (then
-    resuming runs no epoch and only writes the outputs)."""
-    if not path.exists():
-        return None
-    ck = load_checkpoint(path)
-    why = fingerprint_difference(ck.fingerprint, fingerprint)
-    if why is not None:
-        log(f"Not resuming from {path}: it was made with other params or data: {why}")
-        return None
-    return ck
-
-
 class RunPosition:
     """Where training is (the epoch running, the last one checkpointed), for what Ctrl-C says."""
 
@@ -458,10 +483,11 @@ class RunPosition:
                 from None
 
 
-def checkpoint_kept(checkpoint_path: Path, p: Params, data_dir: Path) -> str:
+def checkpoint_kept(p: Params, paths: TrainPaths) -> str:
     """What a stopped run leaves to resume from, read from the checkpoint file itself."""
+    checkpoint_path = paths.checkpoint
     try:
-        ck = resumable_checkpoint(checkpoint_path, run_fingerprint(p, data_dir), lambda *a, **k: None)
+        ck = resumable_checkpoint(checkpoint_path, run_fingerprint(p, paths.data), lambda *a, **k: None)
     except (UserError, OSError):  # a damaged checkpoint or missing data: nothing to resume from
         ck = None
     if ck is None:
@@ -529,19 +555,20 @@ def open_live(live_dir: Path, history: list[dict]):
     return live
 
 
-def write_outputs(model_path: Path, model: torch.nn.Module, metadata: dict, live, run: RunSummary,
-                  metrics_dir: Path) -> None:
+def write_outputs(paths: TrainPaths, model: torch.nn.Module, metadata: dict, live, run: RunSummary) -> None:
     """The stage's outputs, all at the very end, each written beside and renamed into place: the
     weights, then DVCLive's folder moved from its staging place into `metrics_dir` (the curves'
     folder swapped whole, so no curve of an older run survives), then run.json. dvc.yaml marks them
     `persist: true`: DVC leaves the last good ones in place, and only a run that completes replaces them."""
+    for name in ("samples_per_second", "num_devices", "world_size"):  # metrics.json, beside the curves' last values
+        live.log_metric(name, getattr(run, name), plot=False)
     live.end()
-    save_model(model_path, model, metadata)
+    save_model(paths.model, model, metadata)
     live_dir = Path(live.dir)
     for item in sorted(live_dir.iterdir()):
-        install(item, metrics_dir / item.name)
+        install(item, paths.metrics / item.name)
     shutil.rmtree(live_dir, ignore_errors=True)
-    run.write(metrics_dir / "run.json")
+    run.write(paths.metrics / "run.json")
 
 
 def log_epoch(live, record: dict) -> None:

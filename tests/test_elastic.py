@@ -162,7 +162,7 @@ def test_a_rank_that_never_arrives_is_named(tmp_path, prepared_digits):
 
 def test_launching_in_this_process_leaves_its_signal_handlers_as_they_were():
     """torch's agent makes SIGTERM raise in the launching process and never restores it: a caller that
-    goes on (the analyze stage's probe, a test) and the processes it forks later must not inherit that."""
+    goes on (the probe stage, a test) and the processes it forks later must not inherit that."""
     from stages.core.launch import launch_ranks
 
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}

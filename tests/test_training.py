@@ -315,7 +315,7 @@ def test_out_of_memory_names_the_per_device_batch(monkeypatch, tmp_path):
     monkeypatch.setattr(ts, "train", oom)
     p = validate({"train": {"batch_size": 512, "accelerator": "cpu"}})
     with pytest.raises(UserError, match="per-device batch of 512 .* try train.batch_size = 256"):
-        ts.train_stage(p, tmp_path, tmp_path / "m", tmp_path / "x", tmp_path / "c", [])
+        ts.train_stage(p, ts.TrainPaths(tmp_path, tmp_path / "m", tmp_path / "x", tmp_path / "c"), [])
 
 
 @pytest.mark.gpu

@@ -265,7 +265,7 @@ def probe_far_from_training(rows: list[dict], run: RunSummary) -> str | None:
             f"{plural(point['devices'], 'device')}, global batch {point['global_batch']}), "
             f"{factor:.1f}× {'slower' if probed < trained else 'faster'} than training's {fmt_rate(trained)} "
             f"samples/s ({how}). The same steps should run at about the same rate: the machine may have been busy "
-            "with other work while one of them ran; rerun `dvc repro -f analyze` on a quiet machine before "
+            "with other work while one of them ran; rerun `dvc repro -f probe` on a quiet machine before "
             "trusting these numbers.")
 
 

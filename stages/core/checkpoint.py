@@ -7,11 +7,16 @@ weights' moving average (`ema.*`, train.ema) and the kept weights of the best ep
 the best epoch and the patience count), optimizer hyper-parameters, grad-scaler state and the
 fingerprint of the params and data the run depends on — is JSON in the file's metadata.
 Nothing is pickled.
+
+Resuming: a run resumes only from a checkpoint of this very run (`run_fingerprint`: the params
+that change the result and the data's content); rank 0 reads it and every rank resumes from its
+bytes (`shared_checkpoint`), and `restore_loop_state` puts the loop's state back.
 """
 
 from __future__ import annotations
 
 import hashlib
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +27,7 @@ from torch import nn
 from ..errors import UserError
 from ..io import load_tensors, save_tensors
 from ..params import Params, weights_kind
+from .distributed import DistContext, broadcast_bytes
 from .weights import trained_params
 
 FORMAT = "stages.checkpoint/1"
@@ -123,6 +129,22 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     save_tensors(path, tensors, meta)
 
 
+def restore_loop_state(st, ck: Checkpoint | None) -> tuple[list[dict], dict[str, torch.Tensor] | None]:
+    """Put a resumed run's optimizer, grad-scaler, moving-average, RNG and step state back into the
+    loop's state `st` (core.loop.LoopState); return its history and the kept weights of its best epoch.
+    ([], None) for a run that starts afresh. (The model's weights are loaded where it is built.)"""
+    if ck is None:
+        return [], None
+    st.optimizer.load_state_dict(ck.optim_state)
+    if st.scaler is not None and ck.scaler_state:
+        st.scaler.load_state_dict(ck.scaler_state)
+    if st.ema is not None:
+        st.ema.load_state_dict(ck.ema_state)
+    restore_rng(ck.rng)
+    st.step = ck.step
+    return ck.history, ck.best_state
+
+
 def load_checkpoint(path: Path) -> Checkpoint:
     tensors, meta = load_tensors(path)
     if meta.get("format") != FORMAT:
@@ -151,6 +173,37 @@ def run_fingerprint(p: Params, data_dir: Path) -> dict:
     fingerprint["prepared data sha256"] = file_digest(
         [data_dir / "info.json", data_dir / "train.safetensors", data_dir / "val.safetensors"])[:16]
     return fingerprint
+
+
+def shared_checkpoint(path: Path, fingerprint: dict, ctx: DistContext, log) -> Checkpoint | None:
+    """Rank 0's resumable checkpoint, on every rank: rank 0 reads it and sends its bytes, since on
+    several machines only rank 0's has the file, and all ranks must resume from the same state."""
+    resume = resumable_checkpoint(path, fingerprint, log) if ctx.is_main else None
+    if not ctx.distributed:
+        return resume
+    blob = broadcast_bytes(path.read_bytes() if resume is not None else None, ctx)
+    if blob is None or ctx.is_main:
+        return resume
+    with tempfile.TemporaryDirectory(prefix="stages-resume-") as tmp:
+        copy = Path(tmp) / path.name
+        copy.write_bytes(blob)
+        return load_checkpoint(copy)
+
+
+def resumable_checkpoint(path: Path, fingerprint: dict, log) -> Checkpoint | None:
+    """The checkpoint at `path` if it belongs to this run; says why not otherwise.
+
+    A completed run deletes its checkpoint, so one that is here was left by a run that was
+    killed: mid-way, or after its last epoch but before its outputs were all written (then
+    resuming runs no epoch and only writes the outputs)."""
+    if not path.exists():
+        return None
+    ck = load_checkpoint(path)
+    why = fingerprint_difference(ck.fingerprint, fingerprint)
+    if why is not None:
+        log(f"Not resuming from {path}: it was made with other params or data: {why}")
+        return None
+    return ck
 
 
 def fingerprint_difference(old: dict, new: dict) -> str | None:

@@ -196,17 +196,6 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-@contextlib.contextmanager
-def process_group(accelerator: str, timeout_s: float, on_give_up: Callable[[str], None] | None = None
-                  ) -> Iterator[DistContext]:
-    """The process group of a DDP rank for the block (`init_distributed`), left however the block ends:
-    how every rank of the train and probe stages joins its group."""
-    try:
-        yield init_distributed(accelerator, timeout_s, on_give_up)
-    finally:
-        shutdown_distributed()
-
-
 # --- collectives ---------------------------------------------------------------------------
 
 

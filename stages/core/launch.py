@@ -22,11 +22,20 @@ import sys
 import tempfile
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from . import rank_status
+from .distributed import (
+    DistContext,
+    PeerLost,
+    RefusedOnEveryRank,
+    collective_device,
+    collective_errors,
+    init_distributed,
+    shutdown_distributed,
+)
 
 PLAN_ENV = "STAGES_LAUNCH"  # the plan a command gives the ranks it starts (JSON): devices, claim, probe point
 
@@ -39,6 +48,43 @@ def launched_plan() -> dict | None:
     """The plan the command that started this rank gave it (`launch_ranks(plan=...)`); None for a
     rank that torchrun started, where no command of ours ran before the ranks."""
     return json.loads(os.environ[PLAN_ENV]) if PLAN_ENV in os.environ else None
+
+
+def run_as_rank(accelerator: str, timeout_s: float,
+                body: Callable[[DistContext, rank_status.RestartReport | None], None]) -> None:
+    """Be one DDP rank, started by torchrun or by `launch_ranks` (the train and probe stages' ranks alike):
+    join the group, learn whether this is a restart of it (and who died), run `body(ctx, restart)`, and
+    leave a record of how it ended, which the launcher reads (`failure_line`)."""
+    launched = launched_plan() is not None
+    status = rank_status.start_rank_status()
+    try:
+        ctx = init_distributed(accelerator, timeout_s, on_give_up=lambda m: status.end("error", m))
+        with collective_errors(ctx, timeout_s):
+            body(ctx, rank_status.restart_report(ctx, collective_device()))
+    except PeerLost as exc:  # a consequence: the launcher names the rank that failed
+        status.end("peer-lost", str(exc))
+        print(exc, file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    except UserError as exc:
+        status.end("refused", str(exc))  # our launcher prints this message, once (failure_line)
+        refuse_once(exc, launched)
+    except BaseException as exc:
+        status.end("error", first_line(exc))
+        raise
+    else:
+        status.end("done")
+        status.remove()
+    finally:
+        shutdown_distributed()
+
+
+def refuse_once(exc: UserError, launched: bool) -> None:
+    """End a DDP rank with a refusal said once, not once per rank: under our own launcher no rank says it
+    (the launcher prints the failed rank's message); under torchrun rank 0 says a refusal that every rank
+    reaches alike, and each rank its own. Exit code 2, as the CLI's for any refusal."""
+    if launched or (isinstance(exc, RefusedOnEveryRank) and os.environ.get("RANK", "0") != "0"):
+        raise SystemExit(2) from None
+    raise exc
 
 
 def launch_ranks(module: str, argv: list[str], nproc: int, max_restarts: int, timeout_s: float,
