@@ -530,3 +530,20 @@ def test_streamed_split_on_cuda_gives_the_resident_batches_and_weights():
         results.append({k: v.detach().cpu() for k, v in model.state_dict().items()})
     for k in results[0]:
         torch.testing.assert_close(results[0][k], results[1][k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_stream_to_cuda_without_an_index_streams_to_the_current_gpu():
+    """evaluate passes torch.device("cuda"); the stream's thread set it as its current device, which
+    CUDA refuses without an index (every evaluate on a GPU failed so, found on an H200)."""
+    from stages.core.batches import Split, batch_stream
+
+    images = torch.randint(0, 256, (300, 1, 8, 8), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (300,))
+    batches = [slice(i, i + 128) for i in range(0, 300, 128)]
+    with batch_stream(Split(images, labels, streamed=True), batches, torch.device("cuda")) as stream:
+        got = [(x, y) for x, y in stream]
+    assert {x.device for x, _ in got} == {torch.device("cuda", torch.cuda.current_device())}
+    assert torch.equal(torch.cat([x.cpu() for x, _ in got]), images)
+    assert torch.equal(torch.cat([y.cpu() for _, y in got]), labels)
