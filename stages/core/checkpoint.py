@@ -12,6 +12,8 @@ Nothing is pickled.
 from __future__ import annotations
 
 import hashlib
+import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,9 +102,11 @@ def unprefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch
     return found or None
 
 
-def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scaler, epoch: int,
-                    step: int, history: list[dict], fingerprint: dict, ema: nn.Module | None = None,
-                    best_state: dict[str, torch.Tensor] | None = None) -> None:
+def checkpoint_contents(model: nn.Module, optimizer: torch.optim.Optimizer, scaler, epoch: int, step: int,
+                        history: list[dict], fingerprint: dict, ema: nn.Module | None = None,
+                        best_state: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """A checkpoint's tensors and metadata, copied to the CPU: training may change the originals in place
+    the moment this returns, while the copy is being written."""
     optim_tensors, optim_meta = flatten_optimizer_state(optimizer.state_dict())
     tensors = prefixed("model", model.state_dict())
     tensors.update(optim_tensors)
@@ -118,7 +122,51 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         "optimizer": optim_meta,
         "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
     }
-    save_tensors(path, tensors, meta)
+    # JSON out and back: the same text save_tensors writes, and no list or dict shared with the caller.
+    return {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}, json.loads(json.dumps(meta))
+
+
+def save_checkpoint(path: Path, *state, **named_state) -> None:
+    """Write a checkpoint now (the arguments are checkpoint_contents')."""
+    save_tensors(path, *checkpoint_contents(*state, **named_state))
+
+
+class CheckpointWriter:
+    """Writes each epoch's checkpoint on a background thread while the next epoch trains.
+
+    Serialising and fsyncing the file took 5 to 12 ms an epoch on the training thread (2-core CPU,
+    digits), about a tenth of an epoch. The state is copied when `save` is called, so the file holds
+    exactly what a synchronous save would have; it still appears by a rename, whole or not at all.
+    One write at a time: `save` first waits for the last one. `saved` is the epoch whose checkpoint is
+    on disk; `wait()` (before reporting it, and before the file is deleted) lets the last write finish
+    and raises its error, if it had one."""
+
+    def __init__(self, path: Path, saved: int | None = None):
+        self.path, self.saved = path, saved
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def save(self, epoch: int, *state, **named_state) -> None:
+        tensors, meta = checkpoint_contents(*state, **named_state)
+        self.wait()
+        self._thread = threading.Thread(target=self._write, args=(epoch, tensors, meta), name="checkpoint-writer")
+        self._thread.start()
+
+    def _write(self, epoch: int, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        try:
+            save_tensors(self.path, tensors, meta)
+            self.saved = epoch
+        except BaseException as exc:  # noqa: BLE001 - handed to the training thread by wait()
+            self._error = exc
+
+    def wait(self) -> int | None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        return self.saved
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
