@@ -2,6 +2,7 @@
 
     python benchmarks/bench_fixed_costs.py                 # all three parts, about 6 minutes on 2 cores
     python benchmarks/bench_fixed_costs.py --only share    # one part: share | epoch | imports
+    python benchmarks/bench_fixed_costs.py --tree ../old   # measure another checkout (e.g. a commit before)
 
 share    `dvc exp run` of the whole pipeline in a fresh git + DVC copy of this tree on MNIST-sized
          data (60,000 + 10,000 synthetic 28x28 images in MNIST's own IDX files), 2 epochs of the
@@ -11,7 +12,7 @@ epoch    the train stage's cost per epoch on the default digits run, from outsid
          time at 62 epochs minus at 2, over 60, against the same for a bare PyTorch loop on the same
          model, batch, optimizer and prepared split (benchmarks/bare_train.py); median of --pairs.
 imports  each stage run with `python -X importtime`: the seconds spent importing each top-level
-         package, and the bare `import torch` that every stage pays once.
+         package's modules, and the bare `import torch` that every stage pays once.
 
 prepare-data against a bare Pillow loop is benchmarks/bench_data.py's. Ratios, not times, are the
 results: every reference runs in the same invocation on the same machine.
@@ -40,11 +41,14 @@ TARGET_IMPORT_SECONDS = 1.0
 STAGES = ["check-params", "prepare-data", "train", "evaluate", "analyze", "export"]
 
 
+TREE = ROOT  # the checkout measured (--tree)
+
+
 def copy_project(dest: Path) -> Path:
-    """The tracked files of this tree (with their working-tree contents) in a fresh git repo."""
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    """The tracked files of the measured tree (with their working-tree contents) in a fresh git repo."""
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=TREE, capture_output=True, check=True).stdout
     for name in filter(None, files.decode().split("\0")):
-        src = ROOT / name
+        src = TREE / name
         if src.is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             (dest / name).write_bytes(src.read_bytes())
@@ -136,15 +140,17 @@ def measure_epoch(work: Path, pairs: int, long: int = 62, short: int = 2) -> dic
 
 
 def import_seconds(cmd: list[str], cwd: Path) -> dict[str, float]:
-    """Cumulative import seconds of each top-level package, from `python -X importtime`."""
+    """Seconds spent importing each top-level package's own modules, from `python -X importtime`: the
+    sum of each module's self time (cumulative times would count a package's imports under whichever
+    package imported it first)."""
     proc = subprocess.run([sys.executable, "-X", "importtime", *cmd], cwd=cwd, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
     totals: dict[str, float] = {}
     for line in proc.stderr.splitlines():
-        m = re.match(r"import time:\s+\d+ \|\s+(\d+) \| ( *)(\S+)", line)
-        if m and m.group(2) == "  ":  # a top-level import (the least indentation)
-            package = m.group(3).split(".")[0]
+        m = re.match(r"import time:\s+(\d+) \|\s+\d+ \| +(\S+)", line)
+        if m:
+            package = m.group(2).split(".")[0]
             totals[package] = totals.get(package, 0.0) + int(m.group(1)) / 1e6
     return {k: round(v, 3) for k, v in sorted(totals.items(), key=lambda kv: -kv[1]) if v >= 0.05}
 
@@ -179,8 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", choices=["share", "epoch", "imports"], action="append",
                    help="run this part only (repeatable; default all)")
     p.add_argument("--pairs", type=int, default=5, help="62- and 2-epoch pairs per loop in `epoch` (default 5)")
+    p.add_argument("--tree", type=Path, default=ROOT, help="the checkout to measure (default: this one)")
     p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args(argv)
+    global TREE
+    TREE = args.tree.resolve()
     parts = args.only or ["share", "epoch", "imports"]
     sys.path.insert(0, str(ROOT))
     import torch
@@ -189,7 +198,9 @@ def main(argv: list[str] | None = None) -> int:
 
     info = machine(torch.device("cpu"))
     print(describe(info))
-    result: dict = {"machine": info}
+    commit = subprocess.run(["git", "log", "-1", "--format=%h %s"], cwd=TREE, capture_output=True, text=True)
+    print(f"tree {TREE} at {commit.stdout.strip()[:80]}")
+    result: dict = {"machine": info, "tree": str(TREE), "commit": commit.stdout.strip()}
     with tempfile.TemporaryDirectory(prefix="fixed-costs-") as tmp:
         work = Path(tmp)
         if "share" in parts:
