@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..io import load_tensors, save_tensors
+from ..io import WriteBehind, load_tensors, save_tensors
 
 FORMAT = "stages.checkpoint/1"
 
@@ -132,40 +131,27 @@ def save_checkpoint(path: Path, *state, **named_state) -> None:
 
 
 class CheckpointWriter:
-    """Writes each epoch's checkpoint on a background thread while the next epoch trains.
+    """Writes each epoch's checkpoint behind the training thread, while the next epoch trains.
 
     Serialising and fsyncing the file took 5 to 12 ms an epoch on the training thread (2-core CPU,
     digits), about a tenth of an epoch. The state is copied when `save` is called, so the file holds
-    exactly what a synchronous save would have; it still appears by a rename, whole or not at all.
-    One write at a time: `save` first waits for the last one. `saved` is the epoch whose checkpoint is
-    on disk; `wait()` (before reporting it, and before the file is deleted) lets the last write finish
-    and raises its error, if it had one."""
+    exactly what a synchronous save would have, and it still appears by a rename, whole or not at
+    all. `saved` is the epoch whose checkpoint is on disk; `wait()` (before saying which epoch was
+    kept, and before the file is deleted) lets the writes finish and raises a write's error."""
 
-    def __init__(self, path: Path, saved: int | None = None):
+    def __init__(self, path: Path, saved: int | None = None, behind: WriteBehind | None = None):
         self.path, self.saved = path, saved
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
+        self.behind = behind or WriteBehind()
 
     def save(self, epoch: int, *state, **named_state) -> None:
-        tensors, meta = checkpoint_contents(*state, **named_state)
-        self.wait()
-        self._thread = threading.Thread(target=self._write, args=(epoch, tensors, meta), name="checkpoint-writer")
-        self._thread.start()
+        self.behind.submit(self._write, epoch, *checkpoint_contents(*state, **named_state))
 
     def _write(self, epoch: int, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-        try:
-            save_tensors(self.path, tensors, meta)
-            self.saved = epoch
-        except BaseException as exc:  # noqa: BLE001 - handed to the training thread by wait()
-            self._error = exc
+        save_tensors(self.path, tensors, meta)
+        self.saved = epoch
 
     def wait(self) -> int | None:
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
+        self.behind.wait()
         return self.saved
 
 
