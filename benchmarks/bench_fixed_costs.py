@@ -139,7 +139,7 @@ def measure_epoch(work: Path, pairs: int, long: int = 62, short: int = 2) -> dic
             "target": TARGET_EPOCH_VS_BARE}
 
 
-def import_seconds(cmd: list[str], cwd: Path) -> dict[str, float]:
+def import_seconds(cmd: list[str], cwd: Path, at_least: float = 0.05) -> dict[str, float]:
     """Seconds spent importing each top-level package's own modules, from `python -X importtime`: the
     sum of each module's self time (cumulative times would count a package's imports under whichever
     package imported it first)."""
@@ -152,7 +152,7 @@ def import_seconds(cmd: list[str], cwd: Path) -> dict[str, float]:
         if m:
             package = m.group(2).split(".")[0]
             totals[package] = totals.get(package, 0.0) + int(m.group(1)) / 1e6
-    return {k: round(v, 3) for k, v in sorted(totals.items(), key=lambda kv: -kv[1]) if v >= 0.05}
+    return {k: round(v, 6) for k, v in sorted(totals.items(), key=lambda kv: -kv[1]) if v >= at_least}
 
 
 def measure_imports(work: Path) -> dict:
