@@ -80,27 +80,44 @@ def crop_box(width: int, height: int, size: int) -> tuple[float, float, float, f
     return left * sx, top * sy, (left + size) * sx, (top + size) * sy
 
 
-def decode_image(path: str, mode: str, size: int, resize: str) -> np.ndarray | str:
-    """One file -> uint8 (C, size, size), or the reason it cannot be read (for the error message).
+class Unreadable(Exception):
+    """A file that is not an image PIL can read; its message is the reason, quoted in one line."""
+
+
+def open_resized(path: str, mode: str, size: int, resize: str) -> Image.Image:
+    """One file -> a `mode` image of size x size, as the training images were prepared; raises for a damaged
+    file (PIL raises OSError, SyntaxError, ValueError, EOFError, ...; an empty file raises Unreadable).
 
     mode: "L" or "RGB"; resize: "crop" or "stretch" (data.resize)."""
+    if os.path.getsize(path) == 0:
+        raise Unreadable("the file is empty")
+    with Image.open(path) as img:
+        # JPEG: decode at 1/2..1/8 scale where the result stays at least size x size; far
+        # faster for photos. Must come before anything (exif_transpose) loads the pixels.
+        img.draft(mode, (size, size))
+        ImageOps.exif_transpose(img, in_place=True)  # photos: upright as viewers show them
+        img = flatten_on_white(eight_bit(img))
+        if img.mode != mode:
+            img = img.convert(mode)
+        box = crop_box(*img.size, size) if resize == "crop" else None
+        return img.resize((size, size), Image.Resampling.BILINEAR, box=box)
+
+
+def channels_first(img: Image.Image, out: np.ndarray) -> None:
+    """An "L" or "RGB" image's pixels into `out`, uint8 (C, H, W)."""
+    pixels = np.asarray(img, dtype=np.uint8)
+    out[...] = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+
+
+def decode_image(path: str, mode: str, size: int, resize: str) -> np.ndarray | str:
+    """One file -> uint8 (C, size, size) as `open_resized` prepares it, or the reason it cannot be read."""
     try:
-        if os.path.getsize(path) == 0:
-            return "the file is empty"
-        with Image.open(path) as img:
-            # JPEG: decode at 1/2..1/8 scale where the result stays at least size x size; far
-            # faster for photos. Must come before anything (exif_transpose) loads the pixels.
-            img.draft(mode, (size, size))
-            ImageOps.exif_transpose(img, in_place=True)  # photos: upright as viewers show them
-            img = flatten_on_white(eight_bit(img))
-            if img.mode != mode:
-                img = img.convert(mode)
-            box = crop_box(*img.size, size) if resize == "crop" else None
-            img = img.resize((size, size), Image.Resampling.BILINEAR, box=box)
-            pixels = np.asarray(img, dtype=np.uint8)
-    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, EOFError, ... for damaged files
+        img = open_resized(path, mode, size, resize)
+    except Exception as exc:  # any damage a file can have: the reason goes into the one-line message
         return first_line(exc)
-    return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+    pixels = np.empty((len(img.getbands()), size, size), dtype=np.uint8)
+    channels_first(img, pixels)
+    return pixels
 
 
 def cpu_count() -> int:

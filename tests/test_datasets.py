@@ -603,17 +603,17 @@ def check_numbered(splits: dict, class_names: list[str], per_class: int, missing
 
 
 def test_parallel_decoders_write_the_bytes_one_process_writes(tmp_path, monkeypatch):
-    import stages.sources.imagefolder as imagefolder
+    import stages.fill as fill
 
     root = tmp_path / "photos"
     write_numbered(root, per_class=150)  # 450 files: 8 tasks, on every core
     data = {"dataset": "imagefolder", "root": str(root), "image_size": 16, "channels": 1}
     parallel, result = prepare(tmp_path / "parallel", **data)
     assert result.exit_code == 0, result.output
-    if imagefolder.cpu_count() > 1:
-        assert f"images/s, {min(imagefolder.cpu_count(), 8)} processes)" in result.stdout
+    if fill.cpu_count() > 1:
+        assert f"images/s, {min(fill.cpu_count(), 8)} processes)" in result.stdout
     check_numbered(all_splits(parallel), ["dark", "light", "mid"], 150)
-    monkeypatch.setattr(imagefolder, "cpu_count", lambda: 1)  # decode in this process alone
+    monkeypatch.setattr(fill, "cpu_count", lambda: 1)  # decode in this process alone
     alone = prepare_ok(tmp_path / "alone", **data)
     for name in ("train.safetensors", "val.safetensors", "test.safetensors", "info.json"):
         assert (parallel / name).read_bytes() == (alone / name).read_bytes(), name
