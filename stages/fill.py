@@ -19,7 +19,6 @@ import sys
 import tempfile
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,9 +109,10 @@ def fill_splits(writers: dict[str, SplitWriter], rows: Rows, items: dict[str, tu
 
     One stream of tasks covers all splits (train first), so the decoders never wait between splits;
     results come back in task order, so unreadable files are named in the same order every time. When
-    a split's last task is in, its unreadable rows are dropped and the file is flushed on a background
-    thread while the next split fills. Pixel values of the train split are counted on the way, for
-    mean/std.
+    a split's last task is in, its unreadable rows are dropped while the decoders go on with the next
+    split. Pixel values of the train split are counted on the way, for mean/std. The files are flushed
+    to disk when they are committed, not here: a flush while decoders write the next split cost them
+    0.3 s of system time (of 5) on 16,000 photos here, and gained nothing.
     """
     global _job
     tasks = [Task(split, start, min(start + rows.per_task, len(items[split][1])))
@@ -125,8 +125,7 @@ def fill_splits(writers: dict[str, SplitWriter], rows: Rows, items: dict[str, tu
     started = time.perf_counter()
     _job = Job(rows, items, writers)
     try:
-        with parallel_map(workers) as imap, ThreadPoolExecutor(1) as finisher, progress_bar(total, "decode") as bar:
-            finishing = []
+        with parallel_map(workers) as imap, progress_bar(total, "decode") as bar:
             for task, (counts, bad) in zip(tasks, imap(fill_task, tasks)):
                 bar.update(task.stop - task.start)
                 native, native_items = items[task.split]
@@ -136,10 +135,8 @@ def fill_splits(writers: dict[str, SplitWriter], rows: Rows, items: dict[str, tu
                 if counts is not None:
                     stats.add(counts)
                 left[task.split] -= 1
-                if left[task.split] == 0 and (skip_bad or not skipped):  # a refusal comes: nothing to finish
-                    finishing.append(finisher.submit(finish_split, writers[task.split], bad_rows[task.split]))
-            for job in finishing:
-                job.result()  # an error while flushing surfaces here
+                if left[task.split] == 0 and skip_bad:  # without skip_bad, a refusal comes once all are read
+                    writers[task.split].drop_rows(bad_rows[task.split])
     finally:
         _job = None
     if skipped and not skip_bad:
@@ -150,11 +147,6 @@ def fill_splits(writers: dict[str, SplitWriter], rows: Rows, items: dict[str, tu
             f"{workers} {'processes' if sys.platform.startswith('linux') else 'threads'}"
         print(f"decoded {total:,} images in {seconds:.2f} s ({total / max(seconds, 1e-9):,.0f} images/s, {how})")
     return skipped
-
-
-def finish_split(writer: SplitWriter, bad_rows: list[int]) -> None:
-    writer.drop_rows(bad_rows)
-    writer.sync()
 
 
 def refuse_unreadable(bad: list[tuple[str, str]]) -> None:

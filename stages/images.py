@@ -104,9 +104,10 @@ def open_resized(path: str, mode: str, size: int, resize: str) -> Image.Image:
 
 
 def channels_first(img: Image.Image, out: np.ndarray) -> None:
-    """An "L" or "RGB" image's pixels into `out`, uint8 (C, H, W)."""
-    pixels = np.asarray(img, dtype=np.uint8)
-    out[...] = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+    """An "L" or "RGB" image's pixels into `out`, uint8 (C, H, W), one band at a time: Pillow's raw packer
+    copies a band out on its own, about twice as fast here as numpy's transpose of the (H, W, C) array."""
+    for k, band in enumerate(img.getbands()):
+        out[k] = np.frombuffer(img.tobytes("raw", band), dtype=np.uint8).reshape(out.shape[1:])
 
 
 def decode_image(path: str, mode: str, size: int, resize: str) -> np.ndarray | str:
@@ -115,7 +116,7 @@ def decode_image(path: str, mode: str, size: int, resize: str) -> np.ndarray | s
         img = open_resized(path, mode, size, resize)
     except Exception as exc:  # any damage a file can have: the reason goes into the one-line message
         return first_line(exc)
-    pixels = np.empty((len(img.getbands()), size, size), dtype=np.uint8)
+    pixels = np.empty((len(img.getbands()), *img.size[::-1]), dtype=np.uint8)
     channels_first(img, pixels)
     return pixels
 

@@ -41,6 +41,18 @@ def split_path(data_dir: str | Path, split: str) -> Path:
 # --- writing ---------------------------------------------------------------------------------
 
 
+def reserve(fd: int, offset: int, length: int) -> None:
+    """Allocate the file's blocks for the rows before they are written. Writing into a hole makes the
+    filesystem reserve blocks page by page, under the file's lock: two decoders writing one split file
+    spent 0.15-0.8 s of system time on 786 MB that way here, and 0.1 s into allocated blocks. Where the
+    filesystem cannot (or the platform has no posix_fallocate), the rows fill the hole as before."""
+    if length and hasattr(os, "posix_fallocate"):
+        try:
+            os.posix_fallocate(fd, offset, length)
+        except OSError:
+            pass
+
+
 class SplitWriter:
     """One split file, written in place beside its final path and renamed onto it at `commit`.
 
@@ -67,6 +79,7 @@ class SplitWriter:
             f.write(prefix)
             f.write(labels.astype("<i8").tobytes())
             f.truncate(self.images_offset + n * self.row_bytes)  # the image rows: a hole, filled by writers
+            reserve(f.fileno(), self.images_offset, n * self.row_bytes)
         return labels
 
     def __len__(self) -> int:
@@ -95,11 +108,6 @@ class SplitWriter:
                     src.readinto(memoryview(block[i]))
                 self.write_rows(start, block)
         old.unlink()
-
-    def sync(self) -> None:
-        """Flush the file to disk (done early, on a background thread, for a split that is complete)."""
-        with open(self.tmp, "rb+") as f:
-            os.fsync(f.fileno())
 
     def commit(self) -> None:
         """Flush the file and rename it onto its final path."""
