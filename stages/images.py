@@ -89,9 +89,13 @@ def open_resized(path: str, mode: str, size: int, resize: str) -> Image.Image:
     file (PIL raises OSError, SyntaxError, ValueError, EOFError, ...; an empty file raises Unreadable).
 
     mode: "L" or "RGB"; resize: "crop" or "stretch" (data.resize)."""
-    if os.path.getsize(path) == 0:
-        raise Unreadable("the file is empty")
-    with Image.open(path) as img:
+    try:
+        img = Image.open(path)
+    except Exception:
+        if os.path.getsize(path) == 0:  # asked only of a file PIL refuses: a stat per image costs 1% here
+            raise Unreadable("the file is empty") from None
+        raise
+    with img:
         # JPEG: decode at 1/2..1/8 scale where the result stays at least size x size; far
         # faster for photos. Must come before anything (exif_transpose) loads the pixels.
         img.draft(mode, (size, size))
