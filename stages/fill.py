@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .console import cpu_count, progress_bar
 from .errors import UserError
-from .images import cpu_count, progress_bar
 from .params import plural
 from .prepared import ChannelStats, SplitWriter
 from .sources import Rows

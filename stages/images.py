@@ -1,25 +1,22 @@
-"""Image files without torch: find them, decode one into the uint8 pixels a model was trained on,
-and the progress and warnings around that.
+"""Image files without torch: find them, and decode one into the uint8 pixels a model was trained on.
 
-prepare-data (`sources/imagefolder.py`) decodes training images with `decode_image`; predict decodes
-new images with it too, on both its paths: the PyTorch one and the ONNX one, which must run where
-torch is not installed. So this module imports only the standard library, numpy, Pillow (and tqdm
-for the progress bar), never torch.
+prepare-data decodes training images with `open_resized` (`sources.FileRows`, on every core); predict
+decodes new images with it too (`decode_image`), on both its paths: the PyTorch one and the ONNX one,
+which must run where torch is not installed. So this module imports only the standard library,
+numpy and Pillow, never torch.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
+from .console import warn
 from .errors import UserError, first_line
 from .params import plural
-
-MAX_WARNINGS = 20  # skipped files named one per line; the rest are counted
 
 
 def image_extensions() -> frozenset[str]:
@@ -123,27 +120,6 @@ def decode_image(path: str, mode: str, size: int, resize: str) -> np.ndarray | s
     pixels = np.empty((len(img.getbands()), *img.size[::-1]), dtype=np.uint8)
     channels_first(img, pixels)
     return pixels
-
-
-def cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def progress_bar(total: int, desc: str):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=not sys.stderr.isatty(), leave=False)
-
-
-def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
-
-
-def report_skipped(skipped: list[tuple[str, str]]) -> None:
-    for path, reason in skipped[:MAX_WARNINGS]:
-        warn(f"skipped unreadable image {path}: {reason}")
-    if len(skipped) > MAX_WARNINGS:
-        warn(f"... and {plural(len(skipped) - MAX_WARNINGS, 'more unreadable image')} skipped")
 
 
 def find_images(inputs: list[Path]) -> list[str]:

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .console import report_skipped, warn
 from .errors import UserError
 from .fill import fill_splits
-from .images import report_skipped, warn
 from .io import staged_dir
 from .params import DataParams, listed, plural
 from .prepared import SPLITS, ChannelStats, PreparedWriter

@@ -21,7 +21,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from stages.cli import app
-from stages.images import MAX_WARNINGS, decode_image
+from stages.console import MAX_WARNINGS
+from stages.images import decode_image
 from stages.prepared import load_prepared
 
 from .helpers import run_stages, write_params

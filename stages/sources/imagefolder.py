@@ -29,8 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..console import warn
 from ..errors import UserError
-from ..images import image_extensions, images_below, warn
+from ..images import image_extensions, images_below
 from ..params import DataParams, listed, plural
 from ..prepared import IMAGE_MODES
 from . import FileRows, Source
