@@ -55,7 +55,7 @@ class ArrayRows:
 
     @property
     def per_task(self) -> int:
-        row_bytes = next(iter(self.images.values()))[0].nbytes
+        row_bytes = int(np.prod(next(iter(self.images.values())).shape[1:]))
         return max(1, CHUNK_BYTES // row_bytes)
 
     def fill(self, split: str, items: np.ndarray, out: np.ndarray, counts: np.ndarray | None) -> list[tuple[int, str]]:
@@ -103,10 +103,10 @@ class FileRows:
             if canvas is not None:
                 canvas.paste(img, (0, counted * self.size))
                 counted += 1
-        if counted:  # Pillow's C loop over the task's images at once: 256 counts per band
-            counts += np.array(canvas.crop((0, 0, self.size, counted * self.size)).histogram()
-                               if counted * self.size < canvas.height else canvas.histogram(),
-                               dtype=np.int64).reshape(counts.shape)
+        if counted:  # one call into Pillow's C loop for the task's images: 256 counts per band
+            height = counted * self.size
+            stacked = canvas if canvas.height == height else canvas.crop((0, 0, self.size, height))
+            counts += np.array(stacked.histogram(), dtype=np.int64).reshape(counts.shape)
         return bad
 
     def name(self, split: str, item: int) -> str:
