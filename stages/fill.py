@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -49,19 +50,20 @@ class Task:
 
 
 _job: Job | None = None
-_buffer: np.ndarray | None = None  # one per decoder, reused: a fresh 3 MB array a task costs page faults
+_buffers = threading.local()  # one rows buffer per decoder (process or thread), reused: a fresh 3 MB
+# array per task would cost page faults and zeroing on every image
 
 
 def fill_task(task: Task) -> tuple[np.ndarray | None, list[tuple[int, str]]]:
     """Fill and write one task's rows; returns their pixel-value counts per channel (train split) and
     the unreadable items as (row, reason), whose rows are written as zeros."""
-    global _buffer
     writer = _job.writers[task.split]
     native, items = _job.items[task.split]
     n = task.stop - task.start
-    if _buffer is None or _buffer.shape[1:] != writer.shape or len(_buffer) < n:
-        _buffer = np.empty((max(n, _job.rows.per_task), *writer.shape), dtype=np.uint8)
-    out = _buffer[:n]
+    buffer = getattr(_buffers, "rows", None)
+    if buffer is None or buffer.shape[1:] != writer.shape or len(buffer) < n:
+        buffer = _buffers.rows = np.empty((max(n, _job.rows.per_task), *writer.shape), dtype=np.uint8)
+    out = buffer[:n]
     counts = np.zeros((writer.shape[0], 256), dtype=np.int64) if task.split == "train" else None
     bad = _job.rows.fill(native, items[task.start : task.stop], out, counts)
     for i, _ in bad:

@@ -623,6 +623,24 @@ def test_parallel_decoders_write_the_bytes_one_process_writes(tmp_path, monkeypa
         assert (parallel / name).read_bytes() == (alone / name).read_bytes(), name
 
 
+def test_decoder_threads_write_the_bytes_decoder_processes_write(tmp_path, monkeypatch):
+    """Where fork is not the platform's way (macOS, Windows) the decoders are threads in one process:
+    each keeps its own buffers, so they write what the forked decoders write."""
+    import stages.fill as fill
+
+    root = tmp_path / "photos"
+    write_numbered(root, per_class=150)
+    data = {"dataset": "imagefolder", "root": str(root), "image_size": 16, "channels": 3}
+    processes = prepare_ok(tmp_path / "processes", **data)
+    monkeypatch.setattr(fill.sys, "platform", "darwin")
+    threads, result = prepare(tmp_path / "threads", **data)
+    assert result.exit_code == 0, result.output
+    if fill.cpu_count() > 1:
+        assert " threads)" in result.stdout
+    for name in ("train.safetensors", "val.safetensors", "test.safetensors", "info.json"):
+        assert (processes / name).read_bytes() == (threads / name).read_bytes(), name
+
+
 def test_unreadable_files_leave_every_other_file_in_its_split(tmp_path):
     root = tmp_path / "photos"
     paths = write_numbered(root, per_class=100)
