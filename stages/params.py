@@ -196,14 +196,14 @@ class Dataset:
         return self.image_shape is None
 
 
+IMAGE_FOLDER = "imagefolder"  # the one dataset read from files that prepare-data decodes
 DATASETS = {
     "digits": Dataset("digits", (1, 8)),  # scikit-learn's bundled 8x8 scans: the offline default
     "mnist": Dataset("torchvision", (1, 28), torchvision=("MNIST", "MNIST/raw")),
     "fashion-mnist": Dataset("torchvision", (1, 28), torchvision=("FashionMNIST", "FashionMNIST/raw")),
     "cifar10": Dataset("torchvision", (3, 32), photos=True, torchvision=("CIFAR10", "cifar-10-batches-py")),
-    "imagefolder": Dataset("imagefolder"),  # the user's own images, one folder per class
+    IMAGE_FOLDER: Dataset("imagefolder"),  # the user's own images, one folder per class
 }
-IMAGE_FOLDER = "imagefolder"  # the one dataset read from files that prepare-data decodes
 # The project's own models; every other name is one of torchvision's (resnet18 among them, which, like
 # every resnet, gets a small-image stem for images under SMALL_STEM_BELOW px: model.small_input_stem).
 SMALL_CNN, MLP = "small-cnn", "mlp"
