@@ -29,9 +29,9 @@ from .sources import Source, load_source
 def randperm(n: int, random: np.random.RandomState) -> np.ndarray:
     """torch.randperm(n, generator=g) for a CPU generator g seeded as `random` is, without importing torch
     (about 1 s of this stage's start for an image folder): torch draws one 32-bit Mersenne Twister output
-    per swap (ATen's randperm_cpu: z = random() % (n - i), swap r[i] and r[i + z]) from the generator
-    that manual_seed(seed) starts like MT19937's init_genrand(seed), which is what numpy's
-    RandomState(seed) is. tests/test_helpers.py checks it against torch itself."""
+    per swap (ATen's randperm_cpu for n under 2^32 / 20: z = random() % (n - i), swap r[i] and r[i + z])
+    from the generator that manual_seed(seed) starts like MT19937's init_genrand(seed), which is what
+    numpy's RandomState(seed) is. tests/test_helpers.py checks it against torch itself."""
     perm = np.arange(n, dtype=np.int64)
     if n > 1:
         draws = random.randint(0, 2**32, size=n - 1, dtype=np.uint32).astype(np.int64)  # the raw outputs
