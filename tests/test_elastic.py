@@ -173,7 +173,7 @@ def test_launching_in_this_process_leaves_its_signal_handlers_as_they_were():
 def test_decoders_die_of_sigterm_whatever_handler_they_inherit():
     """prepare-data stops its forked decoders with SIGTERM; a handler that raises (torch's agent's) would be
     caught as an unreadable image, and the decoder would never exit."""
-    from stages.sources.imagefolder import ignore_interrupts
+    from stages.fill import ignore_interrupts
 
     def raising(signum, frame):
         raise RuntimeError("inherited")
