@@ -1,1 +1,1 @@
-"""Benchmarks of the training core against a bare PyTorch loop and a DataLoader loop (see README.md)."""
+"""Benchmarks of the training core against a bare PyTorch loop and a DataLoader loop (see benchmarks/README.md)."""

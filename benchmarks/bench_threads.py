@@ -26,7 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from anywhere, with or without `pip install -e .`
 
-BUSY = "while True: pass"
+# A busy loop that ends when its parent does: killed or not, the benchmark leaves no spinning orphan.
+BUSY = "import os\nparent = os.getppid()\nwhile os.getppid() == parent: pass"
 # OpenMP's wait policies to compare: its default (GNU OpenMP spins about 300,000 times before it
 # sleeps), passive (sleeps at once) and a short spin before sleeping.
 POLICIES = {"default": {}, "PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"}, "spin10k": {"GOMP_SPINCOUNT": "10000"}}

@@ -4,7 +4,7 @@
     python benchmarks/gpu_check.py --json gpu.json    # also write the figures
     python benchmarks/gpu_check.py --smoke            # tiny sizes; runs on a CPU-only machine too
 
-Sections (each runs on its own; a failure becomes an ERROR row and the rest still run):
+Sections (each runs on its own; a failure becomes an ERROR row and the rest still run; (viii) runs last):
   (i)   nn.DataParallel on one GPU vs the plain model: max |weight difference| after a few SGD steps
   (ii)  DDP with one process (in-process group) vs the plain model: weight difference and samples/s
   (iii) bf16 vs fp32 samples/s of the core loop, small-cnn and resnet18, 3x32x32, channels_last
@@ -31,7 +31,7 @@ import os
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,6 +109,7 @@ class Check:
     labels: torch.Tensor | None = None
     rows: list[Row] = field(default_factory=list)
     airbench: Path | None = None  # a clone of KellerJordan/cifar10-airbench, for (viii)
+    airbench_timeout_s: float = 900.0
     resnet_cifar_rate: float | None = None  # (vii)'s best samples/s, shown beside airbench's
 
     def add(self, *args, **kwargs) -> None:
@@ -370,7 +371,7 @@ def check_airbench(c: Check) -> None:
         return
     if not needs_cuda(c, sec):
         return
-    result = run_airbench(c.airbench)
+    result = run_airbench(c.airbench, timeout_s=c.airbench_timeout_s)
     c.add(sec, f"airbench94_muon, {result['epochs']} epochs x batch {result['batch']}, its own timer",
           result["samples_per_second"], "samples/s", peak_mib=None)
     if c.resnet_cifar_rate:
@@ -417,8 +418,10 @@ SECTIONS = [
     ("(v) resnet18 loops", check_loops_resnet),
     ("(vi) step vs floor", check_step_floor),
     ("(vii) resnet18 cifar-shaped", check_resnet_cifar),
-    ("(viii) airbench peer", check_airbench),
     ("(ix) streamed vs resident", check_streamed),
+    # Last: airbench compiles with max-autotune, the longest wait of the check; under a time limit
+    # every other row is in by then (the JSON is written after each section).
+    ("(viii) airbench peer", check_airbench),
 ]
 
 
@@ -430,7 +433,7 @@ def one_line(exc: BaseException) -> str:
     return text if len(text) <= 160 else text[:157] + "..."
 
 
-def run_sections(c: Check, budget_s: float, started: float) -> None:
+def run_sections(c: Check, budget_s: float, started: float, after_each=lambda: None) -> None:
     for name, fn in SECTIONS:
         if time.perf_counter() - started > budget_s:
             c.add(name, "section", error=f"skipped: over the {budget_s:.0f} s budget", peak_mib=None)
@@ -443,6 +446,7 @@ def run_sections(c: Check, budget_s: float, started: float) -> None:
             traceback.print_exc()
             c.add(name, "section failed", error=one_line(exc))
         print(f"  {name}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+        after_each()
 
 
 def fmt_value(v) -> str:
@@ -472,6 +476,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cpu", action="store_true", help="use the CPU even when CUDA is visible (with --smoke)")
     p.add_argument("--budget", type=float, default=420.0,
                    help="skip sections that would start after this many seconds (default 420)")
+    p.add_argument("--seconds", type=float, default=None, metavar="S",
+                   help=f"timed seconds per epoch of each loop (default {Sizes.target_seconds})")
+    p.add_argument("--airbench-timeout", type=float, default=900.0, metavar="S",
+                   help="give up on airbench after this many seconds (its max-autotune compile is most of them)")
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the table and machine to PATH")
     p.add_argument("--airbench", type=Path, default=None, metavar="PATH",
                    help="a clone of github.com/KellerJordan/cifar10-airbench, run beside the core in (viii)")
@@ -489,7 +497,10 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     if cuda:
         torch.backends.cudnn.benchmark = True  # as the train stage sets it when not deterministic
-    c = Check(device, SMOKE if args.smoke else Sizes(), airbench=args.airbench)
+    sizes = SMOKE if args.smoke else Sizes()
+    if args.seconds is not None:
+        sizes = replace(sizes, target_seconds=args.seconds)
+    c = Check(device, sizes, airbench=args.airbench, airbench_timeout_s=args.airbench_timeout)
     try:
         from benchmarks.loops import describe, machine, synthetic_images
     except Exception as exc:  # noqa: BLE001 - the import chain itself is what broke: say so plainly
@@ -500,23 +511,32 @@ def main(argv: list[str] | None = None) -> int:
     c.images, c.labels = synthetic_images(c.sizes.pool_images, c.sizes.shape, 10)
     print(f"gpu_check{' --smoke' if args.smoke else ''}: {c.sizes.pool_images} synthetic uint8 images "
           f"{c.sizes.shape}; best of {c.sizes.repeats} timed epochs per loop", file=sys.stderr, flush=True)
-    run_sections(c, args.budget, started)
+    run_sections(c, args.budget, started, after_each=lambda: write_json(args.json, c, info, args.smoke, started))
     check_imports(c)  # after the sections, so lazy imports (torchvision, torch.distributed) count too
     c.rows.insert(0, c.rows.pop())
     peaks = [r.peak_mib for r in c.rows if r.peak_mib is not None]
     if peaks:
         c.add("total", "peak GPU memory of any section (allocated)", max(peaks), "MiB", peak_mib=None)
-    info["elapsed_s"] = round(time.perf_counter() - started, 1)
+    write_json(args.json, c, info, args.smoke, started)
     print()
     smoke = "  (SMOKE: tiny sizes; targets not meaningful)" if args.smoke else ""
     print(describe(info) + f"\nelapsed {info['elapsed_s']} s{smoke}")
     print_table(c.rows)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        rows = [dict(vars(r), status=r.status) for r in c.rows]
-        args.json.write_text(json.dumps({"machine": info, "smoke": args.smoke, "rows": rows}, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 1 if any(r.status == "ERROR" for r in c.rows) else 0
+
+
+def write_json(path: Path | None, c: Check, info: dict, smoke: bool, started: float) -> None:
+    """The rows so far: written after every section, so a run stopped by a time limit keeps them."""
+    if path is None:
+        return
+    info["elapsed_s"] = round(time.perf_counter() - started, 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [dict(vars(r), status=r.status) for r in c.rows]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"machine": info, "smoke": smoke, "rows": rows}, indent=2) + "\n")
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import UserError
-from .params import BUILT_IN_MODELS, DataParams, Params, TrainParams, check_weights_available
+from .params import BUILT_IN_MODELS, DATASETS, IMAGE_FOLDER, DataParams, Params, TrainParams, check_weights_available
 
 
 def check_params(p: Params) -> list[str]:
@@ -38,10 +38,10 @@ def check_data_root(d: DataParams) -> list[str]:
     where = repr(d.root) if root.is_absolute() else f"{d.root!r} ({root.resolve()})"  # in a queue: a temp copy
     if root.exists():
         raise UserError(f"data.root = {where} is a file; set data.root to the folder that holds {d.dataset}")
-    if d.download and d.dataset != "imagefolder":
+    if d.download and DATASETS[d.dataset].downloads:
         root.mkdir(parents=True)
         return [f"created data.root {d.root} for torchvision to download {d.dataset} into"]
-    if d.dataset == "imagefolder":
+    if d.dataset == IMAGE_FOLDER:
         what = "put your images there, one folder per class, or set data.root to the folder that holds them"
     else:
         what = f"put {d.dataset}'s files there, or set data.download: true to fetch them"

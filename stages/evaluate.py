@@ -22,13 +22,11 @@ from .core.weights import check_weights_use, load_model, read_metadata
 from .io import write_json, write_text
 from .params import Params
 from .prepared import load_prepared
-from .stats import wilson_interval
+from .stats import per_class_scores, wilson_interval
 
 
 def evaluate_stage(weights: str | Path, data_dir: str | Path, out_dir: str | Path, p: Params,
                    params_path: str | Path) -> dict:
-    from sklearn.metrics import precision_recall_fscore_support
-
     out_dir = Path(out_dir)
     batch_size = p.evaluate.batch_size
     images, labels, info = load_prepared(data_dir, "test")
@@ -42,13 +40,11 @@ def evaluate_stage(weights: str | Path, data_dir: str | Path, out_dir: str | Pat
     loss, accuracy, predicted, top5 = evaluate(model, split, mean, std, batch_size, device)
 
     names = meta["class_names"]
-    precision, recall, f1, support = precision_recall_fscore_support(
-        labels.numpy(), predicted.numpy(), labels=list(range(len(names))), zero_division=0
-    )
+    scores = per_class_scores(labels.numpy(), predicted.numpy(), len(names))
     per_class = {
         name: {"precision": round(float(p), 6), "recall": round(float(r), 6), "f1": round(float(f), 6),
                "support": int(s)}
-        for name, p, r, f, s in zip(names, precision, recall, f1, support)
+        for name, p, r, f, s in zip(names, scores["precision"], scores["recall"], scores["f1"], scores["support"])
     }
     n = len(labels)
     metrics = {"test": {"accuracy": round(accuracy, 6),

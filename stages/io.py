@@ -16,9 +16,11 @@ import contextlib
 import errno
 import json
 import os
+import queue
 import shutil
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -232,3 +234,47 @@ def load_tensors(path: str | Path, device: str = "cpu", metadata_only: bool = Fa
         reason = first_line(exc)
         raise UserError(f"{path} is damaged or not a safetensors file: {reason}") from None
     return tensors, metadata
+
+
+class WriteBehind:
+    """File writes run in order on one background thread while the caller goes on (training's
+    per-epoch checkpoint and metrics: 5 to 12 ms an epoch that need not hold up the next one).
+
+    Whatever `submit` is given must already be a copy the caller will not change. `wait()` returns
+    once everything submitted is written and raises the first error a write hit; `submit` raises it
+    too, so a failing disk stops training at the next epoch, not at the end."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    def submit(self, write: Callable[..., None], *args: Any) -> None:
+        self._raise_error()
+        if self._thread is None:
+            # A daemon: a process that ends without wait() (a kill, an error already being raised) does
+            # not hang on it; every write lands by a rename, whole or not at all.
+            self._thread = threading.Thread(target=self._run, name="write-behind", daemon=True)
+            self._thread.start()
+        self._queue.put((write, args))
+
+    def wait(self) -> None:
+        self._queue.join()
+        self._raise_error()
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _run(self) -> None:
+        while True:
+            write, args = self._queue.get()
+            try:
+                if self._error is None:  # after a failure, later writes are dropped until it is raised
+                    write(*args)
+            except BaseException as exc:  # noqa: BLE001 - raised on the caller's thread by wait/submit
+                self._error = exc
+            finally:
+                self._queue.task_done()
+

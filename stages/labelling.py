@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .console import cpu_count, progress_bar, report_skipped
 from .errors import UserError
-from .images import cpu_count, progress_bar, report_skipped
 from .io import atomic_path
 
 # uint8 images (N, C, H, W) -> for each image, its top classes and their probabilities, highest first

@@ -177,10 +177,40 @@ def param(default: Any, allowed: Any, help: str, affects_result: bool = True) ->
 
 # --- the schema: one dataclass per section of params.yaml ---------------------------------
 
-DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "imagefolder")
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """What the project knows of one `data.dataset` value; every module asks DATASETS, none spells the names."""
+
+    source: str  # the module of stages/sources that reads it: "digits", "torchvision" or "imagefolder"
+    image_shape: tuple[int, int] | None = None  # (channels, pixels a side); None: data.channels, data.image_size
+    photos: bool = False  # natural photos, where a mirror image is the same class (train.hflip: auto flips them)
+    torchvision: tuple[str, str] | None = None  # torchvision's class, and the folder below data.root it reads
+
+    @property
+    def downloads(self) -> bool:
+        """Whether torchvision can fetch it (data.download)."""
+        return self.torchvision is not None
+
+    @property
+    def sized_by_params(self) -> bool:
+        """Whether data.image_size and data.channels decide its images' shape (the others have one size)."""
+        return self.image_shape is None
+
+
+IMAGE_FOLDER = "imagefolder"  # the one dataset read from files that prepare-data decodes
+DATASETS = {
+    "digits": Dataset("digits", (1, 8)),  # scikit-learn's bundled 8x8 scans: the offline default
+    "mnist": Dataset("torchvision", (1, 28), torchvision=("MNIST", "MNIST/raw")),
+    "fashion-mnist": Dataset("torchvision", (1, 28), torchvision=("FashionMNIST", "FashionMNIST/raw")),
+    "cifar10": Dataset("torchvision", (3, 32), photos=True, torchvision=("CIFAR10", "cifar-10-batches-py")),
+    IMAGE_FOLDER: Dataset("imagefolder"),  # the user's own images, one folder per class
+}
 # The project's own models; every other name is one of torchvision's (resnet18 among them, which, like
 # every resnet, gets a small-image stem for images under SMALL_STEM_BELOW px: model.small_input_stem).
-BUILT_IN_MODELS = ("small-cnn", "mlp")
+SMALL_CNN, MLP = "small-cnn", "mlp"
+BUILT_IN_MODELS = (SMALL_CNN, MLP)  # the default first
 # model.small_input_stem: auto gives resnets the small-image stem for images under this many pixels a side.
 SMALL_STEM_BELOW = 64
 WEIGHTS_FILE_SUFFIXES = (".safetensors", ".pth", ".pt")
@@ -193,11 +223,12 @@ PLACEMENTS = ("auto", "device", "stream")
 
 @dataclass(frozen=True)
 class DataParams:
-    dataset: str = param("digits", OneOf(DATASETS),
-                         "digits (embedded, offline) | mnist | fashion-mnist | cifar10 | imagefolder")
+    dataset: str = param("digits", OneOf(tuple(DATASETS)),
+                         f"{' | '.join(DATASETS)} (digits: embedded, offline)")
     root: str = param("data/raw/digits", Text(),
                       "the dataset's folder, a dep of prepare-data: data/raw/<name> (digits read nothing in theirs)")
-    download: bool = param(False, Bool(), "let torchvision fetch mnist / fashion-mnist / cifar10 into root")
+    download: bool = param(False, Bool(), "let torchvision fetch "
+                           f"{' / '.join(name for name, d in DATASETS.items() if d.downloads)} into root")
     val_fraction: float = param(0.1, Float(0.0, 1.0, lo_open=True, hi_open=True),
                                 "share of the training images held out for validation (stratified)")
     test_fraction: float = param(0.2, Float(0.0, 1.0, lo_open=True, hi_open=True),
@@ -213,23 +244,19 @@ class DataParams:
     @property
     def image_shape(self) -> tuple[int, int]:
         """(channels, pixels a side) of the prepared images, known from the params alone."""
-        return DATASET_IMAGES.get(self.dataset, (self.channels, self.image_size))
+        return DATASETS[self.dataset].image_shape or (self.channels, self.image_size)
 
     @property
     def reads_root(self) -> bool:
         """Whether the dataset is read from data.root (every one but the embedded digits)."""
-        return self.dataset != "digits"
-
-
-# (channels, pixels a side) of each dataset whose images have one size; an image folder's come from
-# data.channels and data.image_size. prepare-data writes exactly these (the sources read them as they are).
-DATASET_IMAGES = {"digits": (1, 8), "mnist": (1, 28), "fashion-mnist": (1, 28), "cifar10": (3, 32)}
+        return DATASETS[self.dataset].source != "digits"
 
 
 @dataclass(frozen=True)
 class ModelParams:
-    name: str = param("small-cnn", ModelName(),
-                      "small-cnn | resnet18 | mlp | any torchvision classification model (python -m stages models)")
+    name: str = param(SMALL_CNN, ModelName(),
+                      f"{' | '.join(BUILT_IN_MODELS)} | any torchvision classification model such as resnet18 "
+                      "(python -m stages models)")
     small_input_stem: Any = param("auto", OneOf(("auto", True, False)),
                                   f"resnets: auto (3x3 stride-1 stem, no max-pool, under {SMALL_STEM_BELOW} px) "
                                   "| true | false (torchvision's ImageNet stem)")

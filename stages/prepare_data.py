@@ -2,8 +2,9 @@
 
 Reads the dataset that `data.dataset` names (`sources/`), chooses the rows of each split from
 the labels alone (carving the splits the source does not have), then writes the prepared folder
-(`prepared.py`) split file by split file, in chunks: arrays are copied row block by row block,
-image files are decoded on every core straight into their rows. Then `info.json`, with class
+(`prepared.py`) with the one writer every source goes through (`fill.py`), in chunks: arrays are
+copied row block by row block, image files are decoded on every core straight into their rows.
+No torch: an image folder is prepared without paying for its import. Then `info.json`, with class
 names, shape, the train split's per-channel mean/std (counted on the way) and counts. The folder
 is written beside the output folder and replaces it whole once complete (`staged_dir`), so a
 refusal midway (an unreadable image, say) leaves the last prepared data as it was, and a
@@ -14,31 +15,47 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
+import numpy as np
 
+from .console import report_skipped, warn
 from .errors import UserError
+from .fill import fill_splits
 from .io import staged_dir
-from .params import DataParams, listed
-from .prepared import IMAGE_MODES, SPLITS, ChannelStats, PreparedWriter, copy_rows
-from .sources import Source, count, load_source, warn
+from .params import DataParams, listed, plural
+from .prepared import SPLITS, ChannelStats, PreparedWriter
+from .sources import Source, load_source
 
 
-def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def randperm(n: int, random: np.random.RandomState) -> np.ndarray:
+    """torch.randperm(n, generator=g) for a CPU generator g seeded as `random` is, without importing torch
+    (about 1 s of this stage's start for an image folder): torch draws one 32-bit Mersenne Twister output
+    per swap (ATen's randperm_cpu for n under 2^32 / 20: z = random() % (n - i), swap r[i] and r[i + z])
+    from the generator that manual_seed(seed) starts like MT19937's init_genrand(seed), which is what
+    numpy's RandomState(seed) is. tests/test_helpers.py checks it against torch itself."""
+    perm = np.arange(n, dtype=np.int64)
+    if n > 1:
+        draws = random.randint(0, 2**32, size=n - 1, dtype=np.uint32).astype(np.int64)  # the raw outputs
+        for i, z in enumerate((draws % np.arange(n, 1, -1)).tolist()):
+            perm[i], perm[i + z] = perm[i + z], perm[i]
+    return perm
+
+
+def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices (keep, take): `take` holds about `fraction` of every class, chosen with `seed`."""
-    gen = torch.Generator().manual_seed(seed)
+    random = np.random.RandomState(seed & 0xFFFFFFFF)  # torch.manual_seed keeps the low 32 bits too
     keep, take = [], []
-    for cls in torch.unique(labels).tolist():
-        idx = torch.nonzero(labels == cls).flatten()
-        idx = idx[torch.randperm(len(idx), generator=gen)]
+    for cls in np.unique(labels).tolist():
+        idx = np.flatnonzero(labels == cls)
+        idx = idx[randperm(len(idx), random)]
         n_take = int(round(len(idx) * fraction))
         if len(idx) >= 2:  # leave at least one sample of each class on both sides
             n_take = min(max(n_take, 1), len(idx) - 1)
         take.append(idx[:n_take])
         keep.append(idx[n_take:])
-    return torch.sort(torch.cat(keep)).values, torch.sort(torch.cat(take)).values
+    return np.sort(np.concatenate(keep)), np.sort(np.concatenate(take))
 
 
-def choose_rows(source: Source, p: DataParams) -> dict[str, tuple[str, torch.Tensor]]:
+def choose_rows(source: Source, p: DataParams) -> dict[str, tuple[str, np.ndarray]]:
     """split -> (the source's split it comes from, its rows there, ascending): the source's own
     splits as they are, test and then val carved out of train where the source has none.
 
@@ -46,7 +63,7 @@ def choose_rows(source: Source, p: DataParams) -> dict[str, tuple[str, torch.Ten
     their split whether or not other files turn out unreadable."""
     if "train" not in source.labels:
         raise UserError(f"data.dataset = {p.dataset!r} gave no training images")
-    rows = {name: (name, torch.arange(len(labels))) for name, labels in source.labels.items()}
+    rows = {name: (name, np.arange(len(labels))) for name, labels in source.labels.items()}
     carved = []
     for split, fraction, seed in (("test", p.test_fraction, p.split_seed), ("val", p.val_fraction, p.split_seed + 1)):
         if split not in rows:
@@ -62,69 +79,53 @@ def choose_rows(source: Source, p: DataParams) -> dict[str, tuple[str, torch.Ten
     return {name: rows[name] for name in SPLITS}
 
 
-def warn_classes_left_out(source: Source, rows: dict[str, tuple[str, torch.Tensor]], carved: list[str]) -> None:
+def warn_classes_left_out(source: Source, rows: dict[str, tuple[str, np.ndarray]], carved: list[str]) -> None:
     """One warning naming the classes too small to give each carved split an image (a class of one
     image stays in train alone): val and test say nothing about them."""
     n = len(source.class_names)
     left_out: dict[int, list[str]] = {}
     for split in carved:
         native, idx = rows[split]
-        for c in torch.nonzero(torch.bincount(source.labels[native][idx], minlength=n) == 0).flatten().tolist():
+        for c in np.flatnonzero(np.bincount(source.labels[native][idx], minlength=n) == 0).tolist():
             left_out.setdefault(c, []).append(split)
     if not left_out:
         return
-    totals = torch.bincount(source.labels["train"], minlength=n).tolist()
-    named = [f"{source.class_names[c]} ({count(totals[c], 'image')}: no {' or '.join(splits)} image)"
+    totals = np.bincount(source.labels["train"], minlength=n).tolist()
+    named = [f"{source.class_names[c]} ({plural(totals[c], 'image')}: no {' or '.join(splits)} image)"
              for c, splits in sorted(left_out.items())]
-    warn(f"{count(len(named), 'class', 'classes')} too small to split: {listed(named, 10)}; "
+    warn(f"{plural(len(named), 'class', 'classes')} too small to split: {listed(named, 10)}; "
          "val and test cannot measure them; add images to them")
-
-
-def image_shape(source: Source, p: DataParams) -> tuple[int, int, int]:
-    if source.files:
-        return p.channels, p.image_size, p.image_size
-    return tuple(source.images["train"].shape[1:])
 
 
 def prepare_data(p: DataParams, out_dir: str | Path) -> dict:
     """Run the stage: read the source, split, write the splits and info.json; return the info."""
     source = load_source(p)
     rows = choose_rows(source, p)
-    labels = {split: source.labels[native][idx].numpy() for split, (native, idx) in rows.items()}
-    shape = image_shape(source, p)
-    stats = ChannelStats(shape[0])  # of the train split, counted while it is written
-    skipped: list[tuple[str, str]] = []
-    with staged_dir(out_dir) as staged, PreparedWriter(staged, labels, shape) as out:
-        if source.files:
-            from .sources.imagefolder import decode_into, report_skipped
-
-            files = {split: [source.files[native][i] for i in idx.tolist()] for split, (native, idx) in rows.items()}
-            skipped = decode_into(out.splits, files, p.resize, p.skip_bad_images, stats)
-            report_skipped(skipped)
-        else:
-            for split, (native, idx) in rows.items():
-                copy_rows(out.splits[split], source.images[native], idx, stats if split == "train" else None)
-        written = {split: torch.from_numpy(writer.labels) for split, writer in out.splits.items()}
+    labels = {split: source.labels[native][idx] for split, (native, idx) in rows.items()}
+    stats = ChannelStats(source.shape[0])  # of the train split, counted while it is written
+    with staged_dir(out_dir) as staged, PreparedWriter(staged, labels, source.shape) as out:
+        skipped = fill_splits(out.splits, source.rows, rows, p.skip_bad_images, stats)
+        report_skipped(skipped)
+        written = {split: writer.labels for split, writer in out.splits.items()}
         for split in SPLITS:
             if len(written[split]) == 0:  # every file of the split was unreadable
                 raise UserError(f"no readable images in the {split} split under {p.root} "
-                                f"({count(len(skipped), 'unreadable file')} skipped)")
+                                f"({plural(len(skipped), 'unreadable file')} skipped)")
         mean, std = stats.mean_std()
         num_classes = len(source.class_names)
         info = {
             "dataset": p.dataset,
             "class_names": source.class_names,
             "num_classes": num_classes,
-            "shape": list(shape),
+            "shape": list(source.shape),
             "mean": mean,
             "std": std,
             "counts": {name: len(written[name]) for name in SPLITS},
-            "class_counts": {name: torch.bincount(written[name], minlength=num_classes).tolist() for name in SPLITS},
+            "class_counts": {name: np.bincount(written[name], minlength=num_classes).tolist() for name in SPLITS},
             "skipped_bad_images": len(skipped),
             # How a new image file becomes pixels like these (`predict` reads it from the model file).
-            # Only image folders are resized here; for the others it is how predict fits a photo.
-            "image_mode": IMAGE_MODES[shape[0]],
-            "resize": p.resize if source.files else "stretch",
+            "image_mode": source.image_mode,
+            "resize": source.resize,
         }
         out.commit(info)
     return info

@@ -13,7 +13,7 @@ Only rank 0 logs and writes. Outputs (paths from dvc.yaml via the CLI):
 The per-epoch checkpoint is not a DVC output: it lives only while a run is incomplete. It is
 written after every epoch, resumed after a kill when it belongs to this very run, and deleted
 once the weights and metrics are written. So a finished stage leaves nothing DVC would have to
-store, push or find missing in a fresh clone (README, "Why the checkpoint is not a DVC output").
+store, push or find missing in a fresh clone (docs/reliability.md, "Why the checkpoint is not a DVC output").
 """
 
 from __future__ import annotations
@@ -418,7 +418,7 @@ def summarize(p: Params, plan: DevicePlan, ctx: DistContext, device: torch.devic
         samples_per_second=round(throughput, 1),
         peak_memory_mb=peaks,
         # On the CPU max RSS also counts the pages of the memory-mapped splits a process has read: shared
-        # page cache, not its own memory (README, "Data at scale").
+        # page cache, not its own memory (benchmarks/README.md, "100,000 photos").
         peak_memory_kind="cuda allocated per device" if device.type == "cuda"
         else "process max RSS per process, incl. the mapped splits' shared pages",
         **extra,  # launcher, restarts, gpu_claim, threads, threads_from, omp_wait_policy

@@ -74,8 +74,8 @@ def test_cuda_settings_on_a_machine_without_cuda_are_refused(tmp_path):
         # the train stage's own planning refuses the same, so `python -m stages train` is safe too
         with pytest.raises(UserError, match="no CUDA device is visible"):
             plan_devices("auto", [0, 1], strategy)
-    # free / free:N claim GPUs where there are some; without CUDA they train on the CPU (README, "A queue of
-    # experiments on a multi-GPU machine"), free:N with ddp as N processes, whose batch split is checked
+    # free / free:N claim GPUs where there are some; without CUDA they train on the CPU (docs/gpus-and-clusters.md,
+    # "A queue of experiments on a multi-GPU machine"), free:N with ddp as N processes, whose batch split is checked
     assert plan_devices("auto", "free:2", "ddp").world_size == 2
     line = refused(tmp_path, train={"devices": "free:3", "strategy": "ddp"})
     assert "train.batch_size = 64 is not allowed with 3 ddp processes (train.devices = 'free:3')" in line

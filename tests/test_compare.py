@@ -18,7 +18,7 @@ import yaml
 
 from stages.compare.pairs import against_baseline, pair, seed_groups
 from stages.compare.runs import Run
-from stages.stats import holm, mcnemar_exact, spread, wilson_interval
+from stages.stats import holm, mcnemar_exact, per_class_scores, spread, wilson_interval
 
 from .helpers import ROOT, train_in_process
 
@@ -43,6 +43,23 @@ def test_wilson_interval_matches_statsmodels(k, n):
 
     low, high = proportion_confint(k, n, alpha=0.05, method="wilson")
     assert wilson_interval(k, n) == pytest.approx((low, high), abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_per_class_scores_match_scikit_learn(seed):
+    """Random labels over 7 classes, one of them never true and one never predicted: the zero_division=0 cases."""
+    import numpy as np
+    from sklearn.metrics import precision_recall_fscore_support
+
+    rng = np.random.default_rng(seed)
+    actual = rng.choice([0, 1, 2, 3, 4, 6], size=300)
+    predicted = np.where(rng.random(300) < 0.6, actual, rng.choice([0, 1, 2, 4, 5, 6], size=300))
+    predicted[predicted == 3] = 2  # class 3 is never predicted; class 5 never true
+    got = per_class_scores(actual, predicted, 7)
+    want = precision_recall_fscore_support(actual, predicted, labels=list(range(7)), zero_division=0)
+    for name, expected in zip(("precision", "recall", "f1", "support"), want):
+        np.testing.assert_allclose(got[name], expected, rtol=0, atol=1e-12, err_msg=name)
+    assert got["precision"][3] == 0 and got["recall"][5] == 0 and got["support"][5] == 0
 
 
 @pytest.mark.parametrize(("b", "c"), [(0, 3), (3, 0), (7, 2), (41, 18), (100, 130), (5, 5), (1, 0)])

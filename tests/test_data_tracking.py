@@ -1,7 +1,7 @@
-"""Your own data under data/raw with the real git and dvc, as README says to keep and track it.
+"""Your own data under data/raw with the real git and dvc, as docs/own-data.md says to keep and track it.
 
 The tests share one repo and run in file order, as a user's session would: the digits pipeline
-prepared and committed, a photo folder added beside it and tracked with README's own commands,
+prepared and committed, a photo folder added beside it and tracked with that page's own commands,
 then a teammate's clone of it all.
 """
 
@@ -20,11 +20,14 @@ from .test_pipeline_e2e import commit, new_project, ran, sh
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
-def readme_block(containing: str) -> str:
-    """The one ```bash block of README.md that contains `containing`."""
-    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+OWN_DATA = ROOT / "docs" / "own-data.md"
+
+
+def docs_block(containing: str) -> str:
+    """The one ```bash block of docs/own-data.md that contains `containing`."""
+    blocks = re.findall(r"```bash\n(.*?)```", OWN_DATA.read_text(), re.S)
     found = [block for block in blocks if containing in block]
-    assert len(found) == 1, f"{len(found)} README blocks contain {containing!r}"
+    assert len(found) == 1, f"{len(found)} blocks of {OWN_DATA.name} contain {containing!r}"
     return found[0]
 
 
@@ -50,13 +53,13 @@ def repo(tmp_path_factory) -> Path:
     return repo
 
 
-def test_readme_commands_track_a_photo_folder_with_dvc(repo):
-    write_photos(repo / "data" / "raw" / "photos")  # where README suggests keeping them
-    sh(repo, "bash", "-euo", "pipefail", "-c", readme_block("dvc add data/raw/"))
+def test_the_docs_commands_track_a_photo_folder_with_dvc(repo):
+    write_photos(repo / "data" / "raw" / "photos")  # where docs/own-data.md suggests keeping them
+    sh(repo, "bash", "-euo", "pipefail", "-c", docs_block("dvc add data/raw/"))
     tracked = sh(repo, "git", "ls-files", "data/raw").stdout.split()
     assert "data/raw/photos.dvc" in tracked
     assert not [path for path in tracked if path.startswith("data/raw/photos/")]  # the images are DVC's, not git's
-    assert sh(repo, "git", "status", "--porcelain").stdout == ""  # README's commands committed everything
+    assert sh(repo, "git", "status", "--porcelain").stdout == ""  # the page's commands committed everything
 
 
 def test_a_photo_folder_beside_the_digits_leaves_their_pipeline_up_to_date(repo):

@@ -9,9 +9,12 @@ tests can check that images and labels still line up after decoding and splittin
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 import socket
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +24,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from stages.cli import app
-from stages.images import MAX_WARNINGS, decode_image
+from stages.console import MAX_WARNINGS
+from stages.images import decode_image
 from stages.prepared import load_prepared
 
 from .helpers import run_stages, write_params
@@ -603,20 +607,38 @@ def check_numbered(splits: dict, class_names: list[str], per_class: int, missing
 
 
 def test_parallel_decoders_write_the_bytes_one_process_writes(tmp_path, monkeypatch):
-    import stages.sources.imagefolder as imagefolder
+    import stages.fill as fill
 
     root = tmp_path / "photos"
     write_numbered(root, per_class=150)  # 450 files: 8 tasks, on every core
     data = {"dataset": "imagefolder", "root": str(root), "image_size": 16, "channels": 1}
     parallel, result = prepare(tmp_path / "parallel", **data)
     assert result.exit_code == 0, result.output
-    if imagefolder.cpu_count() > 1:
-        assert f"images/s, {min(imagefolder.cpu_count(), 8)} processes)" in result.stdout
+    if fill.cpu_count() > 1:
+        assert f"images/s, {min(fill.cpu_count(), 8)} processes)" in result.stdout
     check_numbered(all_splits(parallel), ["dark", "light", "mid"], 150)
-    monkeypatch.setattr(imagefolder, "cpu_count", lambda: 1)  # decode in this process alone
+    monkeypatch.setattr(fill, "cpu_count", lambda: 1)  # decode in this process alone
     alone = prepare_ok(tmp_path / "alone", **data)
     for name in ("train.safetensors", "val.safetensors", "test.safetensors", "info.json"):
         assert (parallel / name).read_bytes() == (alone / name).read_bytes(), name
+
+
+def test_decoder_threads_write_the_bytes_decoder_processes_write(tmp_path, monkeypatch):
+    """Where fork is not the platform's way (macOS, Windows) the decoders are threads in one process:
+    each keeps its own buffers, so they write what the forked decoders write."""
+    import stages.fill as fill
+
+    root = tmp_path / "photos"
+    write_numbered(root, per_class=150)
+    data = {"dataset": "imagefolder", "root": str(root), "image_size": 16, "channels": 3}
+    processes = prepare_ok(tmp_path / "processes", **data)
+    monkeypatch.setattr(fill.sys, "platform", "darwin")
+    threads, result = prepare(tmp_path / "threads", **data)
+    assert result.exit_code == 0, result.output
+    if fill.cpu_count() > 1:
+        assert " threads)" in result.stdout
+    for name in ("train.safetensors", "val.safetensors", "test.safetensors", "info.json"):
+        assert (processes / name).read_bytes() == (threads / name).read_bytes(), name
 
 
 def test_unreadable_files_leave_every_other_file_in_its_split(tmp_path):
@@ -665,3 +687,60 @@ def test_the_digits_folder_as_root_of_another_dataset_says_to_set_data_root(tmp_
     (tmp_path / "data" / "raw" / "digits").mkdir(parents=True)
     _, result = prepare(tmp_path, dataset=dataset)
     assert_user_error(result, "data.root is data/raw/digits", f"data/raw/{dataset}")
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_prepared_rows_are_the_files_decoded_one_by_one_and_the_stats_count_them(tmp_path, channels):
+    """The writer copies a task's images together (one histogram and one copy per band for the task):
+    each row is what decoding its file alone gives, and mean/std are those of the train rows."""
+    from stages.prepared import ChannelStats, channel_histogram
+
+    root, rng = tmp_path / "photos", np.random.default_rng(0)
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        for i in range(80):  # train gets more than one task's worth of files
+            height, width = (int(v) for v in rng.integers(10, 40, 2))
+            Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+    prepared = prepare_ok(tmp_path / "out", dataset="imagefolder", root=str(root), image_size=12,
+                          channels=channels)
+    mode = "L" if channels == 1 else "RGB"
+    decoded = sorted(decode_image(str(p), mode, 12, "crop").tobytes() for p in root.rglob("*.png"))
+    splits = all_splits(prepared)
+    rows = sorted(bytes(row.numpy().tobytes()) for images, _, _ in splits.values() for row in images)
+    assert rows == decoded
+    stats = ChannelStats(channels)
+    stats.add(channel_histogram(splits["train"][0].numpy()))
+    info = splits["train"][2]
+    assert (info["mean"], info["std"]) == tuple(stats.mean_std())
+
+
+def test_an_image_folder_is_prepared_without_importing_torch(tmp_path):
+    """Importing torch is about a second of the stage's start on a 2-core machine, and nothing in
+    preparing an image folder needs it."""
+    root = tmp_path / "photos"
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        for i in range(5):
+            Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(root / name / f"{i}.png")
+    params = write_params(tmp_path / "params.yaml", data={"dataset": "imagefolder", "root": str(root)})
+    code = ("import sys\nfrom stages.cli import app\ntry:\n    app(sys.argv[1:])\nexcept SystemExit as e:\n"
+            "    assert not e.code, e.code\nprint('torch imported:', 'torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code, "prepare-data", "--params", str(params), "--out",
+                           str(tmp_path / "prepared")], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "torch imported: False"
+
+
+def test_every_dataset_names_its_source_and_every_built_in_model_builds():
+    """The names live in one place (stages.params); the sources and the model builder follow it."""
+    from stages.core.models import build_model
+    from stages.params import BUILT_IN_MODELS, DATASETS
+    from stages.sources.torchvision_datasets import torchvision_dataset
+
+    for name, dataset in DATASETS.items():
+        assert dataset.source in ("digits", "torchvision", "imagefolder"), name
+        if dataset.source == "torchvision":
+            assert dataset.downloads and torchvision_dataset(name).file_names(), name
+    for name in BUILT_IN_MODELS:
+        assert build_model(name, 1, 8, 10)(torch.zeros(2, 1, 8, 8)).shape == (2, 10), name

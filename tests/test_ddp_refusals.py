@@ -2,7 +2,8 @@
 
 Every rank reaches the same refusal (the batch does not split over the processes, torchrun with
 strategy dp); rank 0 alone says it, or our own launcher says the failed rank's line. torchrun's own
-ChildFailedError summary after it is torch's, printed by the torchrun process (see README).
+ChildFailedError summary after it is torch's, printed by the torchrun process
+(docs/gpus-and-clusters.md, "On a cluster").
 """
 
 from __future__ import annotations

@@ -130,7 +130,7 @@ def test_a_killed_rank_without_restarts_is_one_line(tmp_path, prepared_digits):
 
 @pytest.mark.slow
 def test_two_torchrun_agents_make_one_group(tmp_path, prepared_digits, reference):
-    """The README's two-machine recipe on loopback: two agents, --nnodes 2, one rank each."""
+    """The two-machine recipe of docs/gpus-and-clusters.md on loopback: two agents, --nnodes 2, one rank each."""
     params = write_params(tmp_path / "params.yaml", train=DDP)
     port = free_port()
     common = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
@@ -173,7 +173,7 @@ def test_launching_in_this_process_leaves_its_signal_handlers_as_they_were():
 def test_decoders_die_of_sigterm_whatever_handler_they_inherit():
     """prepare-data stops its forked decoders with SIGTERM; a handler that raises (torch's agent's) would be
     caught as an unreadable image, and the decoder would never exit."""
-    from stages.sources.imagefolder import ignore_interrupts
+    from stages.fill import ignore_interrupts
 
     def raising(signum, frame):
         raise RuntimeError("inherited")

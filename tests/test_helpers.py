@@ -13,7 +13,7 @@ from stages.analyze.report import merge_identical_modes
 from stages.core.checkpoint import fingerprint_difference, flatten_optimizer_state, unflatten_optimizer_state
 from stages.core.loop import cosine_lr, epoch_permutation
 from stages.io import load_tensors, save_tensors
-from stages.prepare_data import stratified_split
+from stages.prepare_data import randperm, stratified_split
 from stages.prepared import ChannelStats, channel_histogram
 from stages.probe import ProbePoint, ProbeResult, scaling_rows
 
@@ -21,15 +21,24 @@ from stages.probe import ProbePoint, ProbeResult, scaling_rows
 
 
 def test_stratified_split_takes_the_fraction_of_every_class():
-    labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 2 + [3] * 1)
+    labels = np.array([0] * 50 + [1] * 30 + [2] * 2 + [3] * 1)
     keep, take = stratified_split(labels, 0.2, seed=0)
     assert sorted(keep.tolist() + take.tolist()) == list(range(len(labels)))  # a partition
     assert keep.tolist() == sorted(keep.tolist()) and take.tolist() == sorted(take.tolist())
-    taken = torch.bincount(labels[take], minlength=4).tolist()
+    taken = np.bincount(labels[take], minlength=4).tolist()
     assert taken == [10, 6, 1, 0]  # 20% of 50 and 30; a pair keeps one each side; a single stays in keep
     again_keep, again_take = stratified_split(labels, 0.2, seed=0)
-    assert torch.equal(take, again_take) and torch.equal(keep, again_keep)
-    assert not torch.equal(stratified_split(labels, 0.2, seed=1)[1], take)
+    assert np.array_equal(take, again_take) and np.array_equal(keep, again_keep)
+    assert not np.array_equal(stratified_split(labels, 0.2, seed=1)[1], take)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 12345, 2**32 - 1, 2**32 + 5])
+def test_randperm_draws_torchs_permutations_without_torch(seed):
+    """prepare-data shuffles with numpy (no torch import) the way torch.randperm did: one generator per
+    split call, several permutations drawn from it in turn, so the prepared splits keep their files."""
+    gen, random = torch.Generator().manual_seed(seed), np.random.RandomState(seed & 0xFFFFFFFF)
+    for n in (0, 1, 2, 3, 10, 179, 1000, 30_000, 5):
+        assert np.array_equal(randperm(n, random), torch.randperm(n, generator=gen).numpy()), n
 
 
 def test_channel_stats_match_numpy_whatever_the_chunks():

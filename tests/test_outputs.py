@@ -202,3 +202,37 @@ def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_write_behind_keeps_the_order_and_raises_a_failed_write_on_the_callers_thread(tmp_path):
+    import threading
+
+    from stages.io import WriteBehind
+
+    done, threads = [], set()
+
+    def write(i):
+        threads.add(threading.current_thread().name)
+        done.append(i)
+
+    behind = WriteBehind()
+    for i in range(50):
+        behind.submit(write, i)
+    behind.wait()
+    assert done == list(range(50)) and threads == {"write-behind"}
+
+    gate = threading.Event()
+
+    def fail():
+        gate.wait()  # both submitted before it fails
+        raise OSError(28, "No space left on device")
+
+    behind.submit(fail)
+    behind.submit(write, 50)  # dropped: a write after a failure waits for the failure to be raised
+    gate.set()
+    with pytest.raises(OSError, match="No space"):
+        behind.wait()
+    assert done == list(range(50))
+    behind.submit(write, 51)  # raised once; writing goes on
+    behind.wait()
+    assert done[-1] == 51

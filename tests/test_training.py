@@ -530,3 +530,60 @@ def test_streamed_split_on_cuda_gives_the_resident_batches_and_weights():
         results.append({k: v.detach().cpu() for k, v in model.state_dict().items()})
     for k in results[0]:
         torch.testing.assert_close(results[0][k], results[1][k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_stream_to_cuda_without_an_index_streams_to_the_current_gpu():
+    """evaluate passes torch.device("cuda"); the stream's thread set it as its current device, which
+    CUDA refuses without an index (every evaluate on a GPU failed so, found on an H200)."""
+    from stages.core.batches import Split, batch_stream
+
+    images = torch.randint(0, 256, (300, 1, 8, 8), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (300,))
+    batches = [slice(i, i + 128) for i in range(0, 300, 128)]
+    with batch_stream(Split(images, labels, streamed=True), batches, torch.device("cuda")) as stream:
+        got = [(x, y) for x, y in stream]
+    assert {x.device for x, _ in got} == {torch.device("cuda", torch.cuda.current_device())}
+    assert torch.equal(torch.cat([x.cpu() for x, _ in got]), images)
+    assert torch.equal(torch.cat([y.cpu() for _, y in got]), labels)
+
+
+def test_a_background_checkpoint_holds_the_state_when_saved_not_what_training_did_next(tmp_path):
+    """The writer copies the state when asked: the file it writes is byte for byte the one a synchronous
+    save writes at that moment, though the model and optimizer change at once, while it writes."""
+    from stages.core.checkpoint import CheckpointWriter, load_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    model = build_model("small-cnn", 1, 8, 10)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+
+    def step():
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(torch.randn(16, 1, 8, 8)), torch.randint(0, 10, (16,))).backward()
+        optimizer.step()
+
+    step()
+    history = [{"epoch": 1, "val_accuracy": 0.5}]
+    save_checkpoint(tmp_path / "sync.safetensors", model, optimizer, None, 1, 1, history, {"k": "v"})
+    writer = CheckpointWriter(tmp_path / "background.safetensors")
+    writer.save(1, model, optimizer, None, 1, 1, history, {"k": "v"})
+    for _ in range(3):  # training goes on, in place, while the writer writes
+        step()
+    history.append({"epoch": 2, "val_accuracy": 0.6})
+    assert writer.wait() == 1
+    assert (tmp_path / "background.safetensors").read_bytes() == (tmp_path / "sync.safetensors").read_bytes()
+    assert load_checkpoint(tmp_path / "background.safetensors").history == [{"epoch": 1, "val_accuracy": 0.5}]
+
+
+def test_a_failed_background_checkpoint_write_is_raised_on_the_training_thread(tmp_path):
+    from stages.core.checkpoint import CheckpointWriter
+
+    model = build_model("mlp", 1, 8, 10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    (tmp_path / "ck.safetensors").mkdir()  # a folder where the file should go: the rename fails
+    writer = CheckpointWriter(tmp_path / "ck.safetensors")
+    writer.save(1, model, optimizer, None, 1, 0, [], {})
+    with pytest.raises(OSError):
+        writer.wait()
+    assert writer.saved is None

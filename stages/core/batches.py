@@ -120,8 +120,12 @@ class BatchStream:
     _DONE = object()
 
     def __init__(self, split: Split, batches: Sequence[Index], device: torch.device):
-        self.split, self.batches, self.device = split, batches, device
         self.cuda = device.type == "cuda"
+        if self.cuda and device.index is None:
+            # torch.device("cuda") means the caller's current GPU; the gathering thread has its own
+            # current device (GPU 0), and torch.cuda.set_device refuses a device with no index.
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.split, self.batches, self.device = split, batches, device
         self.ready: queue.Queue = queue.Queue(maxsize=PREFETCH)
         self.stop = threading.Event()
         self.slots: list[_Slot] = []

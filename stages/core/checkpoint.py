@@ -16,6 +16,7 @@ bytes (`shared_checkpoint`), and `restore_loop_state` puts the loop's state back
 from __future__ import annotations
 
 import hashlib
+import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..io import load_tensors, save_tensors
+from ..io import WriteBehind, load_tensors, save_tensors
 from ..params import Params, weights_kind
 from .distributed import DistContext, broadcast_bytes
 from .weights import trained_params
@@ -108,9 +109,11 @@ def unprefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch
     return found or None
 
 
-def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scaler, epoch: int,
-                    step: int, history: list[dict], fingerprint: dict, ema: nn.Module | None = None,
-                    best_state: dict[str, torch.Tensor] | None = None) -> None:
+def checkpoint_contents(model: nn.Module, optimizer: torch.optim.Optimizer, scaler, epoch: int, step: int,
+                        history: list[dict], fingerprint: dict, ema: nn.Module | None = None,
+                        best_state: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """A checkpoint's tensors and metadata, copied to the CPU: training may change the originals in place
+    the moment this returns, while the copy is being written."""
     optim_tensors, optim_meta = flatten_optimizer_state(optimizer.state_dict())
     tensors = prefixed("model", model.state_dict())
     tensors.update(optim_tensors)
@@ -126,7 +129,38 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         "optimizer": optim_meta,
         "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
     }
-    save_tensors(path, tensors, meta)
+    # JSON out and back: the same text save_tensors writes, and no list or dict shared with the caller.
+    return {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}, json.loads(json.dumps(meta))
+
+
+def save_checkpoint(path: Path, *state, **named_state) -> None:
+    """Write a checkpoint now (the arguments are checkpoint_contents')."""
+    save_tensors(path, *checkpoint_contents(*state, **named_state))
+
+
+class CheckpointWriter:
+    """Writes each epoch's checkpoint behind the training thread, while the next epoch trains.
+
+    Serialising and fsyncing the file took 5 to 12 ms an epoch on the training thread (2-core CPU,
+    digits), about a tenth of an epoch. The state is copied when `save` is called, so the file holds
+    exactly what a synchronous save would have, and it still appears by a rename, whole or not at
+    all. `saved` is the epoch whose checkpoint is on disk; `wait()` (before saying which epoch was
+    kept, and before the file is deleted) lets the writes finish and raises a write's error."""
+
+    def __init__(self, path: Path, saved: int | None = None, behind: WriteBehind | None = None):
+        self.path, self.saved = path, saved
+        self.behind = behind or WriteBehind()
+
+    def save(self, epoch: int, *state, **named_state) -> None:
+        self.behind.submit(self._write, epoch, *checkpoint_contents(*state, **named_state))
+
+    def _write(self, epoch: int, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        save_tensors(self.path, tensors, meta)
+        self.saved = epoch
+
+    def wait(self) -> int | None:
+        self.behind.wait()
+        return self.saved
 
 
 def restore_loop_state(st, ck: Checkpoint | None) -> tuple[list[dict], dict[str, torch.Tensor] | None]:

@@ -11,7 +11,16 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import UserError, first_line
-from ..params import SMALL_STEM_BELOW, ModelName, is_resnet, torchvision_model_names
+from ..params import (
+    BUILT_IN_MODELS,
+    DATASETS,
+    MLP,
+    SMALL_CNN,
+    SMALL_STEM_BELOW,
+    ModelName,
+    is_resnet,
+    torchvision_model_names,
+)
 
 
 def _conv_bn(c_in: int, c_out: int) -> list[nn.Module]:
@@ -105,9 +114,9 @@ def build_model(name: str, in_channels: int, image_size: int, num_classes: int,
                 small_input_stem: str | bool = "auto") -> nn.Module:
     """The model `name` for (in_channels, image_size, image_size) images and `num_classes` classes.
     `small_input_stem` (resnets only): auto, True or False, as model.small_input_stem."""
-    if name == "small-cnn":
+    if name == SMALL_CNN:
         return small_cnn(in_channels, image_size, num_classes)
-    elif name == "mlp":
+    elif name == MLP:
         return mlp(in_channels, image_size, num_classes)
     elif name not in torchvision_model_names():  # also the allow-list for names read from a model file
         raise UserError(f"model.name = {name!r} is not allowed; expected {ModelName()}")
@@ -127,7 +136,7 @@ def check_input_size(model: nn.Module, name: str, in_channels: int, image_size: 
     was built on the meta device, as check-params builds it: then the train stage decides)."""
     import torch
 
-    if name in ("small-cnn", "mlp"):
+    if name in BUILT_IN_MODELS:
         return  # both fit any size the params allow
     on_meta = any(t.is_meta for t in model.parameters())
     was_training = model.training
@@ -159,8 +168,8 @@ def small_image_advice(dataset: str | None, name: str) -> str:
     the other datasets' images have one size, so they need a model that fits small images."""
     smallest = min_input_size(name)
     larger = f"set data.image_size to at least {smallest}" if smallest else "set data.image_size larger"
-    models = "choose a model that fits small images, such as small-cnn, mlp or resnet18"
-    if dataset == "imagefolder":
+    models = f"choose a model that fits small images, such as {', '.join(BUILT_IN_MODELS)} or resnet18"
+    if dataset is not None and DATASETS[dataset].sized_by_params:
         return f"{larger}, or {models}"
     if dataset is not None:
         return f"data.dataset = {dataset!r} has images of one size: {models}"

@@ -9,15 +9,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..params import DATASETS
+
 # Horizontal flips change the meaning of digits and letters; they suit photos. An image folder may hold
 # either (digits-like folders lost a third of their accuracy to flips), so there they are asked for
-# (train.hflip: true); auto flips only the datasets known to be photos.
-FLIP_DATASETS = ("cifar10",)
+# (train.hflip: true); auto flips only the datasets known to be photos (DATASETS' `photos`).
 
 
 def use_hflip(setting: bool | str, dataset: str) -> bool:
     """Whether augmentation flips images horizontally: train.hflip, with auto deciding by the dataset."""
-    return dataset in FLIP_DATASETS if setting == "auto" else bool(setting)
+    if setting == "auto":
+        known = DATASETS.get(dataset)
+        return known is not None and known.photos
+    return bool(setting)
 
 
 def augmentations(pad: int, flip: bool, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0) -> str:

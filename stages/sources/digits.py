@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import torch
+import numpy as np
 
-from . import Source
+from . import Source, array_source
 
 
 def load_digits_source() -> Source:
@@ -12,8 +12,7 @@ def load_digits_source() -> Source:
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
-    # 0..16 -> 0..255 so every source shares the uint8 convention.
-    pixels = torch.from_numpy(bunch.images).mul(255.0 / 16.0).round().clamp(0, 255).to(torch.uint8)
-    images = pixels.unsqueeze(1).contiguous()  # (N, 1, 8, 8)
-    labels = torch.from_numpy(bunch.target).to(torch.int64)
-    return Source([str(c) for c in bunch.target_names], labels={"train": labels}, images={"train": images})
+    # 0..16 -> 0..255 so every source shares the uint8 convention (float64 x 255/16, rounded half to even).
+    pixels = np.clip(np.round(bunch.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+    images = np.ascontiguousarray(pixels[:, None])  # (N, 1, 8, 8)
+    return array_source([str(c) for c in bunch.target_names], {"train": bunch.target}, {"train": images})

@@ -27,13 +27,13 @@ import torch
 from torchvision import datasets
 
 from ..errors import UserError, first_line
-from ..params import DataParams
-from . import Source
+from ..params import DATASETS, DataParams
+from . import Source, array_source
 
 
 @dataclass(frozen=True)
 class CIFAR10Split:
-    """One CIFAR-10 split read by `cifar10.py`, with the attributes `as_tensors` reads from torchvision's."""
+    """One CIFAR-10 split read by `cifar10.py`, with the attributes `as_arrays` reads from torchvision's."""
 
     data: np.ndarray  # uint8 (N, 32, 32, 3)
     targets: list[int]
@@ -52,11 +52,10 @@ class TorchvisionDataset:
         return [name for name, _ in self.cls.train_list + self.cls.test_list] + [self.cls.meta["filename"]]
 
 
-TORCHVISION_DATASETS = {
-    "mnist": TorchvisionDataset(datasets.MNIST, "MNIST/raw"),
-    "fashion-mnist": TorchvisionDataset(datasets.FashionMNIST, "FashionMNIST/raw"),
-    "cifar10": TorchvisionDataset(datasets.CIFAR10, "cifar-10-batches-py"),
-}
+def torchvision_dataset(name: str) -> TorchvisionDataset:
+    """data.dataset -> torchvision's class and folder, as DATASETS names them."""
+    class_name, folder = DATASETS[name].torchvision
+    return TorchvisionDataset(getattr(datasets, class_name), folder)
 
 
 def check_files_present(name: str, kind: TorchvisionDataset, root: Path) -> None:
@@ -106,7 +105,7 @@ def open_cifar10(kind: TorchvisionDataset, root: Path, train: bool, download: bo
     return CIFAR10Split(images, labels, read_classes(folder))
 
 
-def as_tensors(ds, name: str, folder: Path, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+def as_arrays(ds, name: str, folder: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """A torchvision dataset's arrays -> uint8 images (N, C, H, W) and int64 labels."""
     data = torch.as_tensor(ds.data)
     if data.dtype != torch.uint8 or data.ndim not in (3, 4):
@@ -118,12 +117,12 @@ def as_tensors(ds, name: str, folder: Path, num_classes: int) -> tuple[torch.Ten
         raise UserError(f"{name} in {folder} is damaged: {len(images)} images but {len(labels)} labels")
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
         raise UserError(f"{name} in {folder} is damaged: labels outside 0..{num_classes - 1}")
-    return images.contiguous(), labels
+    return images.contiguous().numpy(), labels.numpy()
 
 
 def load_torchvision_source(p: DataParams) -> Source:
     """Read mnist, fashion-mnist or cifar10 from `data.root`; see the module docstring for the layout."""
-    kind = TORCHVISION_DATASETS[p.dataset]
+    kind = torchvision_dataset(p.dataset)
     root = Path(p.root)
     folder = root / kind.folder
     if not p.download:
@@ -131,7 +130,7 @@ def load_torchvision_source(p: DataParams) -> Source:
     train = open_split(p.dataset, kind, root, train=True, download=p.download)
     test = open_split(p.dataset, kind, root, train=False, download=False)  # the download above fetched both
     class_names = [str(c) for c in train.classes]
-    splits = {"train": as_tensors(train, p.dataset, folder, len(class_names)),
-              "test": as_tensors(test, p.dataset, folder, len(class_names))}
-    return Source(class_names, labels={name: labels for name, (_, labels) in splits.items()},
-                  images={name: images for name, (images, _) in splits.items()})
+    splits = {"train": as_arrays(train, p.dataset, folder, len(class_names)),
+              "test": as_arrays(test, p.dataset, folder, len(class_names))}
+    return array_source(class_names, {name: labels for name, (_, labels) in splits.items()},
+                        {name: images for name, (images, _) in splits.items()})
