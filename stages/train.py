@@ -31,10 +31,10 @@ import torch
 from .core.batches import Split, place_split
 from .core.checkpoint import (
     Checkpoint,
+    CheckpointWriter,
     restore_loop_state,
     resumable_checkpoint,
     run_fingerprint,
-    save_checkpoint,
     shared_checkpoint,
 )
 from .core.devices import (
@@ -70,7 +70,7 @@ from .core.threads import set_threads
 from .core.transforms import augmentations
 from .core.weights import model_metadata, save_model, trained_params
 from .errors import UserError
-from .io import install
+from .io import WriteBehind, install
 from .params import Params, TrainParams, free_gpu_count, is_resnet, plural, show_value
 from .prepared import load_prepared
 from .run_summary import RunSummary, curve_point
@@ -200,38 +200,48 @@ def train(p: Params, plan: DevicePlan, ctx: DistContext, paths: TrainPaths, star
     val_split = place_split(val_images, val_labels, device, cfg.data_placement)
     log_data(cfg, st, info, train_split, log)
     live = open_live(live_staging(paths.checkpoint), history) if ctx.is_main else None
+    # Rank 0's per-epoch files, the checkpoint and DVCLive's step, are written behind the training thread,
+    # and the lines of the epochs are said in turn with them: an epoch's line once its checkpoint is on
+    # disk, so a run killed after it resumes after that epoch.
+    writes = WriteBehind() if ctx.is_main else None
+    checkpoints = CheckpointWriter(paths.checkpoint, start_epoch if resume is not None else None, writes) \
+        if ctx.is_main else None
+    say = (lambda *args: writes.submit(print_flushed, *args)) if ctx.is_main else log
 
     # The epochs: train, validate (rank 0) the weights to be kept, log, checkpoint, stop early.
     progress = Progress(ctx.is_main, cfg.epochs, cfg.batch_size, device)
     # A run killed after it stopped early resumes only to write its outputs.
     last_epoch = start_epoch if early_stop(history, cfg.patience) else cfg.epochs
-    position = RunPosition(paths.checkpoint, cfg.epochs, start_epoch, start_epoch if resume is not None else None)
+    position = RunPosition(paths.checkpoint, cfg.epochs, start_epoch, checkpoints)
     with position.said_on_interrupt():
         for epoch in range(start_epoch + 1, last_epoch + 1):
             position.epoch = epoch
+            if progress.enabled:
+                writes.wait()  # the last epoch's line before this epoch's bar, in a terminal
             if frozen and epoch > cfg.freeze_epochs:
                 # The wrappers (DDP's gradient reducer) see which parameters train when built: wrap again.
                 set_backbone_trainable(model, True)
                 wrapped = prepare_model(model, cfg, plan, ctx, device)
                 st.model_wrapped()
                 frozen = False
-                log(f"epoch {epoch}: the backbone trains from now on, at {cfg.backbone_lr:g} x the lr")
-            history.append(train_epoch(wrapped, train_split, epoch, st, progress, cfg, log))
+                say(f"epoch {epoch}: the backbone trains from now on, at {cfg.backbone_lr:g} x the lr")
+            history.append(train_epoch(wrapped, train_split, epoch, st, progress, cfg, say))
             stop = None
             if ctx.is_main:
-                best_state = validate(wrapped, st, val_split, history, best_state, p, device, live)
-                save_epoch_checkpoint(paths.checkpoint, wrapped, st, history, fingerprint, best_state)
-                position.saved = epoch
-                log(epoch_line(history[-1], cfg.epochs), flush=True)
+                best_state = validate(wrapped, st, val_split, history, best_state, p, device)
+                writes.submit(log_epoch, live, dict(history[-1]))
+                save_epoch_checkpoint(checkpoints, wrapped, st, history, fingerprint, best_state)
+                say(epoch_line(history[-1], cfg.epochs))
                 stop = early_stop(history, cfg.patience)
             if cfg.patience and stop_on_every_rank(stop is not None, ctx, device):
-                log(stop)
+                say(stop)
                 break
 
     # The outputs: rank 0 writes the weights, the metrics and the run summary.
     peaks = all_gather_floats(peak_memory_mb(plan, device), ctx, device)
     if not ctx.is_main:
         return
+    checkpoints.wait()  # every epoch's checkpoint and DVCLive step is written (a failed write is raised here)
     kept = kept_model(wrapped, st)
     if best_state is not None:
         kept.load_state_dict(best_state)
@@ -348,17 +358,20 @@ def train_epoch(wrapped: torch.nn.Module, train_split: Split, epoch: int, st: Lo
 
 
 def validate(wrapped: torch.nn.Module, st: LoopState, val_split: Split, history: list[dict],
-             best_state: dict | None, p: Params, device: torch.device, live) -> dict | None:
-    """Rank 0: validate the weights to be kept, complete the epoch's record and log it to DVCLive; the
-    kept weights of the best epoch so far (train.keep: best), else `best_state` as it was."""
+             best_state: dict | None, p: Params, device: torch.device) -> dict | None:
+    """Rank 0: validate the weights to be kept and complete the epoch's record; the kept weights of the
+    best epoch so far (train.keep: best), else `best_state` as it was."""
     record = history[-1]
     kept = kept_model(wrapped, st)
     val = evaluate(kept, val_split, st.mean, st.std, p.evaluate.batch_size, device, st.amp_dtype, st.channels_last)
     record.update(val_loss=val.loss, val_accuracy=val.accuracy)
-    log_epoch(live, record)
     if p.train.keep == "best" and best_epoch(history) == record["epoch"]:
         best_state = {k: v.detach().cpu().clone() for k, v in kept.state_dict().items()}
     return best_state
+
+
+def print_flushed(*args) -> None:
+    print(*args, flush=True)  # at once, also into DVC's pipe: the line says the epoch is checkpointed
 
 
 def epoch_line(record: dict, epochs: int) -> str:
@@ -367,11 +380,13 @@ def epoch_line(record: dict, epochs: int) -> str:
             f"{record['samples_per_second']:,.0f} samples/s  {record['seconds']:.2f}s")
 
 
-def save_epoch_checkpoint(path: Path, wrapped: torch.nn.Module, st: LoopState, history: list[dict],
-                          fingerprint: dict, best_state: dict | None) -> None:
-    """The per-epoch checkpoint (rank 0): everything a killed run needs to resume byte-identically."""
-    save_checkpoint(path, unwrap(wrapped), st.optimizer, st.scaler, history[-1]["epoch"], st.step, history,
-                    fingerprint, st.ema, best_state)
+def save_epoch_checkpoint(checkpoints: CheckpointWriter, wrapped: torch.nn.Module, st: LoopState,
+                          history: list[dict], fingerprint: dict, best_state: dict | None) -> None:
+    """The per-epoch checkpoint (rank 0): everything a killed run needs to resume byte-identically,
+    copied now and written while the next epoch trains."""
+    epoch = history[-1]["epoch"]
+    checkpoints.save(epoch, unwrap(wrapped), st.optimizer, st.scaler, epoch, st.step, history, fingerprint, st.ema,
+                     best_state)
 
 
 def summarize(p: Params, plan: DevicePlan, ctx: DistContext, device: torch.device, st: LoopState,
@@ -469,18 +484,31 @@ def check_batch_size(cfg: TrainParams, n_train: int, plan: DevicePlan, ctx: Dist
 class RunPosition:
     """Where training is (the epoch running, the last one checkpointed), for what Ctrl-C says."""
 
-    def __init__(self, checkpoint_path: Path, epochs: int, epoch: int, saved: int | None):
-        self.checkpoint_path, self.epochs, self.epoch, self.saved = checkpoint_path, epochs, epoch, saved
+    def __init__(self, checkpoint_path: Path, epochs: int, epoch: int, checkpoints: CheckpointWriter | None):
+        self.checkpoint_path, self.epochs, self.epoch, self.checkpoints = checkpoint_path, epochs, epoch, checkpoints
+
+    def saved(self) -> int | None:
+        """The epoch whose checkpoint is on disk, once the writes under way have landed (rank 0)."""
+        if self.checkpoints is None:
+            return None
+        try:
+            return self.checkpoints.wait()
+        except Exception:  # noqa: BLE001 - a failed write: the file on disk is the one before it
+            return self.checkpoints.saved
 
     @contextlib.contextmanager
     def said_on_interrupt(self):
-        """Ctrl-C (SIGINT) becomes one line: the epoch interrupted, the checkpoint kept, how to resume."""
+        """Ctrl-C (SIGINT) becomes one line: the epoch interrupted, the checkpoint kept, how to resume.
+        Whatever ends the epochs, the checkpoint being written lands first."""
         try:
             yield
         except KeyboardInterrupt:
             # Every rank of a DDP group gets the terminal's SIGINT: rank 0 says it.
-            raise RefusedOnEveryRank(interrupted_line(self.epoch, self.epochs, self.saved, self.checkpoint_path)) \
+            raise RefusedOnEveryRank(interrupted_line(self.epoch, self.epochs, self.saved(), self.checkpoint_path)) \
                 from None
+        except BaseException:
+            self.saved()
+            raise
 
 
 def checkpoint_kept(p: Params, paths: TrainPaths) -> str:
