@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -104,3 +106,20 @@ def test_ddp_ranks_share_the_usable_cores(tmp_path, prepared_digits):
     assert (run["threads"], run["threads_from"]) == (max(1, cores // 2),
                                                      f"auto: {cores} usable cores / 2 ranks on this machine")
     assert f", {max(1, cores // 2)} CPU thread" in proc.stdout and " per process" in proc.stdout
+
+
+@pytest.mark.skipif(not Path("/proc/loadavg").exists(), reason="needs /proc/loadavg (Linux)")
+def test_busy_cores_are_told_from_what_runs_now_not_from_the_load_average():
+    """Two busy processes take two cores now; once they end, the cores are free at once, though the
+    1-minute load average still counts them (the stage `dvc repro` ran just before)."""
+    from stages.cli import cores_taken_by_others
+
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        time.sleep(0.3)
+        assert cores_taken_by_others(2)
+    finally:
+        for proc in busy:
+            proc.kill()
+            proc.wait()
+    assert cores_taken_by_others(64) is False  # no machine here runs 64 threads besides the tests
