@@ -196,9 +196,19 @@ def probe(
     """Time training steps of the trained model at 1, 2, 4, ... devices (the scaling probe), or say why not."""
 
     def stage() -> None:
+        from .params import load_params
+        from .probe_skip import reason_without_torch, write_not_run
+
+        # A probe point's DDP ranks rerun this command under a launcher (WORLD_SIZE set), with no params
+        # of their own: only a command started by hand or by DVC may say, without torch, why it times nothing.
+        if "WORLD_SIZE" not in os.environ:
+            p = load_params(params)
+            reason = reason_without_torch(p)  # e.g. a CPU-only machine
+            if reason:
+                write_not_run(out, reason, gpus=[])
+                return
         from .core.distributed import under_launcher
         from .core.launch import launched_plan
-        from .params import load_params
         from .probe import probe_rank, probe_stage
 
         if under_launcher():  # one DDP rank of a probe point that this command started

@@ -38,6 +38,7 @@ from .errors import UserError
 from .io import read_json, write_json
 from .params import Params, TrainParams
 from .prepared import load_prepared, read_info
+from .probe_skip import PROBE_OFF, nothing_to_compare, write_not_run
 from .run_summary import read_run_summary
 
 WARMUP_STEPS = 2  # the first steps pay for CUDA context, cuDNN autotuning and DataParallel replicas
@@ -76,16 +77,6 @@ class ProbeResult:
 
 
 # --- what to measure ---------------------------------------------------------------
-
-
-def nothing_to_compare(n_gpus: int, with_ddp: bool) -> str | None:
-    """Why the probe would time one device alone (with nothing to compare it with), or None."""
-    if n_gpus >= 2 or (n_gpus == 0 and with_ddp):
-        return None
-    only = "one GPU is visible" if n_gpus == 1 else "no GPU is visible, only the CPU"
-    on_cpu = "" if n_gpus == 1 else ", or 1 against 2 CPU processes with `analyze.probe_ddp: true`"
-    return (f"{only}, so there is nothing to compare one device with (the train stage's samples/s is its rate); "
-            f"the probe times 1, 2, 4, ... GPUs on a machine with 2 or more{on_cpu}.")
 
 
 def device_counts(available: int) -> list[int]:
@@ -334,9 +325,6 @@ def probe_json(result: ProbeResult, gpus: list[dict]) -> dict:
 
 # --- the stage ---------------------------------------------------------------------
 
-PROBE_OFF = "`analyze.probe` is false, so no training steps were timed; set it to true to measure scaling."
-
-
 def probe_stage(p: Params, params_path: Path, data_dir: Path, model_path: Path, run_path: Path,
                 out_path: Path) -> None:
     """Time the trained model as training ran it (run.json says how), or say why not; write `out_path`."""
@@ -346,9 +334,7 @@ def probe_stage(p: Params, params_path: Path, data_dir: Path, model_path: Path, 
     gpus = gpu_inventory()
     reason = PROBE_OFF if not p.analyze.probe else nothing_to_compare(len(gpus), p.analyze.probe_ddp)
     if reason:
-        write_json(out_path, {"probe": "off" if reason == PROBE_OFF else "nothing to compare", "reason": reason,
-                              "rows": [], "gpus": gpus})
-        print(f"scaling probe not run: {reason}")
+        write_not_run(out_path, reason, gpus)
         return
     # One forward pass per step (no accumulation): the probe times what each device computes per pass.
     cfg = replace(TrainParams(**run.train_params), accumulate=1)

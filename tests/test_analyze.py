@@ -8,19 +8,23 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
+from stages import probe_skip
 from stages.analyze import report as report_text
 from stages.analyze.report import lessons
 from stages.cli import app
 from stages.probe import device_counts, planned_points
 from stages.run_summary import RunSummary, read_run_summary
 
-from .helpers import run_summary
+from .helpers import ROOT, run_summary
 
 FIGURES = ("learning_curves.png", "per_class.png", "confusion.png", "misclassified.png")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -289,3 +293,22 @@ def test_a_200_class_folder_gets_pairs_not_an_unreadable_matrix(tmp_path):
     assert len([line for line in pairs_table.splitlines() if line.startswith("| class")]) == 20
     [empty] = table_rows(per_class_table(quality), "class007")
     assert empty[2] == "n/a" and empty[4] == "0"  # recall of a class with no test image
+
+
+@pytest.mark.skipif(not probe_skip.no_gpu_driver(), reason="a GPU driver is here: the probe asks torch")
+def test_the_probe_says_why_it_times_nothing_without_importing_torch(tmp_path):
+    """On a machine with no GPU driver, the probe stage's 'nothing to compare' needs neither torch nor the
+    core: written from params.yaml alone, in an interpreter where importing torch fails."""
+    params = write_params(tmp_path / "params.yaml", probe=True)
+    out = tmp_path / "scaling.json"
+    blocker = tmp_path / "no_torch"
+    blocker.mkdir()
+    (blocker / "torch.py").write_text("raise ImportError('torch was imported')\n")
+    proc = subprocess.run([sys.executable, "-m", "stages", "probe", "--params", str(params), "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=f"{blocker}{os.pathsep}{ROOT}"))
+    assert proc.returncode == 0, proc.stderr
+    scaling = json.loads(out.read_text())
+    assert scaling == {"probe": "nothing to compare", "reason": probe_skip.nothing_to_compare(0, False), "rows": [],
+                       "gpus": []}
+    assert proc.stdout.startswith("scaling probe not run: no GPU is visible")

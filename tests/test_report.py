@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from stages import probe
+from stages import probe_skip
 from stages.analyze import figures, report, stage
 from stages.errors import UserError
 from stages.run_summary import read_run_summary
@@ -256,11 +256,11 @@ def test_val_curve_still_rising_at_the_last_epoch(tmp_path, val_accuracy, val_lo
 
 
 def test_the_probe_runs_only_where_there_is_something_to_compare():
-    assert "nothing to compare" in probe.nothing_to_compare(0, with_ddp=False)
-    assert "analyze.probe_ddp: true" in probe.nothing_to_compare(0, with_ddp=False)
-    assert "one GPU is visible" in probe.nothing_to_compare(1, with_ddp=True)
-    assert probe.nothing_to_compare(0, with_ddp=True) is None  # 1 against 2 CPU processes
-    assert probe.nothing_to_compare(2, with_ddp=False) is None
+    assert "nothing to compare" in probe_skip.nothing_to_compare(0, with_ddp=False)
+    assert "analyze.probe_ddp: true" in probe_skip.nothing_to_compare(0, with_ddp=False)
+    assert "one GPU is visible" in probe_skip.nothing_to_compare(1, with_ddp=True)
+    assert probe_skip.nothing_to_compare(0, with_ddp=True) is None  # 1 against 2 CPU processes
+    assert probe_skip.nothing_to_compare(2, with_ddp=False) is None
 
 
 def probe_row(strategy: str, devices: int, batch: int, rate: float) -> dict:
