@@ -473,7 +473,8 @@ def check_batch_size(cfg: TrainParams, n_train: int, plan: DevicePlan, ctx: Dist
                      log) -> None:
     batch_size = cfg.batch_size
     if batch_size > n_train:
-        raise UserError(f"train.batch_size = {batch_size} is larger than the training split ({n_train} images)")
+        raise UserError(f"train.batch_size = {batch_size} is larger than the training split ({n_train} images); "
+                        f"set train.batch_size to {n_train} or less")
     if launcher == "torchrun":  # a run this command plans was checked before any rank started (plan_training)
         check_batch_split(cfg, ctx.world_size, under_torchrun=True)
     if plan.use_data_parallel and cfg.pass_batch < plan.num_devices(ctx):

@@ -45,7 +45,8 @@ def test_batch_not_divisible_by_the_self_launched_ranks_is_one_line(tmp_path, pr
                           env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [
-        "error: train.batch_size = 2000 is larger than the training split (1295 images)"], proc.stderr
+        "error: train.batch_size = 2000 is larger than the training split (1295 images); set train.batch_size to "
+        "1295 or less"], proc.stderr
 
 
 @pytest.mark.parametrize("train, said", [

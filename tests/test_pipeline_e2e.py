@@ -162,7 +162,7 @@ def test_a_report_wording_change_reruns_analyze_alone_and_a_probe_change_probe_a
     """analyze only reads files: a sentence of the report reruns it alone, never the probe that times the
     hardware; a change to the probe reruns the probe and then analyze, which reads its file."""
     repo = project["repo"]
-    report, probe = repo / "stages/analyze/report.py", repo / "stages/probe.py"
+    report, probe = repo / "stages/analyze/report.py", repo / "stages/probe_skip.py"
     report_text, probe_text = report.read_text(), probe.read_text()
     assert '"## Lessons"' in report_text and "so there is nothing to compare one device with" in probe_text
     try:
@@ -171,7 +171,8 @@ def test_a_report_wording_change_reruns_analyze_alone_and_a_probe_change_probe_a
         out = sh(repo, "dvc", "repro").stdout
         assert ran(out) == ["analyze"]
         assert "## What this run teaches" in (repo / "report/report.md").read_text()
-        # Without GPUs (probe_ddp off), the default probe says in its file why it did not run.
+        # Without GPUs (probe_ddp off), the default probe says in its file why it did not run: its words are in
+        # probe_skip.py, one of the probe stage's modules.
         probe.write_text(probe_text.replace("so there is nothing to compare one device with",
                                             "so there is nothing to set one device against"))
         assert set(status(repo)) == {"probe"}

@@ -303,6 +303,7 @@ def test_batch_larger_than_the_data_is_refused(tmp_path, prepared_digits):
                       str(tmp_path / "c.safetensors"), check=False)
     assert proc.returncode == 2
     assert "train.batch_size = 100000 is larger than the training split" in proc.stderr
+    assert "set train.batch_size to " in proc.stderr  # and what to do
 
 
 def test_out_of_memory_names_the_per_device_batch(monkeypatch, tmp_path):
