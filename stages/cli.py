@@ -22,7 +22,6 @@ from .errors import UserError
 os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 
 
-
 def cores_taken_by_others(cores: int, samples: int = 4) -> bool:
     """Whether other work keeps all `cores` busy now: the fewest threads running or ready to run besides
     this one, over a few samples 5 ms apart of /proc/loadavg's fourth field (an instant count). Not the
@@ -40,15 +39,17 @@ def cores_taken_by_others(cores: int, samples: int = 4) -> bool:
         return False
 
 
-# GNU OpenMP's idle threads spin before they sleep. On a quiet machine that is fastest (passive waiting
-# made the default digits run 2.3x slower here); beside busy processes each spinning thread takes a core
-# from a thread with work, and 2 threads ran 3-90x slower than 1 (benchmarks/bench_threads.py). The
-# wait policy changes speed only, never a result (same threads, same sums), so it follows the machine
-# when a command starts: passive while other work takes every core this process may use. OpenMP reads
-# it when torch loads it, so before any command imports torch; the ranks a command starts inherit it.
-if "OMP_WAIT_POLICY" not in os.environ and hasattr(os, "sched_getaffinity"):
-    if cores_taken_by_others(len(os.sched_getaffinity(0))):
-        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+def choose_omp_wait_policy() -> None:
+    """GNU OpenMP's idle threads spin before they sleep. On a quiet machine that is fastest (passive
+    waiting made the default digits run 2.3x slower here); beside busy processes each spinning thread
+    takes a core from a thread with work, and 2 threads ran 3-90x slower than 1 (benchmarks/
+    bench_threads.py). The wait policy changes speed only, never a result (same threads, same sums), so
+    it follows the machine when a command starts: passive while other work takes every core this process
+    may use. OpenMP reads it when torch loads it, so before a command imports torch (not for --help);
+    the ranks a command starts inherit it."""
+    if "OMP_WAIT_POLICY" not in os.environ and hasattr(os, "sched_getaffinity"):
+        if cores_taken_by_others(len(os.sched_getaffinity(0))):
+            os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Stages of the image-classification pipeline. Run them all with `dvc repro`.")
@@ -63,6 +64,7 @@ def _fail(message: str) -> typer.Exit:
 
 def _run(fn, *args) -> None:
     """Run a stage; a UserError becomes one line on stderr and exit code 2, never a traceback."""
+    choose_omp_wait_policy()
     try:
         fn(*args)
     except UserError as exc:

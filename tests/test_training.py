@@ -553,7 +553,8 @@ def test_a_stream_to_cuda_without_an_index_streams_to_the_current_gpu():
 def test_a_background_checkpoint_holds_the_state_when_saved_not_what_training_did_next(tmp_path):
     """The writer copies the state when asked: the file it writes is byte for byte the one a synchronous
     save writes at that moment, though the model and optimizer change at once, while it writes."""
-    from stages.core.checkpoint import CheckpointWriter, load_checkpoint, save_checkpoint
+    from stages.core.checkpoint import CheckpointWriter, checkpoint_contents, load_checkpoint
+    from stages.io import save_tensors
 
     torch.manual_seed(0)
     model = build_model("small-cnn", 1, 8, 10)
@@ -566,7 +567,7 @@ def test_a_background_checkpoint_holds_the_state_when_saved_not_what_training_di
 
     step()
     history = [{"epoch": 1, "val_accuracy": 0.5}]
-    save_checkpoint(tmp_path / "sync.safetensors", model, optimizer, None, 1, 1, history, {"k": "v"})
+    save_tensors(tmp_path / "sync.safetensors", *checkpoint_contents(model, optimizer, None, 1, 1, history, {"k": "v"}))
     writer = CheckpointWriter(tmp_path / "background.safetensors")
     writer.save(1, model, optimizer, None, 1, 1, history, {"k": "v"})
     for _ in range(3):  # training goes on, in place, while the writer writes

@@ -133,11 +133,6 @@ def checkpoint_contents(model: nn.Module, optimizer: torch.optim.Optimizer, scal
     return {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}, json.loads(json.dumps(meta))
 
 
-def save_checkpoint(path: Path, *state, **named_state) -> None:
-    """Write a checkpoint now (the arguments are checkpoint_contents')."""
-    save_tensors(path, *checkpoint_contents(*state, **named_state))
-
-
 class CheckpointWriter:
     """Writes each epoch's checkpoint behind the training thread, while the next epoch trains.
 
