@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 
 from .errors import UserError
+from .malloc import keep_freed_memory
 
 # MKL (torch's CPU BLAS here) may use fewer threads than asked when the machine is busy, which changes
 # the order of its sums and so the last bits of a result: CPU runs would then depend on the load.
@@ -65,6 +66,7 @@ def _fail(message: str) -> typer.Exit:
 def _run(fn, *args) -> None:
     """Run a stage; a UserError becomes one line on stderr and exit code 2, never a traceback."""
     choose_omp_wait_policy()
+    keep_freed_memory()
     try:
         fn(*args)
     except UserError as exc:
