@@ -34,6 +34,9 @@ CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
 LEVELS = {"dark": 40, "light": 220, "mid": 128}  # imagefolder classes: one grey level each
 
 
+REAL_CONNECT, REAL_CREATE = socket.socket.connect, socket.create_connection
+
+
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch):
     """Nothing here may touch the network: any connection attempt fails the test."""
@@ -305,6 +308,144 @@ def test_damaged_idx_file_names_the_folder(tmp_path):
     images.write_bytes(images.read_bytes()[:1000])  # truncated download
     _, result = prepare(tmp_path, dataset="mnist", root=str(tmp_path / "raw"))
     assert_user_error(result, str(tmp_path / "raw" / "MNIST" / "raw"), "damaged")
+
+
+def test_idx_reader_gives_torchvisions_arrays(tmp_path):
+    """The project's IDX reader against torchvision's own reading of the same files."""
+    from torchvision import datasets
+
+    from stages.sources import idx
+
+    write_mnist_like(tmp_path, "MNIST", n_train=37, n_test=11)
+    for split, train in (("train", True), ("test", False)):
+        images, labels = idx.read_split(tmp_path / "MNIST" / "raw", split, 10)
+        theirs = datasets.MNIST(str(tmp_path), train=train)
+        assert images.dtype == np.uint8 and images.shape == (len(theirs), 1, 28, 28)
+        assert np.array_equal(images, theirs.data.unsqueeze(1).numpy())
+        assert labels.dtype == np.int64 and np.array_equal(labels, theirs.targets.numpy())
+
+
+def test_mnist_family_names_its_files_and_classes_as_torchvision_does():
+    """Class names (written once, in stages/sources/idx.py) and file names are torchvision's own."""
+    from torchvision import datasets
+
+    from stages.params import DATASETS
+    from stages.sources import idx
+    from stages.sources.torchvision_datasets import torchvision_dataset
+
+    for name, dataset in DATASETS.items():
+        if dataset.torchvision is None:
+            continue
+        cls = getattr(datasets, dataset.torchvision[0])
+        if hasattr(cls, "resources"):  # the MNIST family: "<name>.gz" downloads, read unpacked
+            assert idx.CLASSES[dataset.torchvision[0]] == cls.classes, name
+            expected = [Path(url).name.removesuffix(".gz") for url, _ in cls.resources]
+        else:
+            expected = [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+        assert torchvision_dataset(name).file_names() == expected, name
+
+
+@pytest.mark.parametrize("dataset, folder", [("mnist", "MNIST"), ("fashion-mnist", "FashionMNIST")])
+def test_prepared_mnist_is_what_torchvisions_arrays_give(tmp_path, monkeypatch, dataset, folder):
+    """The prepared files, byte for byte, against the same stage fed torchvision's reading of the files."""
+    from torchvision import datasets
+
+    import stages.prepare_data
+    from stages.params import DataParams
+    from stages.sources import array_source
+
+    write_mnist_like(tmp_path / "raw", folder, n_train=73, n_test=29)
+    params = DataParams(dataset=dataset, root=str(tmp_path / "raw"))
+    stages.prepare_data.prepare_data(params, tmp_path / "ours")
+
+    def torchvision_source(p):
+        splits = {name: getattr(datasets, folder)(p.root, train=name == "train") for name in ("train", "test")}
+        return array_source(list(splits["train"].classes), {n: s.targets.numpy() for n, s in splits.items()},
+                            {n: s.data.unsqueeze(1).numpy() for n, s in splits.items()})
+
+    monkeypatch.setattr(stages.prepare_data, "load_source", torchvision_source)
+    stages.prepare_data.prepare_data(params, tmp_path / "theirs")
+    files = sorted(p.name for p in (tmp_path / "theirs").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "ours").iterdir()) and "info.json" in files
+    for name in files:
+        assert (tmp_path / "ours" / name).read_bytes() == (tmp_path / "theirs" / name).read_bytes(), name
+
+
+def damage_idx(folder: Path, name: str, change) -> Path:
+    path = folder / name
+    path.write_bytes(change(path.read_bytes()))
+    return path
+
+
+def relabel(data: bytes, labels: np.ndarray) -> bytes:
+    return bytes([0, 0, 8, 1]) + struct.pack(">i", len(labels)) + labels.astype(np.uint8).tobytes()
+
+
+IMAGES, LABELS = "train-images-idx3-ubyte", "train-labels-idx1-ubyte"
+DAMAGES = {  # what happened to a file -> (file, change, what the refusal says)
+    "a gzipped file under the unpacked name": (IMAGES, lambda b: gzip.compress(b), "not an IDX file"),
+    "another element type (float)": (IMAGES, lambda b: b[:2] + b"\x0d" + b[3:], "type 0x0d"),
+    "images where the labels belong": (LABELS, lambda b: b"\0\0\x08\x03" + b[4:], "3 dimensions where 1"),
+    "a truncated download": (IMAGES, lambda b: b[:1000], "truncated: 984 bytes of data for sizes 50 x 28 x 28"),
+    "a header cut short": (LABELS, lambda b: b[:6], "ends inside its header"),
+    "bytes past the end": (IMAGES, lambda b: b + b"\0" * 5, "longer than its header says"),
+    "labels of another release": (LABELS, lambda b: relabel(b, np.arange(49) % 10), "50 images but"),
+    "a label past the classes": (LABELS, lambda b: relabel(b, np.arange(50) % 11), "label 10, where labels are 0..9"),
+}
+
+
+@pytest.mark.parametrize("change", DAMAGES.values(), ids=DAMAGES.keys())
+def test_damaged_idx_file_is_named_with_what_is_wrong_and_keeps_the_prepared_data(tmp_path, change):
+    name, damage, says = change
+    write_mnist_like(tmp_path / "raw", "MNIST")
+    prepared = prepare_ok(tmp_path, dataset="mnist", root=str(tmp_path / "raw"))
+    before = {p.name: p.read_bytes() for p in prepared.iterdir()}
+    path = damage_idx(tmp_path / "raw" / "MNIST" / "raw", name, damage)
+    _, result = prepare(tmp_path, dataset="mnist", root=str(tmp_path / "raw"))
+    assert_user_error(result, str(path), says)
+    assert {p.name: p.read_bytes() for p in prepared.iterdir()} == before
+
+
+def test_download_fetches_with_torchvision_and_reads_the_files(tmp_path, monkeypatch):
+    """data.download: true goes through torchvision's download (its mirrors, md5 checks and gunzip), here
+    from an HTTP server on this machine (the only address connected to), and the files it unpacked are
+    then read like any others."""
+    import functools
+    import hashlib
+    import http.server
+    import threading
+
+    from torchvision import datasets
+
+    write_mnist_like(tmp_path / "mirror", "FashionMNIST")
+    mirror = tmp_path / "mirror" / "FashionMNIST" / "raw"
+    resources = []
+    for path in sorted(mirror.iterdir()):
+        packed = path.with_name(path.name + ".gz")
+        packed.write_bytes(gzip.compress(path.read_bytes()))
+        resources.append((packed.name, hashlib.md5(packed.read_bytes()).hexdigest()))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(mirror))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    local = server.server_address
+
+    def only_local(address):
+        assert tuple(address[:2]) == local, f"a test tried to connect to {address}"
+
+    monkeypatch.setattr(socket.socket, "connect", lambda self, a: only_local(a) or REAL_CONNECT(self, a))
+    monkeypatch.setattr(socket, "create_connection", lambda a, *r, **k: only_local(a) or REAL_CREATE(a, *r, **k))
+    monkeypatch.setattr(datasets.FashionMNIST, "mirrors", [f"http://127.0.0.1:{local[1]}/"])
+    monkeypatch.setattr(datasets.FashionMNIST, "resources", resources)
+    try:
+        prepared = prepare_ok(tmp_path, dataset="fashion-mnist", root=str(tmp_path / "raw"), download=True)
+    finally:
+        server.shutdown()
+        server.server_close()
+    for path in mirror.glob("*-ubyte"):
+        assert (tmp_path / "raw" / "FashionMNIST" / "raw" / path.name).read_bytes() == path.read_bytes()
+    info = all_splits(prepared)["train"][2]
+    assert info["counts"] == {"train": 40, "val": 10, "test": 20} and info["class_names"][0] == "T-shirt/top"
 
 
 # --- image folders ---
@@ -714,22 +855,36 @@ def test_prepared_rows_are_the_files_decoded_one_by_one_and_the_stats_count_them
     assert (info["mean"], info["std"]) == tuple(stats.mean_std())
 
 
-def test_an_image_folder_is_prepared_without_importing_torch(tmp_path):
-    """Importing torch is about a second of the stage's start on a 2-core machine, and nothing in
-    preparing an image folder needs it."""
-    root = tmp_path / "photos"
+def write_photos(root: Path) -> None:
     for name in ("a", "b"):
         (root / name).mkdir(parents=True)
         for i in range(5):
             Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(root / name / f"{i}.png")
-    params = write_params(tmp_path / "params.yaml", data={"dataset": "imagefolder", "root": str(root)})
+
+
+WITHOUT_TORCH = {  # data params -> what writes its files under root
+    "imagefolder": ({"dataset": "imagefolder"}, write_photos),
+    "mnist": ({"dataset": "mnist"}, lambda root: write_mnist_like(root, "MNIST")),
+    "fashion-mnist, download: true": ({"dataset": "fashion-mnist", "download": True},
+                                      lambda root: write_mnist_like(root, "FashionMNIST")),
+    "cifar10": ({"dataset": "cifar10"}, write_cifar10),
+}
+
+
+@pytest.mark.parametrize("data, write", WITHOUT_TORCH.values(), ids=WITHOUT_TORCH.keys())
+def test_files_are_prepared_without_importing_torch(tmp_path, data, write):
+    """Importing torch and torchvision is about 3 s of the stage's start on a 2-core machine, and nothing
+    in reading these files needs them (torchvision downloads, when a file is missing)."""
+    write(tmp_path / "raw")
+    params = write_params(tmp_path / "params.yaml", data={**data, "root": str(tmp_path / "raw")})
     code = ("import sys\nfrom stages.cli import app\ntry:\n    app(sys.argv[1:])\nexcept SystemExit as e:\n"
-            "    assert not e.code, e.code\nprint('torch imported:', 'torch' in sys.modules)")
+            "    assert not e.code, e.code\nprint('imported:', sorted({'torch', 'torchvision'} & set(sys.modules)))")
     proc = subprocess.run([sys.executable, "-c", code, "prepare-data", "--params", str(params), "--out",
                            str(tmp_path / "prepared")], capture_output=True, text=True, timeout=120,
                           env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip().splitlines()[-1] == "torch imported: False"
+    assert proc.stdout.strip().splitlines()[-1] == "imported: []"
+    assert (tmp_path / "prepared" / "info.json").is_file()
 
 
 def test_every_dataset_names_its_source_and_every_built_in_model_builds():

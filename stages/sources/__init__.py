@@ -8,6 +8,7 @@ task, into the split files; nothing holds a whole split.
 
     digits.py                 scikit-learn's bundled 8x8 digits (the offline default)  -> ArrayRows
     torchvision_datasets.py   MNIST, Fashion-MNIST, CIFAR-10 in torchvision's layout    -> ArrayRows
+      idx.py, cifar10.py      their files' own readers (numpy; torchvision only downloads)
     imagefolder.py            the user's own images, one folder per class (listed)     -> FileRows
 
 Small datasets that ship as arrays are copied row block by row block, in this process (a copy

@@ -1,20 +1,21 @@
-"""MNIST, Fashion-MNIST and CIFAR-10, read by torchvision from `data.root` in its own layout.
+"""MNIST, Fashion-MNIST and CIFAR-10 from `data.root`, in torchvision's layout.
 
     <root>/MNIST/raw/        train-images-idx3-ubyte  train-labels-idx1-ubyte
                              t10k-images-idx3-ubyte   t10k-labels-idx1-ubyte
     <root>/FashionMNIST/raw/ the same four IDX files
     <root>/cifar-10-batches-py/  data_batch_1 .. data_batch_5  test_batch  batches.meta
 
-With `data.download: true` torchvision fetches missing files into those folders; with it
-false nothing touches the network. Each dataset's official test split becomes "test".
-Images come from the datasets' in-memory arrays (`.data`, `.targets`), so no per-sample
-Python loop runs.
+With `data.download: true` torchvision fetches missing files into those folders (its checksummed
+downloads); with it false nothing touches the network. Each dataset's official test split becomes
+"test". The files are read by the project's own readers into arrays, with no per-sample Python
+loop and without importing torch or torchvision (about 3 s of every run on a 2-core machine):
+torchvision is imported only to download.
 
-CIFAR-10 is read by `cifar10.py`, not by torchvision: its batches are Python pickles, which
-torchvision loads with a plain `pickle.load` that runs whatever a crafted file names; that module's
-unpickler admits only what the batches hold. Any copy in the format loads (a subset, the small
-files the tests write), as torchvision's per-file md5 check would not allow. The download itself
-is checksummed (torchvision's archive md5).
+`idx.py` reads the MNIST family's IDX files with numpy, and holds their class names (torchvision's
+`classes`). `cifar10.py` reads CIFAR-10's batches, which are Python pickles: torchvision loads them
+with a plain `pickle.load` that runs whatever a crafted file names; that module's unpickler admits
+only what the batches hold. Any copy in either format loads (a subset, the small files the tests
+write), as torchvision's per-file md5 check would not allow.
 """
 
 from __future__ import annotations
@@ -23,50 +24,40 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from torchvision import datasets
 
 from ..errors import UserError, first_line
 from ..params import DATASETS, DataParams
-from . import Source, array_source
+from . import Source, array_source, cifar10, idx
 
-
-@dataclass(frozen=True)
-class CIFAR10Split:
-    """One CIFAR-10 split read by `cifar10.py`, with the attributes `as_arrays` reads from torchvision's."""
-
-    data: np.ndarray  # uint8 (N, 32, 32, 3)
-    targets: list[int]
-    classes: list[str]
+CIFAR10 = "CIFAR10"
 
 
 @dataclass(frozen=True)
 class TorchvisionDataset:
-    cls: type
-    folder: str  # below data.root, where torchvision reads the files
+    cls: str  # torchvision's class, which downloads it (data.download)
+    folder: str  # below data.root, where the files are read
 
     def file_names(self) -> list[str]:
-        """The files torchvision needs in `folder`, from its own class attributes."""
-        if hasattr(self.cls, "resources"):  # MNIST family: "<name>.gz" downloads, read unpacked
-            return [Path(url).name.removesuffix(".gz") for url, _ in self.cls.resources]
-        return [name for name, _ in self.cls.train_list + self.cls.test_list] + [self.cls.meta["filename"]]
+        """The files the dataset needs in `folder`, as torchvision names them."""
+        if self.cls == CIFAR10:
+            return [*cifar10.FILES["train"], *cifar10.FILES["test"], cifar10.META]
+        return [name for names in idx.FILES.values() for name in names]
 
 
 def torchvision_dataset(name: str) -> TorchvisionDataset:
     """data.dataset -> torchvision's class and folder, as DATASETS names them."""
-    class_name, folder = DATASETS[name].torchvision
-    return TorchvisionDataset(getattr(datasets, class_name), folder)
+    return TorchvisionDataset(*DATASETS[name].torchvision)
 
 
 def check_files_present(name: str, kind: TorchvisionDataset, root: Path) -> None:
-    """Without download, say exactly which folder and files are missing before torchvision looks."""
+    """Without download, say exactly which folder and files are missing before anything is read."""
     if not root.is_dir():
         raise UserError(f"data.root {root} does not exist; create it and put {name} there, or set data.download: true")
     folder = root / kind.folder
     missing = [f for f in kind.file_names() if not (folder / f).is_file()]
     if not missing:
         return
-    if all((folder / f"{f}.gz").is_file() for f in missing):  # torchvision reads the unpacked files only
+    if all((folder / f"{f}.gz").is_file() for f in missing):  # the files are read unpacked only
         raise UserError(f"{name} in {folder} is still gzipped ({missing[0]}.gz, ...); gunzip the files there, "
                         f"or set data.download: true")
     what = "no files" if len(missing) == len(kind.file_names()) else "missing " + ", ".join(missing)
@@ -74,50 +65,33 @@ def check_files_present(name: str, kind: TorchvisionDataset, root: Path) -> None
                     f"(expected {', '.join(kind.file_names())}) or set data.download: true")
 
 
-def open_split(name: str, kind: TorchvisionDataset, root: Path, train: bool, download: bool):
-    """torchvision's dataset object for one split; any failure is one line naming the folder."""
+def download(name: str, kind: TorchvisionDataset, root: Path) -> None:
+    """Fetch the dataset with torchvision where a file is missing; any failure is one line naming the folder."""
     folder = root / kind.folder
-    try:
-        if kind.cls is datasets.CIFAR10:
-            return open_cifar10(kind, root, train, download)
-        return kind.cls(root=str(root), train=train, download=download)
-    except UserError:
-        raise
-    except Exception as exc:  # torchvision raises RuntimeError, ValueError, KeyError, pickle and URL errors
-        reason = first_line(exc)
-        if download:
-            raise UserError(f"could not download or read {name} in {folder}: {reason}") from None
-        raise UserError(f"could not read {name} from {folder}, a file there is damaged: {reason}") from None
-
-
-def open_cifar10(kind: TorchvisionDataset, root: Path, train: bool, download: bool) -> CIFAR10Split:
-    """CIFAR-10 from its python batches without unpickling code (see `cifar10.py`); with `download`,
-    torchvision's checksummed archive is fetched and unpacked first where a file is missing."""
+    if all((folder / f).is_file() for f in kind.file_names()):
+        return
+    from torchvision import datasets
     from torchvision.datasets.utils import download_and_extract_archive
 
-    from .cifar10 import read_classes, read_split
+    cls = getattr(datasets, kind.cls)
+    try:
+        if kind.cls == CIFAR10:  # the archive, checked against its md5, unpacked into root
+            download_and_extract_archive(cls.url, str(root), filename=cls.filename, md5=cls.tgz_md5)
+        else:  # the four gzipped files from torchvision's mirrors, each checked and unpacked
+            cls(root=str(root), train=True, download=True)
+    except Exception as exc:  # torchvision raises RuntimeError, URLError, OSError, ...
+        raise UserError(f"could not download {name} into {folder}: {first_line(exc)}") from None
 
-    folder = root / kind.folder
-    if download and not all((folder / f).is_file() for f in kind.file_names()):
-        cls = datasets.CIFAR10
-        download_and_extract_archive(cls.url, str(root), filename=cls.filename, md5=cls.tgz_md5)
-    images, labels = read_split(folder, "train" if train else "test")
-    return CIFAR10Split(images, labels, read_classes(folder))
 
-
-def as_arrays(ds, name: str, folder: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """A torchvision dataset's arrays -> uint8 images (N, C, H, W) and int64 labels."""
-    data = torch.as_tensor(ds.data)
-    if data.dtype != torch.uint8 or data.ndim not in (3, 4):
-        raise UserError(f"{name} in {folder} is damaged: expected uint8 images, got {data.dtype} {tuple(data.shape)}")
-    # MNIST keeps (N, H, W); CIFAR keeps (N, H, W, C).
-    images = data.unsqueeze(1) if data.ndim == 3 else data.permute(0, 3, 1, 2)
-    labels = torch.as_tensor(ds.targets, dtype=torch.int64)
+def cifar10_split(name: str, folder: Path, split: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR-10 split -> uint8 images (N, 3, H, W) and int64 labels."""
+    images, labels = cifar10.read_split(folder, split)
     if len(labels) != len(images):
         raise UserError(f"{name} in {folder} is damaged: {len(images)} images but {len(labels)} labels")
-    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+    if labels and (min(labels) < 0 or max(labels) >= num_classes):
         raise UserError(f"{name} in {folder} is damaged: labels outside 0..{num_classes - 1}")
-    return images.contiguous().numpy(), labels.numpy()
+    # read_split keeps torchvision's (N, H, W, C), a view of the batches' (N, C, H, W) rows: no copy here.
+    return np.ascontiguousarray(images.transpose(0, 3, 1, 2)), np.asarray(labels, dtype=np.int64)
 
 
 def load_torchvision_source(p: DataParams) -> Source:
@@ -125,12 +99,14 @@ def load_torchvision_source(p: DataParams) -> Source:
     kind = torchvision_dataset(p.dataset)
     root = Path(p.root)
     folder = root / kind.folder
-    if not p.download:
-        check_files_present(p.dataset, kind, root)
-    train = open_split(p.dataset, kind, root, train=True, download=p.download)
-    test = open_split(p.dataset, kind, root, train=False, download=False)  # the download above fetched both
-    class_names = [str(c) for c in train.classes]
-    splits = {"train": as_arrays(train, p.dataset, folder, len(class_names)),
-              "test": as_arrays(test, p.dataset, folder, len(class_names))}
-    return array_source(class_names, {name: labels for name, (_, labels) in splits.items()},
+    if p.download:
+        download(p.dataset, kind, root)
+    check_files_present(p.dataset, kind, root)
+    if kind.cls == CIFAR10:
+        class_names = cifar10.read_classes(folder)
+        splits = {split: cifar10_split(p.dataset, folder, split, len(class_names)) for split in cifar10.FILES}
+    else:
+        class_names = idx.CLASSES[kind.cls]
+        splits = {split: idx.read_split(folder, split, len(class_names)) for split in idx.FILES}
+    return array_source(list(class_names), {name: labels for name, (_, labels) in splits.items()},
                         {name: images for name, (images, _) in splits.items()})
