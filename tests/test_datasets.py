@@ -582,6 +582,13 @@ def test_empty_root_has_no_class_folders(tmp_path):
     assert_user_error(result, f"no class folders in {tmp_path / 'photos'}")
 
 
+def test_one_class_folder_is_refused(tmp_path):
+    root = tmp_path / "photos"
+    write_class(root / "cats", 40, 12)
+    _, result = prepare(tmp_path, dataset="imagefolder", root=str(root))
+    assert_user_error(result, f"only one class folder in {root} (cats/)", "at least two")
+
+
 def test_class_folder_without_images_is_named(tmp_path):
     root = tmp_path / "photos"
     write_class(root / "dark", 40, 3)

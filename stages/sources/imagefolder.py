@@ -86,6 +86,9 @@ def list_files(split_folders: dict[str, Path]) -> tuple[list[str], dict[str, Spl
     class_names = [f.name for f in subfolders(split_folders["train"])]
     if not class_names:
         raise UserError(f"no class folders in {split_folders['train']}: expected one folder per class")
+    if len(class_names) == 1:  # a classifier of one class learns nothing, and every score would be 1.0
+        raise UserError(f"only one class folder in {split_folders['train']} ({class_names[0]}/); a classifier needs "
+                        "at least two: put one folder of images per class there")
     index = {name: i for i, name in enumerate(class_names)}
     splits, ignored = {}, 0
     for split, folder in split_folders.items():
