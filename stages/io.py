@@ -244,8 +244,9 @@ def load_tensors(path: str | Path, device: str = "cpu", metadata_only: bool = Fa
     A missing, truncated or garbled file is a UserError naming the file.
     """
     path = Path(path)
-    # The header needs no tensor library: "numpy" keeps torch unimported for a metadata check.
-    with open_tensors(path, "numpy" if metadata_only else "pt", device) as f:
+    # The header needs no tensor library: numpy's reader keeps torch unimported for a metadata check.
+    framework, device = ("numpy", "cpu") if metadata_only else ("pt", device)
+    with open_tensors(path, framework, device) as f:
         try:
             raw_meta = f.metadata() or {}
             tensors = {} if metadata_only else {k: f.get_tensor(k) for k in f.keys()}
