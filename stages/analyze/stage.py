@@ -9,9 +9,10 @@ report/scaling.json, and the evaluate stage's metrics, per-class scores and pred
 
 It trains nothing and times nothing (the probe stage does), so a change to the report's wording
 reruns this stage alone. The weights are first checked against the data and params.yaml (the
-check evaluate and predict make, too). The figures are drawn into a folder beside report/figures
-that replaces it whole once the report is complete, then report.md is renamed into place: a
-refusal midway leaves the last report as it was.
+check evaluate and predict make, too). Nothing here imports torch (1.4 s of start-up): the
+weights' header and a few test images are read with safetensors' numpy reader. The figures are
+drawn into a folder beside report/figures that replaces it whole once the report is complete,
+then report.md is renamed into place: a refusal midway leaves the last report as it was.
 """
 
 from __future__ import annotations
