@@ -37,7 +37,8 @@ sys.path.insert(0, str(ROOT))  # run from anywhere, with or without `pip install
 from benchmarks.bench_data import STAGES_ENV, ensure_photos, list_photos, stages_command  # noqa: E402
 from benchmarks.loops import describe, machine  # noqa: E402
 from stages.core.models import build_model  # noqa: E402
-from stages.core.weights import model_metadata, save_model, trained_params  # noqa: E402
+from stages.core.weights import save_model  # noqa: E402
+from stages.model_file import model_metadata, trained_params  # noqa: E402
 from stages.params import load_params  # noqa: E402
 
 TARGETS = {"small-cnn": 1.5, "resnet18": 1.0}  # ONNX end to end at least this many times faster

@@ -18,8 +18,9 @@ import torch
 from .core.batches import Split
 from .core.loop import evaluate
 from .core.transforms import stats_tensors
-from .core.weights import check_weights_use, load_model, read_metadata
+from .core.weights import load_model
 from .io import write_json, write_text
+from .model_file import check_weights_use, read_metadata
 from .params import Params
 from .prepared import load_prepared
 from .stats import per_class_scores, wilson_interval

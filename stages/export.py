@@ -22,9 +22,10 @@ import torch
 
 from .core.pretrained import file_sha256
 from .core.transforms import normalize, stats_tensors
-from .core.weights import check_weights_use, load_model, read_metadata
+from .core.weights import load_model
 from .errors import UserError, first_line
 from .io import atomic_path
+from .model_file import check_weights_use, read_metadata
 from .onnx_model import INPUT_NAME, OUTPUT_NAME, onnx_metadata
 from .params import ExportParams, Params
 from .prepared import load_prepared, read_info

@@ -214,11 +214,13 @@ def write_at(path: str | Path, offset: int, data) -> None:
         f.write(memoryview(data).cast("B"))
 
 
-def load_tensors(path: str | Path, device: str = "cpu", metadata_only: bool = False) -> tuple[dict, dict[str, Any]]:
-    """Read a .safetensors file written by `save_tensors`: (tensors, metadata); with `metadata_only`,
-    the header alone ({}, metadata).
+def open_tensors(path: str | Path, framework: str = "pt", device: str = "cpu"):
+    """safetensors' reader of a file written by `save_tensors`, to use in a `with`: `f.keys()`,
+    `f.metadata()`, `f.get_tensor(name)`, `f.get_slice(name)[a:b]` (those rows alone). With
+    framework "numpy" it gives numpy arrays and never imports torch.
 
-    A missing, truncated or garbled file is a UserError naming the file.
+    A missing, truncated or garbled file is a UserError naming the file (safetensors checks the
+    header against the file's size when it opens it).
     """
     from safetensors import safe_open
 
@@ -226,13 +228,31 @@ def load_tensors(path: str | Path, device: str = "cpu", metadata_only: bool = Fa
     if not path.is_file():
         raise UserError(f"file not found: {path} (run the stage that writes it first, e.g. `dvc repro`)")
     try:
-        with safe_open(str(path), framework="pt", device=device) as f:
+        return safe_open(str(path), framework=framework, device=device)
+    except Exception as exc:  # safetensors raises several types for damaged files
+        raise _damaged(path, exc) from None
+
+
+def _damaged(path: Path, exc: Exception) -> UserError:
+    return UserError(f"{path} is damaged or not a safetensors file: {first_line(exc)}")
+
+
+def load_tensors(path: str | Path, device: str = "cpu", metadata_only: bool = False) -> tuple[dict, dict[str, Any]]:
+    """Read a .safetensors file written by `save_tensors`: (tensors, metadata); with `metadata_only`,
+    the header alone ({}, metadata), without importing torch.
+
+    A missing, truncated or garbled file is a UserError naming the file.
+    """
+    path = Path(path)
+    # The header needs no tensor library: numpy's reader keeps torch unimported for a metadata check.
+    framework, device = ("numpy", "cpu") if metadata_only else ("pt", device)
+    with open_tensors(path, framework, device) as f:
+        try:
             raw_meta = f.metadata() or {}
             tensors = {} if metadata_only else {k: f.get_tensor(k) for k in f.keys()}
-        metadata = {k: json.loads(v) for k, v in raw_meta.items()}
-    except Exception as exc:  # safetensors raises several types for damaged files
-        reason = first_line(exc)
-        raise UserError(f"{path} is damaged or not a safetensors file: {reason}") from None
+            metadata = {k: json.loads(v) for k, v in raw_meta.items()}
+        except Exception as exc:  # safetensors raises several types for damaged files
+            raise _damaged(path, exc) from None
     return tensors, metadata
 
 

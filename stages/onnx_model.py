@@ -2,7 +2,7 @@
 
 The graph maps normalised float32 images (N, C, H, W), N free, to logits (N, classes). What a
 user needs to prepare an image and name the result is in the model's `metadata_props`, one JSON
-value a key, as in the weights file's metadata (`stages/core/weights.py`): the format tag, the
+value a key, as in the weights file's metadata (`stages/model_file.py`): the format tag, the
 model name, the class names, the input shape, `image_mode`, `resize`, mean and std (in [0, 1]
 units), the dataset, and the sha256 of the weights file it was exported from.
 

@@ -26,10 +26,11 @@ import numpy as np
 import torch
 
 from .core.transforms import normalize, stats_tensors
-from .core.weights import check_weights_use, load_model, read_metadata
+from .core.weights import load_model
 from .errors import UserError
 from .images import decode_image, find_images
 from .labelling import label_files
+from .model_file import check_weights_use, read_metadata
 from .params import RESIZE_MODES, load_params
 
 

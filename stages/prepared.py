@@ -17,16 +17,18 @@ the machine that reads the same file, and only the batches a stage gathers becom
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import UserError
-from .io import load_tensors, read_json, replace_with, safetensors_layout, temp_beside, write_at, write_json
+from .io import open_tensors, read_json, replace_with, safetensors_layout, temp_beside, write_at, write_json
 
-if TYPE_CHECKING:  # torch only where a split is read: prepare-data writes without importing it
+if TYPE_CHECKING:  # torch only for load_prepared's tensors: prepare-data and analyze never import it
     import torch
 
 SPLITS = ("train", "val", "test")
@@ -201,19 +203,37 @@ def read_info(data_dir: str | Path) -> dict:
     return read_json(Path(data_dir) / "info.json")
 
 
+@contextlib.contextmanager
+def open_split(data_dir: str | Path, split: str, framework: str = "pt") -> Iterator:
+    """A prepared split's file opened with safetensors (`stages.io.open_tensors`), checked to hold
+    uint8 'images' (N, C, H, W) and int64 'labels' (N,): a UserError naming the file otherwise."""
+    path = split_path(data_dir, split)
+    with open_tensors(path, framework) as f:
+        images, labels = (f.get_slice(name) if name in f.keys() else None for name in ("images", "labels"))
+        if (images is None or labels is None or images.get_dtype() != "U8" or len(images.get_shape()) != 4
+                or labels.get_dtype() != "I64" or images.get_shape()[:1] != labels.get_shape()):
+            raise UserError(f"{path} is damaged: expected uint8 'images' (N, C, H, W) and 'labels' of the same "
+                            "length")
+        yield f
+
+
 def load_prepared(data_dir: str | Path, split: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """One prepared split: (uint8 images, int64 labels, info), memory-mapped, not read into memory.
 
     safetensors maps the file (copy-on-write, so nothing can change it) and its tensors are views
     of the mapping; a missing, truncated or damaged file is a UserError naming it."""
-    import torch
-
     info = read_info(data_dir)
-    path = split_path(data_dir, split)
-    tensors, _ = load_tensors(path)
-    images, labels = tensors.get("images"), tensors.get("labels")
-    if (images is None or labels is None or images.dtype != torch.uint8 or images.ndim != 4
-            or labels.dtype != torch.int64 or len(images) != len(labels)):
-        raise UserError(f"{path} is damaged: expected uint8 'images' (N, C, H, W) and 'labels' of the same length")
-    return images, labels, info
+    with open_split(data_dir, split) as f:
+        return f.get_tensor("images"), f.get_tensor("labels"), info
 
+
+def read_images(data_dir: str | Path, split: str, rows: list[int]) -> tuple[np.ndarray, int]:
+    """Some images of a prepared split, (len(rows), C, H, W) uint8 numpy, and how many the split
+    holds: those rows alone are read, and torch is not imported (the report shows a few images)."""
+    with open_split(data_dir, split, "numpy") as f:
+        images = f.get_slice("images")
+        shape = images.get_shape()
+        if outside := [i for i in rows if not 0 <= i < shape[0]]:
+            raise UserError(f"{split_path(data_dir, split)} has {shape[0]} images: there is no image {outside[0]}")
+        picked = [images[i : i + 1] for i in rows]
+    return np.concatenate(picked) if picked else np.zeros((0, *shape[1:]), dtype=np.uint8), shape[0]

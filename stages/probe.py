@@ -33,9 +33,10 @@ from .core.devices import DevicePlan, configure_determinism, peak_memory_mb, pro
 from .core.distributed import DistContext, all_gather_floats
 from .core.launch import launch_ranks, run_as_rank
 from .core.loop import build_loop_state, prepare_model, train_one_epoch
-from .core.weights import check_weights_use, load_model, read_metadata
+from .core.weights import load_model
 from .errors import UserError
 from .io import read_json, write_json
+from .model_file import check_weights_use, read_metadata
 from .params import Params, TrainParams
 from .prepared import load_prepared, read_info
 from .probe_skip import PROBE_OFF, nothing_to_compare, write_not_run

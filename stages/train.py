@@ -68,9 +68,10 @@ from .core.rank_status import RestartReport, describe
 from .core.readout import LatestValue
 from .core.threads import set_threads
 from .core.transforms import augmentations
-from .core.weights import model_metadata, save_model, trained_params
+from .core.weights import save_model
 from .errors import UserError
 from .io import WriteBehind, install
+from .model_file import model_metadata, trained_params
 from .params import Params, TrainParams, free_gpu_count, is_resnet, plural, show_value
 from .prepared import load_prepared
 from .run_summary import RunSummary, curve_point
@@ -281,7 +282,7 @@ class MadeFor:
         return dict(info, mean=self.normalization[0], std=self.normalization[1])
 
     def metadata(self, p: Params, info: dict) -> dict:
-        """The weights file's metadata (core/weights.py)."""
+        """The weights file's metadata (stages/model_file.py)."""
         return model_metadata(p.model.name, info, self.small_stem, self.pretrained.source if self.pretrained else None,
                               self.normalization, trained_params(p))
 

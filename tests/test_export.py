@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 from stages.cli import app
 from stages.core.models import build_model
 from stages.core.transforms import normalize, stats_tensors
-from stages.core.weights import load_model, model_metadata, read_metadata, save_model, trained_params
+from stages.core.weights import load_model, save_model
+from stages.model_file import model_metadata, read_metadata, trained_params
 from stages.onnx_model import FORMAT
 from stages.params import validate
 from stages.prepared import load_prepared

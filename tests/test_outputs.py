@@ -1,6 +1,6 @@
 """The weights' consumers check what they are given, and outputs are replaced whole or not at all.
 
-evaluate, analyze and predict make one check (`stages.core.weights.check_weights_use`): the model
+evaluate, analyze and predict make one check (`stages.model_file.check_weights_use`): the model
 file is one of ours, it was trained with params.yaml's model.* and train.* values (recorded in its
 metadata), and it fits the prepared data (input shape, classes). Each refusal is one line. A folder
 written with `staged_dir` holds exactly the new files once complete and the old ones otherwise.
@@ -113,7 +113,7 @@ def test_a_file_that_is_not_a_model_of_ours_is_one_line_for_every_consumer(tmp_p
 
 
 def test_the_weights_record_the_params_that_made_them_and_nothing_else(digits_run):
-    from stages.core.weights import read_metadata
+    from stages.model_file import read_metadata
 
     recorded = read_metadata(digits_run["model"])["params"]
     assert recorded["model.name"] == "mlp" and recorded["train.epochs"] == 1 and recorded["train.lr"] == 0.002

@@ -18,8 +18,9 @@ import stages
 from stages.core.devices import plan_devices
 from stages.core.loop import unwrap
 from stages.core.models import build_model
-from stages.core.weights import model_metadata, save_model
+from stages.core.weights import save_model
 from stages.errors import UserError
+from stages.model_file import model_metadata
 
 from .helpers import DEFAULT_WEIGHTS_SHA256, ROOT, run_stages, skip_unless_reference_torch, write_params
 

@@ -1,6 +1,6 @@
 """The report's figures, as PNG files: matplotlib with the Agg backend, imported inside each function.
 
-Each function takes plain Python data (lists, dicts, uint8 tensors) and a path, writes one
+Each function takes plain Python data (lists, dicts, uint8 numpy arrays) and a path, writes one
 PNG and returns the path. Sizes grow with the number of classes or images so labels never
 collide; PNG metadata leaves out matplotlib's version so the same numbers give the same file.
 """
@@ -161,9 +161,9 @@ def misclassified_grid(images, labels: list[tuple[str, str]], total_wrong: int, 
             continue
         image = images[i]
         if image.shape[0] == 1:
-            ax.imshow(image[0].numpy(), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+            ax.imshow(image[0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
         else:
-            ax.imshow(image.permute(1, 2, 0).numpy(), interpolation="nearest")
+            ax.imshow(image.transpose(1, 2, 0), interpolation="nearest")
         true, predicted = labels[i]
         ax.set_title(f"true {_short(true, 12)}\npred {_short(predicted, 12)}", fontsize=8, color="#b22222")
     shown = f" (the first {n} shown)" if n < total_wrong else ""

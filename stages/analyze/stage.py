@@ -9,9 +9,10 @@ report/scaling.json, and the evaluate stage's metrics, per-class scores and pred
 
 It trains nothing and times nothing (the probe stage does), so a change to the report's wording
 reruns this stage alone. The weights are first checked against the data and params.yaml (the
-check evaluate and predict make, too). The figures are drawn into a folder beside report/figures
-that replaces it whole once the report is complete, then report.md is renamed into place: a
-refusal midway leaves the last report as it was.
+check evaluate and predict make, too). Nothing here imports torch (1.4 s of start-up): the
+weights' header and a few test images are read with safetensors' numpy reader. The figures are
+drawn into a folder beside report/figures that replaces it whole once the report is complete,
+then report.md is renamed into place: a refusal midway leaves the last report as it was.
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from ..core.weights import check_weights_use, read_metadata
 from ..errors import UserError
-from ..io import load_tensors, read_json, staged_dir, write_text
+from ..io import open_tensors, read_json, staged_dir, write_text
+from ..model_file import check_weights_use, read_metadata
 from ..params import Params
-from ..prepared import load_prepared, read_info
+from ..prepared import read_images, read_info
 from ..run_summary import read_run_summary
 from . import figures
 from .report import (
@@ -66,8 +67,8 @@ def confusion_counts(predictions: list[dict], class_names: list[str]) -> list[li
 
 def has_batchnorm(model_path: Path) -> bool:
     """BatchNorm layers keep running statistics; their keys give them away without building the model."""
-    tensors, _ = load_tensors(model_path)
-    return any(key.endswith("running_mean") for key in tensors)
+    with open_tensors(model_path, "numpy") as f:
+        return any(key.endswith("running_mean") for key in f.keys())
 
 
 # --- the stage ---------------------------------------------------------------------
@@ -85,11 +86,10 @@ def write_figures(figures_dir: Path, curves: dict, per_class: dict, predictions:
                                                  figures_dir / "confusion.png"))
     wrong = [r for r in predictions if r["actual"] != r["predicted"]]
     shown = wrong[:MAX_MISCLASSIFIED_SHOWN]
-    images, _, _ = load_prepared(data_dir, "test")
-    if len(images) != len(predictions):
-        raise UserError(f"predictions.csv has {len(predictions)} rows but the test split has {len(images)} images; "
+    picked, count = read_images(data_dir, "test", [r["index"] for r in shown])
+    if count != len(predictions):
+        raise UserError(f"predictions.csv has {len(predictions)} rows but the test split has {count} images; "
                         "rerun the evaluate stage")
-    picked = images[[r["index"] for r in shown]] if shown else images[:0]
     labels = [(r["actual"], r["predicted"]) for r in shown]
     written.append(figures.misclassified_grid(picked, labels, len(wrong), len(predictions),
                                               figures_dir / "misclassified.png"))

@@ -27,9 +27,9 @@ from torch import nn
 
 from ..errors import UserError
 from ..io import WriteBehind, load_tensors, save_tensors
+from ..model_file import trained_params
 from ..params import Params, weights_kind
 from .distributed import DistContext, broadcast_bytes
-from .weights import trained_params
 
 FORMAT = "stages.checkpoint/1"
 
