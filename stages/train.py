@@ -72,7 +72,7 @@ from .core.weights import model_metadata, save_model, trained_params
 from .errors import UserError
 from .io import WriteBehind, install
 from .params import Params, TrainParams, free_gpu_count, is_resnet, plural, show_value
-from .prepared import check_prepared_with, load_prepared
+from .prepared import check_prepared_with, load_prepared, read_info
 from .run_summary import RunSummary, curve_point
 
 
@@ -99,6 +99,9 @@ def train_stage(p: Params, paths: TrainPaths, argv: list[str]) -> None:
         run_rank(p, paths, started)
         return
     plan = plan_training(cfg)  # refused here once, before any rank starts
+    # Data that other params prepared: said before GPUs are waited for and weights fetched (`load_data`
+    # checks it again in every rank, which is all a run started by torchrun has).
+    check_prepared_with(read_info(paths.data), p, paths.params, paths.data)
     fetch_weights(p.model, progress=sys.stderr.isatty())  # once, before any rank starts
     claim = claim_gpus(plan.claim) if plan.claim else None
     try:
