@@ -224,8 +224,8 @@ def check_prepared_with(info: dict, p: Params, params_path: str | Path, data_dir
     recorded = info.get("params")
     if not isinstance(recorded, dict):
         raise UserError(f"{data_dir} does not record the data params that prepared it (prepared by an older "
-                        f"version); prepare it again with `python -m stages prepare-data` (or `dvc repro -f "
-                        f"prepare-data`)")
+                        "version); prepare it again with `python -m stages prepare-data` (or `dvc repro -f "
+                        "prepare-data`)")
     # Every key, those that do not change the data too: a folder that recorded one (made before it was
     # declared so) is still checked against it rather than refused for having it.
     every = {f"{RECORDED_SECTION}.{key}": value for key, value in p.section_dict(RECORDED_SECTION).items()}
