@@ -165,7 +165,7 @@ def train(
         p = load_params(params)
         # The command a user or DVC starts holds the lock; the DDP ranks it (or torchrun) starts do not.
         with nullcontext() if under_launcher() else one_run_per_checkpoint(checkpoint):
-            train_stage(p, TrainPaths(data, model, metrics, checkpoint), sys.argv[1:])
+            train_stage(p, TrainPaths(data, model, metrics, checkpoint, params), sys.argv[1:])
 
     _run(stage)
 

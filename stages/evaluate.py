@@ -22,7 +22,7 @@ from .core.weights import load_model
 from .io import write_json, write_text
 from .model_file import check_weights_use, read_metadata
 from .params import Params
-from .prepared import load_prepared
+from .prepared import check_prepared_with, load_prepared
 from .stats import per_class_scores, wilson_interval
 
 
@@ -31,6 +31,7 @@ def evaluate_stage(weights: str | Path, data_dir: str | Path, out_dir: str | Pat
     out_dir = Path(out_dir)
     batch_size = p.evaluate.batch_size
     images, labels, info = load_prepared(data_dir, "test")
+    check_prepared_with(info, p, params_path, data_dir)
     check_weights_use(read_metadata(weights), weights, params=(p, params_path), data=(info, data_dir))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(weights, device=device)

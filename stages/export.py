@@ -28,7 +28,7 @@ from .io import atomic_path
 from .model_file import check_weights_use, read_metadata
 from .onnx_model import INPUT_NAME, OUTPUT_NAME, onnx_metadata
 from .params import ExportParams, Params
-from .prepared import load_prepared, read_info
+from .prepared import check_prepared_with, load_prepared, read_info
 
 CHECK_BATCH = 256  # images per forward pass of the check, so a large check_images needs little memory
 
@@ -87,6 +87,7 @@ def export_stage(params: Params, params_path: str | Path, weights: str | Path, d
 
     p = params.export
     weights, out = Path(weights), Path(out)
+    check_prepared_with(read_info(data_dir), params, params_path, data_dir)  # the data made with these params
     # Like every consumer of the weights: made with these params, and fit for this data (one line if not).
     check_weights_use(read_metadata(weights), weights, params=(params, params_path),
                       data=(read_info(data_dir), data_dir))

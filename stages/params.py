@@ -170,8 +170,8 @@ class Weights:
 def param(default: Any, allowed: Any, help: str, affects_result: bool = True) -> Any:
     """Declare one key: its default, what is allowed, the comment params.yaml shows for it, and whether
     it changes what a run computes. A key with `affects_result=False` only decides how a run is kept
-    going, whether a file may be fetched, or how the data reaches the device: the weights do not record
-    it and a checkpoint made with another value is still resumed (`result_params`)."""
+    going, whether a file may be fetched, or how the data reaches the device: the weights and the prepared
+    data do not record it and a checkpoint made with another value is still resumed (`result_params`)."""
     return field(default=default, metadata={"allowed": allowed, "help": help, "affects_result": affects_result})
 
 
@@ -228,7 +228,8 @@ class DataParams:
     root: str = param("data/raw/digits", Text(),
                       "the dataset's folder, a dep of prepare-data: data/raw/<name> (digits read nothing in theirs)")
     download: bool = param(False, Bool(), "let torchvision fetch "
-                           f"{' / '.join(name for name, d in DATASETS.items() if d.downloads)} into root")
+                           f"{' / '.join(name for name, d in DATASETS.items() if d.downloads)} into root",
+                           affects_result=False)  # fetched or copied there by hand, the files are the same
     val_fraction: float = param(0.1, Float(0.0, 1.0, lo_open=True, hi_open=True),
                                 "share of the training images held out for validation (stratified)")
     test_fraction: float = param(0.2, Float(0.0, 1.0, lo_open=True, hi_open=True),
@@ -378,8 +379,14 @@ class Params:
     def result_params(self, sections: tuple[str, ...]) -> dict[str, Any]:
         """The keys of `sections` that change what a run computes ("train.lr" -> 0.002), in declaration
         order: those declared `affects_result=False` are left out."""
-        return {f"{name}.{f.name}": getattr(getattr(self, name), f.name) for name in sections
-                for f in fields(getattr(self, name)) if f.metadata["affects_result"]}
+        return {key: value for name in sections
+                for key, value in section_result_params(name, getattr(self, name)).items()}
+
+
+def section_result_params(name: str, section: Any) -> dict[str, Any]:
+    """`Params.result_params` of one section (a DataParams, say, named "data"), for a stage given that
+    section alone (prepare-data)."""
+    return {f"{name}.{f.name}": getattr(section, f.name) for f in fields(section) if f.metadata["affects_result"]}
 
 
 def show_value(value: Any) -> str:

@@ -5,10 +5,10 @@ the labels alone (carving the splits the source does not have), then writes the 
 (`prepared.py`) with the one writer every source goes through (`fill.py`), in chunks: arrays are
 copied row block by row block, image files are decoded on every core straight into their rows.
 No torch: an image folder is prepared without paying for its import. Then `info.json`, with class
-names, shape, the train split's per-channel mean/std (counted on the way) and counts. The folder
-is written beside the output folder and replaces it whole once complete (`staged_dir`), so a
-refusal midway (an unreadable image, say) leaves the last prepared data as it was, and a
-success leaves exactly the new files.
+names, shape, the train split's per-channel mean/std (counted on the way), counts and the data.*
+params that made it. The folder is written beside the output folder and replaces it whole once
+complete (`staged_dir`), so a refusal midway (an unreadable image, say) leaves the last prepared
+data as it was, and a success leaves exactly the new files.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from .errors import UserError
 from .fill import fill_splits
 from .io import staged_dir
 from .params import DataParams, listed, plural
-from .prepared import SPLITS, ChannelStats, PreparedWriter
+from .prepared import SPLITS, ChannelStats, PreparedWriter, prepared_params
 from .sources import Source, load_source
 
 
@@ -126,6 +126,7 @@ def prepare_data(p: DataParams, out_dir: str | Path) -> dict:
             # How a new image file becomes pixels like these (`predict` reads it from the model file).
             "image_mode": source.image_mode,
             "resize": source.resize,
+            "params": prepared_params(p),  # checked by every stage that reads the folder
         }
         out.commit(info)
     return info

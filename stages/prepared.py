@@ -7,7 +7,13 @@ A folder holding, per split ("train", "val", "test"), `<split>.safetensors` with
     units, of the train split), counts and class_counts per split, skipped_bad_images,
     image_mode (the 8-bit PIL mode the pixels are in: "L" for 1 channel, "RGB" for 3) and
     resize (how an image file is brought to H x W: "crop" or "stretch", data.resize);
-    the last two travel into the model file, so that `predict` prepares new images the same way
+    the last two travel into the model file, so that `predict` prepares new images the same way;
+    and `params`: the data.* params that prepared it ("data.val_fraction": 0.1, ...; as the weights
+    record model.* and train.*, leaving out those declared `affects_result=False`)
+
+Every stage that reads the folder checks `params` against params.yaml (`check_prepared_with`): DVC's
+deps keep the two together under `dvc repro`, but nothing does for a stage run by hand, after `dvc
+commit` or `dvc exp save`, or after checking out another prepared folder.
 
 The split files are written in place, chunk by chunk (`SplitWriter`): the layout is known once
 the labels are, so no stage ever holds a whole split in memory to write it. They are read
@@ -18,20 +24,23 @@ the machine that reads the same file, and only the batches a stage gathers becom
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .errors import UserError
 from .io import open_tensors, read_json, replace_with, safetensors_layout, temp_beside, write_at, write_json
+from .params import DataParams, Params, section_result_params, show_value
 
 if TYPE_CHECKING:  # torch only for load_prepared's tensors: prepare-data and analyze never import it
     import torch
 
 SPLITS = ("train", "val", "test")
+RECORDED_SECTION = "data"  # the params section whose values made the prepared data, recorded in info.json
 IMAGE_MODES = {1: "L", 3: "RGB"}  # channels -> the PIL mode every source's uint8 pixels are in
 CHUNK_BYTES = 32 << 20  # image rows copied per write when rows are copied (from arrays, or by drop_rows)
 
@@ -215,6 +224,36 @@ def open_split(data_dir: str | Path, split: str, framework: str = "pt") -> Itera
             raise UserError(f"{path} is damaged: expected uint8 'images' (N, C, H, W) and 'labels' of the same "
                             "length")
         yield f
+
+
+def prepared_params(p: DataParams) -> dict[str, Any]:
+    """The data.* params as info.json records them ("data.val_fraction" -> 0.1), in declaration order,
+    without those that do not change the prepared files (`affects_result=False`)."""
+    return section_result_params(RECORDED_SECTION, p)
+
+
+def check_prepared_with(info: dict, p: Params, params_path: str | Path, data_dir: str | Path) -> None:
+    """Refuse prepared data that other data.* params made: the first recorded key whose value differs
+    from `params_path`'s, with both values, and how to prepare it again (as `check_trained_with` does
+    for the weights)."""
+    again = "run `dvc repro` (or `python -m stages prepare-data`) so that the data matches the params"
+    recorded = info.get("params")
+    if not isinstance(recorded, dict):
+        raise UserError(f"{data_dir} does not record the data params that prepared it (prepared by an older "
+                        "version); prepare it again with `python -m stages prepare-data` (or `dvc repro -f "
+                        "prepare-data`)")
+    # Every key, those that do not change the data too: a folder that recorded one (made before it was
+    # declared so) is still checked against it rather than refused for having it.
+    every = {f"{RECORDED_SECTION}.{key}": value for key, value in p.section_dict(RECORDED_SECTION).items()}
+    current = json.loads(json.dumps(every))  # as info.json holds them
+    keys = [key for key in current if key in recorded] + [key for key in recorded if key not in current]
+    for key in keys:
+        if key not in current:
+            raise UserError(f"{data_dir} was prepared with {key} = {show_value(recorded[key])}, a key {params_path} "
+                            f"does not have; {again}")
+        if recorded[key] != current[key]:
+            raise UserError(f"{data_dir} was prepared with {key} = {show_value(recorded[key])} but {params_path} "
+                            f"has {key} = {show_value(current[key])}; {again}")
 
 
 def load_prepared(data_dir: str | Path, split: str) -> tuple[torch.Tensor, torch.Tensor, dict]:

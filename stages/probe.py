@@ -38,7 +38,7 @@ from .errors import UserError
 from .io import read_json, write_json
 from .model_file import check_weights_use, read_metadata
 from .params import Params, TrainParams
-from .prepared import load_prepared, read_info
+from .prepared import check_prepared_with, load_prepared, read_info
 from .probe_skip import PROBE_OFF, nothing_to_compare, write_not_run
 from .run_summary import read_run_summary
 
@@ -329,6 +329,7 @@ def probe_json(result: ProbeResult, gpus: list[dict]) -> dict:
 def probe_stage(p: Params, params_path: Path, data_dir: Path, model_path: Path, run_path: Path,
                 out_path: Path) -> None:
     """Time the trained model as training ran it (run.json says how), or say why not; write `out_path`."""
+    check_prepared_with(read_info(data_dir), p, params_path, data_dir)
     check_weights_use(read_metadata(model_path), model_path, params=(p, params_path),
                       data=(read_info(data_dir), data_dir))
     run = read_run_summary(run_path)

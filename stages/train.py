@@ -73,7 +73,7 @@ from .errors import UserError
 from .io import WriteBehind, install
 from .model_file import model_metadata, trained_params
 from .params import Params, TrainParams, free_gpu_count, is_resnet, plural, show_value
-from .prepared import load_prepared
+from .prepared import check_prepared_with, load_prepared, read_info
 from .run_summary import RunSummary, curve_point
 
 
@@ -85,6 +85,7 @@ class TrainPaths:
     model: Path  # the weights (.safetensors)
     metrics: Path  # DVCLive's metrics and curves, and run.json
     checkpoint: Path  # the per-epoch checkpoint: no DVC output, deleted once the outputs are written
+    params: Path = Path("params.yaml")  # the file the params were read from, named when the data do not match
 
 
 def train_stage(p: Params, paths: TrainPaths, argv: list[str]) -> None:
@@ -99,6 +100,9 @@ def train_stage(p: Params, paths: TrainPaths, argv: list[str]) -> None:
         run_rank(p, paths, started)
         return
     plan = plan_training(cfg)  # refused here once, before any rank starts
+    # Data that other params prepared: said before GPUs are waited for and weights fetched (`load_data`
+    # checks it again in every rank, which is all a run started by torchrun has).
+    check_prepared_with(read_info(paths.data), p, paths.params, paths.data)
     fetch_weights(p.model, progress=sys.stderr.isatty())  # once, before any rank starts
     claim = claim_gpus(plan.claim) if plan.claim else None
     try:
@@ -179,8 +183,8 @@ def train(p: Params, plan: DevicePlan, ctx: DistContext, paths: TrainPaths, star
 
     # Load the data and check the params against it; resume only from a checkpoint of this very run
     # (same params, same data): rank 0 decides, every rank resumes from its checkpoint.
-    (train_images, train_labels), (val_images, val_labels), info = load_data(p, paths.data, plan, ctx,
-                                                                             extra["launcher"], log)
+    (train_images, train_labels), (val_images, val_labels), info = load_data(p, paths.data, paths.params, plan,
+                                                                             ctx, extra["launcher"], log)
     fingerprint = run_fingerprint(p, paths.data)
     resume = shared_checkpoint(paths.checkpoint, fingerprint, ctx, log)
     start_epoch = resume.epoch if resume is not None else 0
@@ -257,12 +261,15 @@ def train(p: Params, plan: DevicePlan, ctx: DistContext, paths: TrainPaths, star
 # --- the steps above, spelled out ---------------------------------------------------------
 
 
-def load_data(p: Params, data_dir: Path, plan: DevicePlan, ctx: DistContext, launcher: str | None, log):
-    """The train and val splits ((images, labels) each, memory-mapped) and info.json, with the batch
-    checked against the training split and the processes that share it."""
+def load_data(p: Params, data_dir: Path, params_path: Path, plan: DevicePlan, ctx: DistContext, launcher: str | None,
+              log):
+    """The train and val splits ((images, labels) each, memory-mapped) and info.json, prepared with
+    `params_path`'s data.* params, with the batch checked against the training split and the processes
+    that share it."""
     train_images, train_labels, info = load_prepared(data_dir, "train")
     val_images, val_labels, _ = load_prepared(data_dir, "val")
     with same_on_every_rank():
+        check_prepared_with(info, p, params_path, data_dir)
         check_batch_size(p.train, len(train_labels), plan, ctx, launcher, log)
     return (train_images, train_labels), (val_images, val_labels), info
 

@@ -600,6 +600,7 @@ def test_class_folder_without_images_is_named(tmp_path):
 def test_test_class_unknown_to_train_is_refused(tmp_path):
     root = tmp_path / "photos"
     write_class(root / "train" / "dark", 40, 3)
+    write_class(root / "train" / "mid", 120, 3)
     write_class(root / "test" / "dark", 40, 1)
     write_class(root / "test" / "light", 220, 1)
     _, result = prepare(tmp_path, dataset="imagefolder", root=str(root))
@@ -649,6 +650,7 @@ def test_every_unreadable_image_is_named_in_one_refusal(tmp_path):
 def test_many_unreadable_images_are_counted_and_listed_in_a_file(tmp_path):
     root = tmp_path / "photos"
     write_class(root / "dark", 40, 5)
+    write_class(root / "light", 220, 5)
     bad = []
     for i in range(12):
         (root / "dark" / f"bad{i:02d}.png").write_text("not a PNG")
@@ -707,6 +709,7 @@ def test_skip_bad_images_counts_and_warns(tmp_path):
 def test_bad_image_through_python_m_stages_is_one_line_without_traceback(tmp_path):
     root = tmp_path / "photos"
     write_class(root / "dark", 40, 3)
+    write_class(root / "light", 220, 3)
     write_bad_images(root / "dark")
     params = write_params(tmp_path / "params.yaml", data={"dataset": "imagefolder", "root": str(root)})
     proc = run_stages("prepare-data", "--params", str(params), "--out", str(tmp_path / "prepared"), check=False)

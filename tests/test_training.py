@@ -307,7 +307,7 @@ def test_batch_larger_than_the_data_is_refused(tmp_path, prepared_digits):
     assert "set train.batch_size to " in proc.stderr  # and what to do
 
 
-def test_out_of_memory_names_the_per_device_batch(monkeypatch, tmp_path):
+def test_out_of_memory_names_the_per_device_batch(monkeypatch, tmp_path, prepared_digits):
     import stages.train as ts
     from stages.params import validate
 
@@ -317,7 +317,7 @@ def test_out_of_memory_names_the_per_device_batch(monkeypatch, tmp_path):
     monkeypatch.setattr(ts, "train", oom)
     p = validate({"train": {"batch_size": 512, "accelerator": "cpu"}})
     with pytest.raises(UserError, match="per-device batch of 512 .* try train.batch_size = 256"):
-        ts.train_stage(p, ts.TrainPaths(tmp_path, tmp_path / "m", tmp_path / "x", tmp_path / "c"), [])
+        ts.train_stage(p, ts.TrainPaths(prepared_digits, tmp_path / "m", tmp_path / "x", tmp_path / "c"), [])
 
 
 @pytest.mark.gpu

@@ -24,7 +24,7 @@ from ..errors import UserError
 from ..io import open_tensors, read_json, staged_dir, write_text
 from ..model_file import check_weights_use, read_metadata
 from ..params import Params
-from ..prepared import read_images, read_info
+from ..prepared import check_prepared_with, read_images, read_info
 from ..run_summary import read_run_summary
 from . import figures
 from .report import (
@@ -111,6 +111,7 @@ def analyze_stage(p: Params, params_path: Path, data_dir: Path, model_path: Path
                   scaling_path: Path, out_dir: Path) -> None:
     data_dir, model_path, train_dir, eval_dir, out_dir = map(Path, (data_dir, model_path, train_dir, eval_dir, out_dir))
     info = read_info(data_dir)
+    check_prepared_with(info, p, params_path, data_dir)
     check_weights_use(read_metadata(model_path), model_path, params=(p, params_path), data=(info, data_dir))
     run = read_run_summary(train_dir / "run.json")
     test = read_json(eval_dir / "metrics.json")["test"]
