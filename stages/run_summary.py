@@ -100,5 +100,5 @@ def read_run_summary(path: Path) -> RunSummary:
             f"it lacks {', '.join(missing)}" if missing else "",
             f"it has unknown {', '.join(map(str, unknown))}" if unknown else "") if part)
         raise UserError(f"{path} was written by another version of the train stage ({what}); rerun `dvc repro` "
-                        "(or `dvc repro -f train` when the params did not change)")
+                        "(or `dvc repro -f -s train` when the params did not change, then `dvc repro`)")
     return RunSummary(**data)

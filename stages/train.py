@@ -544,8 +544,9 @@ def how_to_resume(epoch: int) -> str:
     # DVC reruns the stage only when something it depends on changed: after an interrupted `dvc repro -f`
     # (or a direct train command) of an up-to-date stage, the last good outputs are in place and only -f
     # reruns it.
+    # -s: -f alone would force every stage before train too (check-params, prepare-data).
     return (f"rerun the same command to resume after epoch {epoch} (`dvc repro` reruns train when its params or "
-            "data changed; `dvc repro -f train` when they did not)")
+            "data changed; when they did not, `dvc repro -f -s train`, then `dvc repro` for the stages after it)")
 
 
 def kept_model(wrapped: torch.nn.Module, st) -> torch.nn.Module:
