@@ -73,8 +73,9 @@ def test_ctrl_c_says_which_epochs_checkpoint_was_kept_and_that_dvc_repro_resumes
     where = (f"in epoch {kept + 1}", f"after epoch {kept}")
     assert err.strip() in (f"error: interrupted {w} of 10000; kept the checkpoint of epoch {kept} "
                            f"({tmp_path / 'checkpoint.safetensors'}): rerun the same command to resume after "
-                           f"epoch {kept} (`dvc repro` reruns train when its params or data changed; when they did "
-                           "not, `dvc repro -f -s train`, then `dvc repro` for the stages after it)" for w in where), err
+                           f"epoch {kept} (`dvc repro` reruns train when its params or data changed; when they "
+                           "did not, `dvc repro -f -s train`, then `dvc repro` for the stages after it)"
+                           for w in where), err
 
 
 @pytest.mark.parametrize("keep", ["best", "last"])
