@@ -142,3 +142,19 @@ def skip_unless_reference_torch() -> None:
     if torch.__version__.split("+")[0] not in REFERENCE_TORCH:
         pytest.skip(f"the reference digest was made with torch {' and '.join(REFERENCE_TORCH)}, "
                     f"this is {torch.__version__}")
+
+
+def start_queue(repo: Path, env: dict, *args: str) -> None:
+    """`dvc queue start [args]`. Its workers are daemons that keep the stdout and stderr they are given, so
+    they get a file, not a pipe: a test that waited for a pipe to close hung when one of DVC's temporary
+    workers stayed on, idle, after its queue was done (DVC 3.67, seen once in CI)."""
+    log = repo.parent / f"{repo.name}-queue.log"
+    with open(log, "a") as out:
+        proc = subprocess.run(["dvc", "queue", "start", *args], cwd=repo, env=env, stdout=out,
+                              stderr=subprocess.STDOUT, timeout=120)
+    assert proc.returncode == 0, f"dvc queue start failed:\n{log.read_text()[-3000:]}"
+
+
+def stop_queue(repo: Path, env: dict) -> None:
+    """Stop the queue's workers, so none outlives the test (see start_queue)."""
+    subprocess.run(["dvc", "queue", "stop"], cwd=repo, env=env, capture_output=True, timeout=120)

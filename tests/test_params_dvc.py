@@ -14,7 +14,7 @@ import yaml
 
 from stages.params import SECTIONS, Float, load_params
 
-from .helpers import ROOT
+from .helpers import ROOT, start_queue, stop_queue
 
 pytestmark = pytest.mark.slow
 
@@ -86,11 +86,16 @@ def test_every_numeric_key_set_in_exponent_form_reads_back_as_set(repo):
 
 def test_a_queued_grid_of_small_learning_rates_runs(repo):
     sh(repo, "dvc", "exp", "run", "--queue", "-S", "train.lr=1e-5,3e-5")
-    sh(repo, "dvc", "queue", "start")
+    env = dict(os.environ, DVC_NO_ANALYTICS="1")
+    env.pop("PYTHONPATH", None)
+    start_queue(repo, env)
     deadline = time.time() + 240
-    while time.time() < deadline:
-        queue = sh(repo, "dvc", "queue", "status").stdout
-        if "Queued" not in queue and "Running" not in queue:
-            break
-        time.sleep(2)
+    try:
+        while time.time() < deadline:
+            queue = sh(repo, "dvc", "queue", "status").stdout
+            if "Queued" not in queue and "Running" not in queue:
+                break
+            time.sleep(2)
+    finally:
+        stop_queue(repo, env)
     assert queue.count("Success") == 2 and "Failed" not in queue, queue

@@ -27,7 +27,7 @@ import yaml
 from stages.params import read_params_file
 
 from .browser import drawn_vega_plots
-from .helpers import DEFAULT_WEIGHTS_SHA256, ROOT, skip_unless_reference_torch, stage_processes
+from .helpers import DEFAULT_WEIGHTS_SHA256, ROOT, skip_unless_reference_torch, stage_processes, start_queue, stop_queue
 from .test_layout import command_modules, stage_command
 
 pytestmark = pytest.mark.e2e
@@ -78,13 +78,18 @@ def set_param(repo: Path, section: str, key: str, value) -> None:
 
 def run_queue(repo: Path, jobs: int, timeout: int) -> str:
     """`dvc queue start -j <jobs>`, then wait until nothing is queued or running: the last `dvc queue status`."""
-    sh(repo, "dvc", "queue", "start", "-j", str(jobs))
+    env = dict(os.environ, DVC_NO_ANALYTICS="1", PYTHONUNBUFFERED="1")
+    env.pop("PYTHONPATH", None)  # as sh(): the copy's own stages/ must be what runs
+    start_queue(repo, env, "-j", str(jobs))
     deadline = time.time() + timeout
-    while True:
-        queue = sh(repo, "dvc", "queue", "status").stdout
-        if ("Queued" not in queue and "Running" not in queue) or time.time() > deadline:
-            return queue
-        time.sleep(3)
+    try:
+        while True:
+            queue = sh(repo, "dvc", "queue", "status").stdout
+            if ("Queued" not in queue and "Running" not in queue) or time.time() > deadline:
+                return queue
+            time.sleep(3)
+    finally:
+        stop_queue(repo, env)
 
 
 def ran(output: str) -> list[str]:
