@@ -83,8 +83,8 @@ def load_batch(path: Path) -> dict:
     return entry
 
 
-def read_split(folder: Path, split: str) -> tuple[np.ndarray, list[int]]:
-    """The batches of one split -> uint8 images (N, 32, 32, 3) as torchvision keeps them, and labels."""
+def read_split(folder: Path, split: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """The batches of one split -> uint8 images (N, 3, 32, 32) and int64 labels (N,)."""
     images, labels = [], []
     for name in FILES[split]:
         path = folder / name
@@ -96,8 +96,13 @@ def read_split(folder: Path, split: str) -> tuple[np.ndarray, list[int]]:
             raise UserError(f"{path} is not a CIFAR-10 batch: 'labels' must be a list of ints")
         images.append(data)
         labels += targets
-    # Rows hold the R, G and B planes one after the other: (N, 3, 32, 32) -> (N, 32, 32, 3).
-    return np.vstack(images).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
+    count = sum(len(data) for data in images)
+    if len(labels) != count:
+        raise UserError(f"cifar10 in {folder} is damaged: {count} images but {len(labels)} labels")
+    if labels and (min(labels) < 0 or max(labels) >= num_classes):
+        raise UserError(f"cifar10 in {folder} is damaged: labels outside 0..{num_classes - 1}")
+    # Each row holds the R, G and B planes one after the other: already (C, H, W).
+    return np.vstack(images).reshape(-1, 3, 32, 32), np.asarray(labels, dtype=np.int64)
 
 
 def read_classes(folder: Path) -> list[str]:

@@ -23,8 +23,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from ..errors import UserError, first_line
 from ..params import DATASETS, DataParams
 from . import Source, array_source, cifar10, idx
@@ -83,17 +81,6 @@ def download(name: str, kind: TorchvisionDataset, root: Path) -> None:
         raise UserError(f"could not download {name} into {folder}: {first_line(exc)}") from None
 
 
-def cifar10_split(name: str, folder: Path, split: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """One CIFAR-10 split -> uint8 images (N, 3, H, W) and int64 labels."""
-    images, labels = cifar10.read_split(folder, split)
-    if len(labels) != len(images):
-        raise UserError(f"{name} in {folder} is damaged: {len(images)} images but {len(labels)} labels")
-    if labels and (min(labels) < 0 or max(labels) >= num_classes):
-        raise UserError(f"{name} in {folder} is damaged: labels outside 0..{num_classes - 1}")
-    # read_split keeps torchvision's (N, H, W, C), a view of the batches' (N, C, H, W) rows: no copy here.
-    return np.ascontiguousarray(images.transpose(0, 3, 1, 2)), np.asarray(labels, dtype=np.int64)
-
-
 def load_torchvision_source(p: DataParams) -> Source:
     """Read mnist, fashion-mnist or cifar10 from `data.root`; see the module docstring for the layout."""
     kind = torchvision_dataset(p.dataset)
@@ -104,7 +91,7 @@ def load_torchvision_source(p: DataParams) -> Source:
     check_files_present(p.dataset, kind, root)
     if kind.cls == CIFAR10:
         class_names = cifar10.read_classes(folder)
-        splits = {split: cifar10_split(p.dataset, folder, split, len(class_names)) for split in cifar10.FILES}
+        splits = {split: cifar10.read_split(folder, split, len(class_names)) for split in cifar10.FILES}
     else:
         class_names = idx.CLASSES[kind.cls]
         splits = {split: idx.read_split(folder, split, len(class_names)) for split in idx.FILES}
