@@ -26,13 +26,12 @@ give the same file; nothing in it is code, and nothing is unpickled.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from .errors import UserError
 from .io import load_tensors
-from .params import Params, is_resnet, show_value
+from .params import NOT_SET, Params, first_difference, is_resnet, show_value
 
 FORMAT = "stages.model/1"
 
@@ -128,20 +127,16 @@ def check_trained_with(meta: dict, p: Params, params_path: str | Path, path: str
     if not isinstance(recorded, dict):
         raise UserError(f"{path} does not record the params that trained it (an older model file); retrain it with "
                         "`dvc repro` (or `dvc exp run`)")
-    # Every key, those that do not change the weights too: a file that recorded one (made before it was
-    # declared so) is still checked against it rather than refused for having it.
-    every = {f"{section}.{key}": value for section in RECORDED_SECTIONS
-             for key, value in p.section_dict(section).items()}
-    current = json.loads(json.dumps(every))  # as the file holds them: lists, not tuples
-    keys = [key for key in current if key in recorded] + [key for key in recorded if key not in current]
-    for key in keys:
-        if key not in current:
-            raise UserError(f"{path} was trained with {key} = {show_value(recorded[key])}, a key {params_path} does "
-                            "not have; retrain with `dvc repro` (or `dvc exp run`)")
-        if recorded[key] != current[key]:
-            raise UserError(f"{path} was trained with {key} = {show_value(recorded[key])} but {params_path} has "
-                            f"{key} = {show_value(current[key])}; retrain with `dvc repro` (or `dvc exp run`) "
-                            "so that the weights match the params")
+    difference = first_difference(recorded, p, RECORDED_SECTIONS)
+    if difference is None:
+        return
+    key, made_with, has = difference
+    if has is NOT_SET:
+        raise UserError(f"{path} was trained with {key} = {show_value(made_with)}, a key {params_path} does "
+                        "not have; retrain with `dvc repro` (or `dvc exp run`)")
+    raise UserError(f"{path} was trained with {key} = {show_value(made_with)} but {params_path} has "
+                    f"{key} = {show_value(has)}; retrain with `dvc repro` (or `dvc exp run`) "
+                    "so that the weights match the params")
 
 
 def check_weights_use(meta: dict, path: str | Path, params: tuple[Params, str | Path] | None = None,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import json
 import math
 import os
 import re
@@ -387,6 +388,24 @@ def section_result_params(name: str, section: Any) -> dict[str, Any]:
     """`Params.result_params` of one section (a DataParams, say, named "data"), for a stage given that
     section alone (prepare-data)."""
     return {f"{name}.{f.name}": getattr(section, f.name) for f in fields(section) if f.metadata["affects_result"]}
+
+
+NOT_SET = object()  # first_difference: the params file has no such key
+
+
+def first_difference(recorded: dict[str, Any], p: Params, sections: tuple[str, ...]) -> tuple[str, Any, Any] | None:
+    """Where a file's record of the params that made it ("train.lr" -> 0.002, as the weights file and
+    info.json hold them) first differs from `p`'s `sections`: (key, recorded value, p's value or NOT_SET),
+    or None. Every key counts, those declared `affects_result=False` too: a file that recorded one (made
+    before it was declared so) is still checked against it rather than refused for having it."""
+    every = {f"{name}.{key}": value for name in sections for key, value in p.section_dict(name).items()}
+    current = json.loads(json.dumps(every))  # as the file holds them: lists, not tuples
+    for key in [key for key in current if key in recorded] + [key for key in recorded if key not in current]:
+        if key not in current:
+            return key, recorded[key], NOT_SET
+        if recorded[key] != current[key]:
+            return key, recorded[key], current[key]
+    return None
 
 
 def show_value(value: Any) -> str:

@@ -24,7 +24,6 @@ the machine that reads the same file, and only the batches a stage gathers becom
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,7 +33,7 @@ import numpy as np
 
 from .errors import UserError
 from .io import open_tensors, read_json, replace_with, safetensors_layout, temp_beside, write_at, write_json
-from .params import DataParams, Params, section_result_params, show_value
+from .params import NOT_SET, DataParams, Params, first_difference, section_result_params, show_value
 
 if TYPE_CHECKING:  # torch only for load_prepared's tensors: prepare-data and analyze never import it
     import torch
@@ -242,18 +241,15 @@ def check_prepared_with(info: dict, p: Params, params_path: str | Path, data_dir
         raise UserError(f"{data_dir} does not record the data params that prepared it (prepared by an older "
                         "version); prepare it again with `python -m stages prepare-data` (or `dvc repro -f "
                         "prepare-data`)")
-    # Every key, those that do not change the data too: a folder that recorded one (made before it was
-    # declared so) is still checked against it rather than refused for having it.
-    every = {f"{RECORDED_SECTION}.{key}": value for key, value in p.section_dict(RECORDED_SECTION).items()}
-    current = json.loads(json.dumps(every))  # as info.json holds them
-    keys = [key for key in current if key in recorded] + [key for key in recorded if key not in current]
-    for key in keys:
-        if key not in current:
-            raise UserError(f"{data_dir} was prepared with {key} = {show_value(recorded[key])}, a key {params_path} "
-                            f"does not have; {again}")
-        if recorded[key] != current[key]:
-            raise UserError(f"{data_dir} was prepared with {key} = {show_value(recorded[key])} but {params_path} "
-                            f"has {key} = {show_value(current[key])}; {again}")
+    difference = first_difference(recorded, p, (RECORDED_SECTION,))
+    if difference is None:
+        return
+    key, made_with, has = difference
+    if has is NOT_SET:
+        raise UserError(f"{data_dir} was prepared with {key} = {show_value(made_with)}, a key {params_path} "
+                        f"does not have; {again}")
+    raise UserError(f"{data_dir} was prepared with {key} = {show_value(made_with)} but {params_path} "
+                    f"has {key} = {show_value(has)}; {again}")
 
 
 def load_prepared(data_dir: str | Path, split: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
