@@ -46,6 +46,11 @@ class Int:
         return f"an integer from {self.lo} to {self.hi}"
 
 
+# Seeds fit in 32 bits: torch's generators take seeds below 2**64, and the training loop derives each
+# epoch's seeds from train.seed times a constant of about a million (stages/core/loop.py).
+SEED = Int(0, 2**32 - 1)
+
+
 @dataclass(frozen=True)
 class Float:
     lo: float
@@ -235,7 +240,7 @@ class DataParams:
                                 "share of the training images held out for validation (stratified)")
     test_fraction: float = param(0.2, Float(0.0, 1.0, lo_open=True, hi_open=True),
                                  "share held out for testing when the source has no test split (digits, imagefolder)")
-    split_seed: int = param(0, Int(0), "seed of the train/val/test split")
+    split_seed: int = param(0, SEED, "seed of the train/val/test split")
     image_size: int = param(32, Int(4, 1024), "imagefolder only: images are resized to image_size x image_size")
     resize: str = param("crop", OneOf(RESIZE_MODES),
                         "imagefolder only: crop (shorter side to image_size, then the centre) | stretch")
@@ -277,7 +282,7 @@ class TrainParams:
     optimizer: str = param("adamw", OneOf(("adamw", "sgd")), "adamw | sgd")
     momentum: float = param(0.9, Float(0.0, 1.0, hi_open=True), "sgd only")
     weight_decay: float = param(0.0005, Float(0.0, 1.0), "decoupled (adamw) or L2 (sgd)")
-    seed: int = param(0, Int(0), "model init, batch order and augmentation")
+    seed: int = param(0, SEED, "model init, batch order and augmentation")
     accelerator: str = param("auto", OneOf(("auto", "cuda", "cpu")),
                              "auto (cuda when visible, else cpu) | cuda | cpu")
     devices: Any = param("all", Devices(),

@@ -43,6 +43,7 @@ def test_params_yaml_is_the_schema_rendered():
         ("train", "lr", "fast", "train.lr = 'fast' is not allowed; expected a number in (0.0, 10.0]"),
         ("train", "epochs", -1, "train.epochs = -1 is not allowed; expected an integer from 1 to 100000"),
         ("train", "batch_size", 0, "train.batch_size = 0 is not allowed; expected an integer >= 1"),
+        ("train", "seed", 2**32, "train.seed = 4294967296 is not allowed; expected an integer from 0 to 4294967295"),
         ("data", "val_fraction", 1.5, "data.val_fraction = 1.5 is not allowed; expected a number in (0.0, 1.0)"),
         ("train", "strategy", "fsdp", "train.strategy = 'fsdp' is not allowed; expected one of dp, ddp"),
         ("train", "devices", "seven", "train.devices = 'seven' is not allowed; expected 'all', a device count"),

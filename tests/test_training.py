@@ -21,6 +21,7 @@ from stages.core.models import build_model
 from stages.core.weights import save_model
 from stages.errors import UserError
 from stages.model_file import model_metadata
+from stages.params import SEED
 
 from .helpers import DEFAULT_WEIGHTS_SHA256, ROOT, run_stages, skip_unless_reference_torch, write_params
 
@@ -295,6 +296,16 @@ def test_damaged_files_are_refused_by_name(tmp_path, prepared_digits, damage):
     proc = run_stages("train", "--params", str(params), "--data", str(data), "--model", str(out / "m.safetensors"),
                       "--metrics", str(out / "m"), "--checkpoint", str(ck), check=False)
     assert proc.returncode == 2 and proc.stderr.startswith(f"error: {ck} is damaged")
+
+
+def test_the_largest_seed_check_params_allows_trains(tmp_path, prepared_digits):
+    # Every seed the params allow must seed torch's generators (model init, each epoch's batch order,
+    # augmentation), which take seeds below 2**64 only.
+    largest = SEED.hi
+    assert not SEED.allows(largest + 1)
+    out, proc = _train(tmp_path, "a", prepared_digits, epochs=2, accelerator="cpu", seed=largest, augment=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "epoch 2/2" in proc.stdout and (out / "model.safetensors").exists()
 
 
 def test_batch_larger_than_the_data_is_refused(tmp_path, prepared_digits):
