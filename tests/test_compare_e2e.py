@@ -16,7 +16,7 @@ import yaml
 
 from stages.stats import holm
 
-from .test_pipeline_e2e import commit, new_project, run_queue, set_param, sh
+from .test_pipeline_e2e import commit, new_project, restore_params, run_queue, set_param, sh
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -135,5 +135,5 @@ def test_compare_refuses_with_one_line(runs):
     sh(repo, "dvc", "repro", "evaluate")
     proc = compare(repo, "HEAD", "workspace", check=False)
     assert proc.returncode == 2 and "different test images" in proc.stderr, proc.stderr
-    sh(repo, "git", "checkout", "params.yaml")
+    restore_params(repo)
     assert yaml.safe_load((repo / "params.yaml").read_text())["data"]["split_seed"] == 0

@@ -21,7 +21,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from .test_pipeline_e2e import commit, new_project, ran, set_param, sh
+from .test_pipeline_e2e import commit, new_project, ran, restore_params, set_param, sh
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -77,7 +77,8 @@ def repo(project):
     repo = project["repo"]
     assert outputs(repo) == project["good"]
     yield repo
-    sh(repo, "git", "checkout", "HEAD", "--", "params.yaml", "dvc.lock", "metrics", "report")  # outs in git
+    restore_params(repo)
+    sh(repo, "git", "checkout", "HEAD", "--", "dvc.lock", "metrics", "report")  # outs in git
     sh(repo, "dvc", "checkout", "--force")  # outs in DVC's cache
     assert outputs(repo) == project["good"]
 
@@ -110,9 +111,22 @@ def test_train_refusing_a_batch_keeps_the_weights_and_metrics_and_checkout_resto
     for name in ("metrics/train/metrics.json", "metrics/train/run.json", "models/model.safetensors"):
         (repo / name).unlink()
     sh(repo, "rm", "-r", "metrics/train/plots")
-    sh(repo, "git", "checkout", "HEAD", "--", "params.yaml")
+    restore_params(repo)
     sh(repo, "dvc", "checkout")
     assert outputs(repo) == project["good"]
+
+
+def test_a_refused_exp_run_value_keeps_the_outputs_and_the_readmes_command_restores_params(repo, project):
+    restore = "git show HEAD:params.yaml > params.yaml"
+    assert restore in (Path(__file__).parents[1] / "README.md").read_text()
+    committed = (repo / "params.yaml").read_text()
+    proc = sh(repo, "dvc", "exp", "run", "-S", "train.lr=0", check=False)
+    assert "train.lr = 0 is not allowed" in refused(proc)
+    assert outputs(repo) == project["good"]
+    assert yaml.safe_load((repo / "params.yaml").read_text())["train"]["lr"] == 0  # DVC leaves the value there
+    sh(repo, "sh", "-c", restore)
+    assert (repo / "params.yaml").read_text() == committed
+    assert sh(repo, "git", "status", "--porcelain", "params.yaml").stdout == ""
 
 
 def test_train_stopped_by_ctrl_c_keeps_the_weights_and_metrics(repo, project):
@@ -179,7 +193,8 @@ def test_weights_saved_with_params_that_did_not_make_them_are_never_reused_or_us
             in line and "dvc repro" in line
     assert outputs(repo) == project["good"]
     # The saved pairing is not in DVC's run cache: an experiment with lr 0.009 trains with it.
-    sh(repo, "git", "checkout", "HEAD", "--", "params.yaml", "dvc.lock")
+    restore_params(repo)
+    sh(repo, "git", "checkout", "HEAD", "--", "dvc.lock")
     proc = sh(repo, "dvc", "exp", "run", "-S", "train.lr=0.009")
     assert "train" in ran(proc.stdout) and "is cached" not in proc.stdout + proc.stderr
     assert (repo / "models" / "model.safetensors").read_bytes() != good_weights and trained_lr(repo) == 0.009

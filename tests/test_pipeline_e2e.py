@@ -69,6 +69,12 @@ def commit(repo: Path, message: str) -> None:
     sh(repo, "git", "commit", "-q", "-m", message)
 
 
+def restore_params(repo: Path) -> None:
+    """params.yaml as committed. Not by `git checkout`, which can miss DVC's rewrite of the file after a
+    refused `dvc exp run -S` (docs/experiments.md)."""
+    (repo / "params.yaml").write_text(sh(repo, "git", "show", "HEAD:params.yaml").stdout)
+
+
 def set_param(repo: Path, section: str, key: str, value) -> None:
     path = repo / "params.yaml"
     params = read_params_file(path)
@@ -320,7 +326,7 @@ def test_bad_params_keep_the_last_good_artifacts(project):
         assert proc.returncode != 0
         errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error: ")]
         assert len(errors) == 1 and key in errors[0] and "Traceback" not in proc.stdout + proc.stderr
-        sh(repo, "git", "checkout", "HEAD", "--", "params.yaml")
+        restore_params(repo)
         assert {name: (repo / name).read_bytes() for name in outputs} == before
     # check-params' marker is a persistent out: the refusals left it and its lock entry as they were.
     assert ran(sh(repo, "dvc", "repro").stdout) == []
@@ -423,7 +429,7 @@ def test_clean_copy_reproduces_weights_and_metrics(project, tmp_path):
 
 def test_ddp_experiment_on_two_cpu_processes(project):
     repo = project["repo"]
-    sh(repo, "git", "checkout", "-q", "HEAD", "--", "params.yaml")
+    restore_params(repo)
     out = sh(repo, "dvc", "exp", "run", "-S", "train.strategy=ddp", "-S", "train.accelerator=cpu",
              "-S", "train.devices=2").stdout
     assert "strategy ddp (2 processes)" in out
@@ -440,7 +446,7 @@ def test_fine_tuning_a_weights_file_with_the_recipe_through_dvc(project):
     import stages
 
     repo = project["repo"]
-    sh(repo, "git", "checkout", "-q", "HEAD", "--", "params.yaml")
+    restore_params(repo)
     start = repo / "models" / "pretrained" / "start.safetensors"
     start.write_bytes(project["first_weights"])
     sh(repo, "dvc", "add", "-q", "models/pretrained/start.safetensors")
