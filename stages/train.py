@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from .console import warn
 from .core.batches import Split, place_split
 from .core.checkpoint import (
     Checkpoint,
@@ -66,7 +67,7 @@ from .core.precision import precision_name
 from .core.pretrained import Pretrained, fetch_weights, fit_pretrained, pretrained_normalization, read_pretrained
 from .core.rank_status import RestartReport, describe
 from .core.readout import LatestValue
-from .core.threads import set_threads
+from .core.threads import oversubscription, set_threads
 from .core.transforms import augmentations
 from .core.weights import save_model
 from .errors import UserError
@@ -178,8 +179,12 @@ def train(p: Params, plan: DevicePlan, ctx: DistContext, paths: TrainPaths, star
     cfg = p.train
     configure_determinism(cfg.deterministic)
     device = process_device(plan, ctx)
-    extra = {**extra, **set_threads(cfg.threads, int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size)))}
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
+    extra = {**extra, **set_threads(cfg.threads, local_ranks)}
     log = print if ctx.is_main else (lambda *a, **k: None)
+    too_many = oversubscription(extra["threads"], extra["threads_from"], local_ranks) if device.type == "cpu" else None
+    if too_many and ctx.is_main:
+        warn(too_many)
 
     # Load the data and check the params against it; resume only from a checkpoint of this very run
     # (same params, same data): rank 0 decides, every rank resumes from its checkpoint.

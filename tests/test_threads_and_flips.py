@@ -53,9 +53,22 @@ def test_the_thread_count_is_set_recorded_in_run_json_and_gives_the_same_bytes(t
                           "--checkpoint", str(out / "ck.safetensors"))
         run = json.loads((out / "metrics" / "run.json").read_text())
         assert (run["threads"], run["threads_from"]) == (1, "train.threads")
-        assert ", 1 CPU thread" in proc.stdout
+        assert ", 1 CPU thread" in proc.stdout and "warning" not in proc.stderr
         files.append((out / "model.safetensors").read_bytes())
     assert files[0] == files[1]
+
+
+def test_more_threads_than_usable_cores_are_warned_of_but_train(tmp_path, prepared_digits):
+    cores = usable_cores()
+    params = write_params(tmp_path / "p.yaml", model={"name": "mlp"},
+                          train={"accelerator": "cpu", "epochs": 1, "threads": cores + 1})
+    proc = run_stages("train", "--params", str(params), "--data", str(prepared_digits),
+                      "--model", str(tmp_path / "model.safetensors"), "--metrics", str(tmp_path / "metrics"),
+                      "--checkpoint", str(tmp_path / "ck.safetensors"))
+    assert proc.stderr.splitlines()[0] == (
+        f"warning: {cores + 1} CPU threads (train.threads) on {cores} usable cores: the threads wait for one "
+        f"another and training runs far slower than with {cores} per process")
+    assert (tmp_path / "model.safetensors").exists()
 
 
 # --- train.hflip ---------------------------------------------------------------------------------

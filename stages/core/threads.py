@@ -30,6 +30,19 @@ def choose_threads(setting: int | str, local_ranks: int) -> tuple[int, str]:
     return max(1, cores // local_ranks), f"auto: {cores} usable cores{ranks}"
 
 
+def oversubscription(threads: int, source: str, local_ranks: int) -> str | None:
+    """Why `threads` per process (chosen by `source`) is too many for this machine's usable cores, or
+    None. Not refused: the same params.yaml runs on machines with more cores; but on too few, every
+    step's threads wait for one another (on 2 cores, 64 threads trained the digits about 200 times
+    slower than 2)."""
+    cores = usable_cores()
+    if threads * local_ranks <= cores:
+        return None
+    per = f"{threads} CPU threads x {local_ranks} processes" if local_ranks > 1 else f"{threads} CPU threads"
+    return (f"{per} ({source}) on {cores} usable cores: the threads wait for one another and training runs "
+            f"far slower than with {max(1, cores // local_ranks)} per process")
+
+
 def set_threads(setting: int | str, local_ranks: int) -> dict:
     """Set this process's intra-op threads; what run.json records of the choice."""
     threads, source = choose_threads(setting, local_ranks)
