@@ -8,6 +8,7 @@ tests can check that images and labels still line up after decoding and splittin
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import pickle
@@ -406,14 +407,42 @@ def test_damaged_idx_file_is_named_with_what_is_wrong_and_keeps_the_prepared_dat
     assert {p.name: p.read_bytes() for p in prepared.iterdir()} == before
 
 
-def test_download_fetches_with_torchvision_and_reads_the_files(tmp_path, monkeypatch):
-    """data.download: true goes through torchvision's download (its mirrors, md5 checks and gunzip), here
-    from an HTTP server on this machine (the only address connected to), and the files it unpacked are
-    then read like any others."""
+@contextlib.contextmanager
+def local_mirror(monkeypatch, directory: Path, cls: str):
+    """torchvision's `cls` downloads from an HTTP server on this machine serving `directory`, the only
+    address a connection may be opened to."""
     import functools
-    import hashlib
     import http.server
     import threading
+
+    from torchvision import datasets
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:  # not into the stderr the tests read
+            pass
+
+    handler = functools.partial(Quiet, directory=str(directory))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    local = server.server_address
+
+    def only_local(address):
+        assert tuple(address[:2]) == local, f"a test tried to connect to {address}"
+
+    monkeypatch.setattr(socket.socket, "connect", lambda self, a: only_local(a) or REAL_CONNECT(self, a))
+    monkeypatch.setattr(socket, "create_connection", lambda a, *r, **k: only_local(a) or REAL_CREATE(a, *r, **k))
+    monkeypatch.setattr(getattr(datasets, cls), "mirrors", [f"http://127.0.0.1:{local[1]}/"])
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_download_fetches_with_torchvision_and_reads_the_files(tmp_path, monkeypatch):
+    """data.download: true goes through torchvision's download (its mirrors, md5 checks and gunzip), here
+    from an HTTP server on this machine, and the files it unpacked are then read like any others."""
+    import hashlib
 
     from torchvision import datasets
 
@@ -424,28 +453,23 @@ def test_download_fetches_with_torchvision_and_reads_the_files(tmp_path, monkeyp
         packed = path.with_name(path.name + ".gz")
         packed.write_bytes(gzip.compress(path.read_bytes()))
         resources.append((packed.name, hashlib.md5(packed.read_bytes()).hexdigest()))
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(mirror))
-    handler.log_message = lambda *args: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    local = server.server_address
-
-    def only_local(address):
-        assert tuple(address[:2]) == local, f"a test tried to connect to {address}"
-
-    monkeypatch.setattr(socket.socket, "connect", lambda self, a: only_local(a) or REAL_CONNECT(self, a))
-    monkeypatch.setattr(socket, "create_connection", lambda a, *r, **k: only_local(a) or REAL_CREATE(a, *r, **k))
-    monkeypatch.setattr(datasets.FashionMNIST, "mirrors", [f"http://127.0.0.1:{local[1]}/"])
     monkeypatch.setattr(datasets.FashionMNIST, "resources", resources)
-    try:
+    with local_mirror(monkeypatch, mirror, "FashionMNIST"):
         prepared = prepare_ok(tmp_path, dataset="fashion-mnist", root=str(tmp_path / "raw"), download=True)
-    finally:
-        server.shutdown()
-        server.server_close()
     for path in mirror.glob("*-ubyte"):
         assert (tmp_path / "raw" / "FashionMNIST" / "raw" / path.name).read_bytes() == path.read_bytes()
     info = all_splits(prepared)["train"][2]
     assert info["counts"] == {"train": 40, "val": 10, "test": 20} and info["class_names"][0] == "T-shirt/top"
+
+
+def test_a_failed_download_says_why_and_what_to_do_in_one_line(tmp_path, monkeypatch):
+    """torchvision's reason spans lines (each mirror tried, what it answered): all of it is in the one line."""
+    (tmp_path / "empty").mkdir()
+    with local_mirror(monkeypatch, tmp_path / "empty", "MNIST"):  # every file: 404
+        _, result = prepare(tmp_path, dataset="mnist", root=str(tmp_path / "raw"), download=True)
+    assert_user_error(result, f"could not download mnist into {tmp_path / 'raw' / 'MNIST' / 'raw'} (Error downloading",
+                      "HTTP Error 404", "put torchvision's files there by hand (expected train-images-idx3-ubyte, ")
+    assert not (tmp_path / "prepared").exists()
 
 
 # --- image folders ---

@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import UserError, first_line
+from ..errors import UserError
 from ..params import DATASETS, DataParams
 from . import Source, array_source, cifar10, idx
 
@@ -78,7 +78,12 @@ def download(name: str, kind: TorchvisionDataset, root: Path) -> None:
         else:  # the four gzipped files from torchvision's mirrors, each checked and unpacked
             cls(root=str(root), train=True, download=True)
     except Exception as exc:  # torchvision raises RuntimeError, URLError, OSError, ...
-        raise UserError(f"could not download {name} into {folder}: {first_line(exc)}") from None
+        # torchvision's message for MNIST's mirrors spans lines, the reason (no network, a 404) on the last
+        # ones: all of it, on one line.
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise UserError(f"could not download {name} into {folder} ({reason[:500]}); put torchvision's files there "
+                        f"by hand (expected {', '.join(kind.file_names())}), or try again where the network is "
+                        "reachable") from None
 
 
 def load_torchvision_source(p: DataParams) -> Source:
