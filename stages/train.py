@@ -257,7 +257,8 @@ def train(p: Params, plan: DevicePlan, ctx: DistContext, paths: TrainPaths, star
         kept.load_state_dict(best_state)
     run = summarize(p, plan, ctx, device, st, model, made, info, history, start_epoch, train_split, peaks,
                     started, extra)
-    write_outputs(paths, kept, made.metadata(p, info), live, run)
+    kept_record = next(r for r in history if r["epoch"] == run.best_epoch) if cfg.keep == "best" else history[-1]
+    write_outputs(paths, kept, made.metadata(p, info), live, run, kept_record)
     log(saved_line(paths.model, cfg, st, run))
     # Last: a kill before this line leaves the checkpoint, and the next run rewrites the outputs from it.
     paths.checkpoint.unlink(missing_ok=True)
@@ -598,12 +599,19 @@ def open_live(live_dir: Path, history: list[dict]):
     return live
 
 
-def write_outputs(paths: TrainPaths, model: torch.nn.Module, metadata: dict, live, run: RunSummary) -> None:
+def write_outputs(paths: TrainPaths, model: torch.nn.Module, metadata: dict, live, run: RunSummary,
+                  kept_record: dict) -> None:
     """The stage's outputs, all at the very end, each written beside and renamed into place: the
     weights, then DVCLive's folder moved from its staging place into `metrics_dir` (the curves'
     folder swapped whole, so no curve of an older run survives), then run.json. dvc.yaml marks them
-    `persist: true`: DVC leaves the last good ones in place, and only a run that completes replaces them."""
-    for name in ("samples_per_second", "num_devices", "world_size"):  # metrics.json, beside the curves' last values
+    `persist: true`: DVC leaves the last good ones in place, and only a run that completes replaces them.
+
+    metrics.json's train and val values are those of `kept_record`, the epoch whose weights are saved
+    (with train.keep: best, not the last epoch's), so that `dvc exp show` puts them beside the test
+    metrics of the same weights."""
+    for name, value in curve_point(kept_record).items():
+        live.log_metric(name, value, plot=False)  # the summary only: the curves keep every epoch
+    for name in ("samples_per_second", "num_devices", "world_size"):
         live.log_metric(name, getattr(run, name), plot=False)
     live.end()
     save_model(paths.model, model, metadata)

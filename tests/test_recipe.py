@@ -246,6 +246,12 @@ def test_patience_stops_early_and_keep_best_saves_the_best_epoch(tmp_path, prepa
     assert len(accuracies) == stopped and accuracies[best - 1] == max(accuracies)
     assert all(a < accuracies[best - 1] for a in accuracies[: best - 1])  # the first of equals
     assert round(val_evaluation(out / "model.safetensors", prepared_digits).accuracy, 6) == accuracies[best - 1]
+    # metrics.json (what `dvc exp show` lists beside the test metrics) describes the saved weights: the best epoch
+    metrics = json.loads((out / "metrics" / "metrics.json").read_text())
+    losses = [float(line.split("\t")[1]) for line in
+              (out / "metrics" / "plots" / "metrics" / "val" / "loss.tsv").read_text().splitlines()[1:]]
+    assert metrics["val"] == {"accuracy": accuracies[best - 1], "loss": losses[best - 1]}
+    assert losses[best - 1] != losses[-1]
     # the same run keeping the last epoch saves other weights: the best epoch's were kept, not the last's
     last, result = train_in_process(tmp_path, "last", prepared_digits, model={"name": "mlp"}, epochs=60, lr=0.01,
                                     keep="last", patience=2)
