@@ -296,6 +296,11 @@ def test_damaged_files_are_refused_by_name(tmp_path, prepared_digits, damage):
     proc = run_stages("train", "--params", str(params), "--data", str(data), "--model", str(out / "m.safetensors"),
                       "--metrics", str(out / "m"), "--checkpoint", str(ck), check=False)
     assert proc.returncode == 2 and proc.stderr.startswith(f"error: {ck} is damaged")
+    assert proc.stderr.strip().endswith(f"delete it (rm {ck}) to train from the first epoch")
+    ck.unlink()  # as the line says: the next run trains from the first epoch
+    assert "epoch 1/1" in run_stages("train", "--params", str(params), "--data", str(data), "--model",
+                                     str(out / "m.safetensors"), "--metrics", str(out / "m"),
+                                     "--checkpoint", str(ck)).stdout
 
 
 def test_the_largest_seed_check_params_allows_trains(tmp_path, prepared_digits):

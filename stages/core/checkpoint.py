@@ -227,7 +227,11 @@ def resumable_checkpoint(path: Path, fingerprint: dict, log) -> Checkpoint | Non
     resuming runs no epoch and only writes the outputs)."""
     if not path.exists():
         return None
-    ck = load_checkpoint(path)
+    try:
+        ck = load_checkpoint(path)
+    except UserError as exc:  # damaged, or another program's file: the run cannot resume from it
+        raise UserError(f"{exc}; it only serves to resume a killed run: delete it (rm {path}) to train from "
+                        "the first epoch") from None
     why = fingerprint_difference(ck.fingerprint, fingerprint)
     if why is not None:
         log(f"Not resuming from {path}: it was made with other params or data: {why}")
