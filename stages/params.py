@@ -489,6 +489,12 @@ def plural(count: int, noun: str, nouns: str | None = None) -> str:
     return f"{count:,} {noun if count == 1 else nouns or noun + ('es' if noun.endswith('s') else 's')}"
 
 
+def multiples_near(value: int, step: int) -> str:
+    """The multiples of `step` nearest to `value`, for a refusal: '14 or 16' (only '16' below `step`)."""
+    lower, upper = value // step * step, (value // step + 1) * step
+    return f"{lower} or {upper}" if lower else str(upper)
+
+
 def listed(items: list[str], shown: int = 3) -> str:
     """A few names, then a count: 'a, b, c and 7 more'."""
     more = f" and {len(items) - shown:,} more" if len(items) > shown else ""
@@ -512,7 +518,8 @@ def check_combinations(p: Params, source: str) -> None:
                         f"{t.epochs}; the backbone would never train: use fewer frozen epochs than train.epochs")
     if t.batch_size % t.accumulate:
         raise UserError(f"{source}: train.batch_size = {t.batch_size} is not allowed with train.accumulate = "
-                        f"{t.accumulate}; the batch must split into {t.accumulate} equal forward passes")
+                        f"{t.accumulate}; the batch must split into {t.accumulate} equal forward passes: use a "
+                        f"multiple of {t.accumulate} such as {multiples_near(t.batch_size, t.accumulate)}")
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

@@ -89,7 +89,9 @@ def test_bad_values_are_refused_by_name(section, key, value, expected):
         ({"train": {"epochs": 3, "freeze_epochs": 5}},
          "train.freeze_epochs = 5 is not allowed with train.epochs = 3; the backbone would never train"),
         ({"train": {"batch_size": 64, "accumulate": 3}},
-         "train.batch_size = 64 is not allowed with train.accumulate = 3"),
+         "train.batch_size = 64 is not allowed with train.accumulate = 3; the batch must split into 3 equal forward "
+         "passes: use a multiple of 3 such as 63 or 66"),
+        ({"train": {"batch_size": 2, "accumulate": 3}}, "use a multiple of 3 such as 3"),
     ],
 )
 def test_combinations_are_refused_naming_both_keys(raw, expected):

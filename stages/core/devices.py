@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ..errors import UserError
-from ..params import TrainParams, free_gpu_count, plural, show_in_error
+from ..params import TrainParams, free_gpu_count, multiples_near, plural, show_in_error
 from .distributed import DistContext
 
 
@@ -113,15 +113,14 @@ def check_batch_split(cfg: TrainParams, processes: int, under_torchrun: bool = F
     parts = processes * cfg.accumulate
     if cfg.batch_size % parts == 0:
         return
-    lower, upper = cfg.batch_size // parts * parts, (cfg.batch_size // parts + 1) * parts
-    fits = f"{lower} or {upper}" if lower else str(upper)
     chosen = (f"WORLD_SIZE = {processes}, from torchrun" if under_torchrun
               else f"train.devices = {show_in_error(cfg.devices)}")
     how = (f"{plural(processes, 'ddp process', 'ddp processes')} ({chosen})"
            + (f" times train.accumulate = {cfg.accumulate}" if cfg.accumulate > 1 else ""))
     other = "another process count (torchrun's --nproc-per-node)" if under_torchrun else "another device count"
     raise UserError(f"train.batch_size = {cfg.batch_size} is not allowed with {how}: the batch must split into "
-                    f"{parts} equal parts; use a multiple of {parts} such as {fits}, or {other}")
+                    f"{parts} equal parts; use a multiple of {parts} such as "
+                    f"{multiples_near(cfg.batch_size, parts)}, or {other}")
 
 
 def with_claimed(plan: DevicePlan, ids: list[int]) -> DevicePlan:
