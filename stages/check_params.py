@@ -12,6 +12,7 @@ one process on whatever is there, which nothing can refuse). The default params 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from .errors import UserError
@@ -54,6 +55,16 @@ def in_queue_hint() -> str:
     parts = Path.cwd().parts
     if any(parts[i:i + 3] == (".dvc", "tmp", "exps") for i in range(len(parts))):
         return " (queued experiments see only what git and DVC track: `dvc add` the folder and commit its .dvc file)"
+    return ""
+
+
+def kept_values_hint() -> str:
+    """Under `dvc exp run` in the workspace, DVC has written the `-S` values into params.yaml, and they stay
+    there after this refusal: the next run starts from them. `git checkout` can miss that rewrite
+    (docs/experiments.md), so the hint names the command that restores the commit's file."""
+    if os.environ.get("DVC_EXP_NAME") and not in_queue_hint():
+        return " (params.yaml keeps the values `dvc exp run -S` wrote: `git show HEAD:params.yaml > params.yaml` " \
+               "restores the commit's)"
     return ""
 
 

@@ -88,10 +88,15 @@ def check_params(
 
     def stage() -> None:
         from .check_params import check_params as run
+        from .check_params import kept_values_hint
         from .io import write_text
         from .params import load_params
 
-        for note in run(load_params(params)):
+        try:
+            notes = run(load_params(params))
+        except UserError as exc:
+            raise UserError(f"{exc}{kept_values_hint()}") from None
+        for note in notes:
             typer.echo(note)
         # Constant content: a valid change of params does not look like a change to later stages.
         write_text(out, "ok\n")

@@ -121,12 +121,16 @@ def test_a_refused_exp_run_value_keeps_the_outputs_and_the_readmes_command_resto
     assert restore in (Path(__file__).parents[1] / "README.md").read_text()
     committed = (repo / "params.yaml").read_text()
     proc = sh(repo, "dvc", "exp", "run", "-S", "train.lr=0", check=False)
-    assert "train.lr = 0 is not allowed" in refused(proc)
+    line = refused(proc)
+    assert "train.lr = 0 is not allowed" in line and line.endswith(f"`{restore}` restores the commit's)")
     assert outputs(repo) == project["good"]
     assert yaml.safe_load((repo / "params.yaml").read_text())["train"]["lr"] == 0  # DVC leaves the value there
     sh(repo, "sh", "-c", restore)
     assert (repo / "params.yaml").read_text() == committed
     assert sh(repo, "git", "status", "--porcelain", "params.yaml").stdout == ""
+    # A refusal of `dvc repro` (no -S values written by DVC) has no such hint.
+    set_param(repo, "train", "lr", 0)
+    assert refused(sh(repo, "dvc", "repro", check=False)).endswith("expected a number in (0.0, 10.0]")
 
 
 def test_train_stopped_by_ctrl_c_keeps_the_weights_and_metrics(repo, project):
