@@ -282,8 +282,10 @@ def predict(
     skip_bad_images: Annotated[bool, typer.Option(help="Skip unreadable files with a warning instead of "
                                                   "stopping.")] = False,
     params: Annotated[Path | None, typer.Option(
-        "--params", show_default=False, help="Refuse a model whose recorded model.* and train.* params differ "
-        "from this file's. Default: params.yaml for the pipeline's own models/model.safetensors.")] = None,
+        "--params", show_default=False, help="Refuse a model (.safetensors or .onnx) whose recorded model.* and "
+        "train.* params differ from this file's. Default: ./params.yaml, where there is one, for the pipeline's "
+        "own models/model.safetensors and models/model.onnx only; any other model file is not checked without "
+        "--params.")] = None,
     check_params: Annotated[bool, typer.Option(help="Compare the model's params with the params file "
                                                "(see --params).")] = True,
 ) -> None:
@@ -295,7 +297,7 @@ def predict(
         if model.suffix.lower() == ".onnx":
             from .predict_onnx import predict as run_onnx  # ONNX Runtime: torch is never imported on this path
 
-            summary = run_onnx(model, images, out, top_k, batch_size, skip_bad_images)
+            summary = run_onnx(model, images, out, top_k, batch_size, skip_bad_images, params, check_params)
         else:
             from .predict import predict as run
 

@@ -6,6 +6,11 @@ decoders: they hand the arrays over without pickling, and the model's runtime re
 CSV row per readable image: its path and its top classes with their probabilities, highest first.
 The CSV is written to a temporary file and renamed into place, so a refusal leaves the previous
 CSV as it was. No torch here: the ONNX path must run where torch is not installed.
+
+Before any image is read, both paths check the model against a params file with the same rule
+(`check_model_params`): the params record that the train stage writes into the weights file and the
+export stage copies into the ONNX file's metadata_props, compared with `--params`, or by default,
+for the pipeline's own models/model.safetensors and models/model.onnx, with ./params.yaml.
 """
 
 from __future__ import annotations
@@ -20,9 +25,31 @@ import numpy as np
 from .console import cpu_count, progress_bar, report_skipped
 from .errors import UserError
 from .io import atomic_path
+from .model_file import check_trained_with
+from .params import load_params
+
+# The pipeline's own model files (the train and export stages' outs in dvc.yaml): without --params,
+# these are checked against ./params.yaml; any other file (an artifact fetched from elsewhere, a copy)
+# is its own record.
+PIPELINE_MODELS = ("models/model.safetensors", "models/model.onnx")
 
 # uint8 images (N, C, H, W) -> for each image, its top classes and their probabilities, highest first
 TopClasses = Callable[[np.ndarray], tuple[list[list[int]], list[list[float]]]]
+
+
+def check_model_params(meta: dict, model_path: Path, params_path: Path | None) -> None:
+    """Refuse a model (the metadata of a weights or ONNX file) that other model.* / train.* params trained
+    than `params_path`'s, in one line. Without `params_path`: ./params.yaml where there is one, for the
+    pipeline's own model files only (PIPELINE_MODELS, relative to the current folder)."""
+    if params_path is None:
+        params_path = Path("params.yaml")
+        own = {Path(path).resolve() for path in PIPELINE_MODELS}
+        if not params_path.is_file() or Path(model_path).resolve() not in own:
+            return
+    try:
+        check_trained_with(meta, load_params(params_path), params_path, model_path)
+    except UserError as exc:
+        raise UserError(f"{exc}; or pass --no-check-params to label with it anyway") from None
 
 
 def csv_header(top_k: int) -> list[str]:

@@ -4,7 +4,9 @@ The graph maps normalised float32 images (N, C, H, W), N free, to logits (N, cla
 user needs to prepare an image and name the result is in the model's `metadata_props`, one JSON
 value a key, as in the weights file's metadata (`stages/model_file.py`): the format tag, the
 model name, the class names, the input shape, `image_mode`, `resize`, mean and std (in [0, 1]
-units), the dataset, and the sha256 of the weights file it was exported from.
+units), the dataset, `params` (the model.* and train.* params that trained the weights, the weights
+file's own record, so that predict checks an ONNX file against params.yaml as it checks the weights),
+and the sha256 of the weights file it was exported from.
 
 This module imports no torch: predict's ONNX path opens the file with ONNX Runtime alone, so it
 starts fast and runs where torch is not installed (onnxruntime, numpy and Pillow suffice).
@@ -24,7 +26,7 @@ INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
 # The weights file's metadata that predict needs, copied into metadata_props (and nothing that varies per run).
 COPIED_KEYS = ("model_name", "num_classes", "input_shape", "class_names", "mean", "std", "dataset", "image_mode",
-               "resize")
+               "resize", "params")
 
 
 def onnx_metadata(weights_meta: dict, weights_sha256: str) -> dict[str, str]:

@@ -10,7 +10,7 @@ model's size; nothing else (no inversion, no cropping to the object) is done.
 
 Before any file is read, the model file is checked: a model of this project (else one line
 says what the file is not), trained with the model.* and train.* params of the params file when
-there is one (`--params`; by default params.yaml for the pipeline's own models/model.safetensors;
+there is one (`check_model_params` in `stages/labelling.py`, the same rule for the ONNX path;
 `--no-check-params` skips it).
 
 The model runs on the first CUDA device when there is one; decoding, batching and the CSV are
@@ -29,9 +29,9 @@ from .core.transforms import normalize, stats_tensors
 from .core.weights import load_model
 from .errors import UserError
 from .images import decode_image, find_images
-from .labelling import label_files
-from .model_file import check_weights_use, read_metadata
-from .params import RESIZE_MODES, load_params
+from .labelling import check_model_params, label_files
+from .model_file import read_metadata
+from .params import RESIZE_MODES
 
 
 def preprocessing(meta: dict, path: Path):
@@ -54,29 +54,12 @@ def class_probabilities(model: torch.nn.Module, images: torch.Tensor, mean: torc
     return torch.softmax(logits.float(), dim=1).cpu()
 
 
-PIPELINE_WEIGHTS = "models/model.safetensors"  # the train stage's out in dvc.yaml
-
-
-def check_model_params(model_path: Path, params_path: Path | None) -> None:
-    """Refuse a model that other params made than `params_path`'s. Without `params_path`, the pipeline's
-    own weights (models/model.safetensors) are checked against params.yaml, where both are here; any
-    other model file (an artifact fetched from elsewhere, an old copy) is its own record."""
-    if params_path is None:
-        params_path = Path("params.yaml")
-        if not params_path.is_file() or Path(model_path).resolve() != Path(PIPELINE_WEIGHTS).resolve():
-            return
-    try:
-        check_weights_use(read_metadata(model_path), model_path, params=(load_params(params_path), params_path))
-    except UserError as exc:
-        raise UserError(f"{exc}; or pass --no-check-params to label with it anyway") from None
-
-
 def predict(model_path: Path, inputs: list[Path], out: Path, top_k: int = 1, batch_size: int = 256,
             skip_bad_images: bool = False, params_path: Path | None = None, check_params: bool = True) -> dict:
     """Label every image in `inputs`; write one CSV row per readable image; return a summary."""
-    read_metadata(model_path)  # a model file of this project, before anything else
+    meta = read_metadata(model_path)  # a model file of this project, before anything else
     if check_params:
-        check_model_params(model_path, params_path)
+        check_model_params(meta, model_path, params_path)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(model_path, device=device)
     meta = model.stages_metadata

@@ -3,7 +3,9 @@
 The same CSV as predict with the weights file (`stages/predict.py`): every image decoded by the same
 `decode_image` (`stages/images.py`), at the model's size, mode and resize, normalised with its mean
 and std, one row per image with the top classes and their probabilities. Only the model runs
-elsewhere: in ONNX Runtime on the CPU, from `models/model.onnx` (`stages/onnx_model.py`). Nothing
+elsewhere: in ONNX Runtime on the CPU, from `models/model.onnx` (`stages/onnx_model.py`). The file is
+checked against the params file by the same rule and with the same one-line refusal as the weights
+file (`check_model_params`: its metadata_props carry the weights' record of their params). Nothing
 here imports torch, so the command starts in a fraction of a second and runs where torch is not
 installed.
 """
@@ -17,15 +19,17 @@ import numpy as np
 
 from .errors import UserError
 from .images import decode_image, find_images
-from .labelling import label_files
+from .labelling import check_model_params, label_files
 from .onnx_model import INPUT_NAME, normalized, open_onnx, softmax
 from .params import RESIZE_MODES
 
 
 def predict(model_path: Path, inputs: list[Path], out: Path, top_k: int = 1, batch_size: int = 256,
-            skip_bad_images: bool = False) -> dict:
+            skip_bad_images: bool = False, params_path: Path | None = None, check_params: bool = True) -> dict:
     """Label every image in `inputs` with the ONNX model; one CSV row per readable image; a summary."""
     session, meta = open_onnx(model_path)
+    if check_params:
+        check_model_params(meta, model_path, params_path)
     names = meta["class_names"]
     if top_k > len(names):
         raise UserError(f"--top-k {top_k} is more than the model's {len(names)} classes")

@@ -5,6 +5,7 @@ the one from the weights file; damaged and foreign ONNX files; predict in a Pyth
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -200,6 +201,51 @@ except SystemExit as exc:
     with_torch = tmp_path / "with-torch.csv"
     run_stages("predict", str(tmp_path / "digits"), "--model", str(digits_onnx["onnx"]), "--out", str(with_torch))
     assert out.read_text() == with_torch.read_text()
+
+
+def params_of(weights: Path, path: Path, **changed) -> Path:
+    """A params file with the model.* and train.* values the weights record, `changed` ("train.epochs": 3) put in."""
+    sections: dict[str, dict] = {"model": {}, "train": {}}
+    for key, value in {**read_metadata(weights)["params"], **changed}.items():
+        section, name = key.split(".", 1)
+        sections[section][name] = value
+    return write_params(path, **sections)
+
+
+def test_the_onnx_file_is_checked_against_the_params_as_the_weights_file_is(digits_onnx, tmp_path, monkeypatch):
+    weights, model = digits_onnx["weights"], digits_onnx["onnx"]
+    meta = {p.key: json.loads(p.value) for p in onnx.load(str(model)).metadata_props}
+    assert meta["params"] == read_metadata(weights)["params"]  # the weights' record, in the same form
+    image = write_digit_files(tmp_path / "one", torch.zeros(1, 1, 8, 8, dtype=torch.uint8), 8, "L", ".png")[0]
+    same = params_of(weights, tmp_path / "same.yaml")
+    other = params_of(weights, tmp_path / "other.yaml", **{"train.epochs": 3})
+
+    def predict(model_file: Path, *args: str):
+        return runner.invoke(app, ["predict", str(image), "--model", str(model_file), "--out", "p.csv", *args])
+
+    monkeypatch.chdir(tmp_path)
+    for model_file in (weights, model):  # the same refusal, word for word, for both formats
+        line = error_line(predict(model_file, "--params", str(other)))
+        assert line == (f"error: {model_file} was trained with train.epochs = 2 but {other} has train.epochs = 3; "
+                        "retrain with `dvc repro` (or `dvc exp run`) so that the weights match the params; "
+                        "or pass --no-check-params to label with it anyway")
+        assert not Path("p.csv").exists()  # refused before anything is written
+        assert predict(model_file, "--params", str(other), "--no-check-params").exit_code == 0
+        result = predict(model_file, "--params", str(same))
+        assert result.exit_code == 0 and "labelled 1 image" in result.stdout, result.output
+        Path("p.csv").unlink()
+
+    # Without --params: the pipeline's own model files beside a params.yaml are checked, by the same rule for
+    # both formats; a copy under another name is its own record.
+    shutil.copy(other, "params.yaml")
+    Path("models").mkdir()
+    for model_file, own in ((weights, "models/model.safetensors"), (model, "models/model.onnx")):
+        shutil.copy(model_file, own)
+        shutil.copy(model_file, f"copy{model_file.suffix}")
+        assert "train.epochs = 2 but params.yaml has train.epochs = 3" in error_line(predict(Path(own)))
+        assert predict(Path(f"copy{model_file.suffix}")).exit_code == 0
+    shutil.copy(same, "params.yaml")
+    assert predict(Path("models/model.onnx")).exit_code == 0
 
 
 def test_damaged_and_foreign_onnx_files_are_refused_in_one_line(digits_onnx, tmp_path):

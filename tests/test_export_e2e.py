@@ -44,10 +44,15 @@ def test_repro_exports_and_reruns_export_only_for_its_params(tmp_path):
     sh(repo, "dvc", "push")
 
     # A user with neither the repo nor torch's weights: fetch the ONNX artifact (a version registered as an
-    # annotated tag, GTO's format), then predict with it alone.
-    sh(repo, "git", "tag", "-a", "image-classifier-onnx@v1.0.0", "-m", "image-classifier-onnx v1.0.0")
+    # annotated tag, GTO's format), then predict with it alone. Each artifact has versions of its own: the
+    # weights' tag (the README's) does not register the ONNX file (docs/onnx.md gives it its own tag).
+    sh(repo, "git", "tag", "-a", "image-classifier@v1.0.0", "-m", "image-classifier v1.0.0")
     user = tmp_path / "user"
     user.mkdir()
+    missing = sh(user, "dvc", "artifacts", "get", str(repo), "image-classifier-onnx", "--rev", "v1.0.0",
+                 "-o", "model.onnx", check=False)
+    assert missing.returncode != 0 and "Unable to find artifact 'image-classifier-onnx @ v1.0.0'" in missing.stderr
+    sh(repo, "git", "tag", "-a", "image-classifier-onnx@v1.0.0", "-m", "image-classifier-onnx v1.0.0")
     sh(user, "dvc", "artifacts", "get", str(repo), "image-classifier-onnx", "--rev", "v1.0.0", "-o", "model.onnx")
     assert (user / "model.onnx").read_bytes() == first
     from stages.prepared import load_prepared
@@ -60,3 +65,12 @@ def test_repro_exports_and_reruns_export_only_for_its_params(tmp_path):
     assert "labelled 10 images on the cpu (ONNX Runtime)" in env_out.stdout
     _, rows = read_csv(user / "p.csv")
     assert len(rows) == 10 and all(row["predicted"] in meta["class_names"] for row in rows)
+
+    # In the project, the pipeline's own ONNX file is checked against params.yaml, as its weights are.
+    set_param(repo, "train", "epochs", 3)
+    refused = sh(repo, "python", "-m", "stages", "predict", str(user / "digits"), "--model", "models/model.onnx",
+                 "--out", str(user / "p.csv"), check=False)
+    assert refused.returncode == 2 and refused.stderr.strip() == (
+        "error: models/model.onnx was trained with train.epochs = 2 but params.yaml has train.epochs = 3; retrain "
+        "with `dvc repro` (or `dvc exp run`) so that the weights match the params; or pass --no-check-params to "
+        "label with it anyway")
