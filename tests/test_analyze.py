@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -354,7 +355,11 @@ def test_a_class_without_test_images_scores_null_and_cjk_names_are_drawn_or_said
            "--checkpoint", str(tmp_path / "checkpoint.safetensors"))
     invoke("evaluate", "--params", str(params), "--data", str(tmp_path / "data"),
            "--model", str(tmp_path / "model.safetensors"), "--out", str(tmp_path / "evaluate"))
-    log = analyze(tmp_path, params, tmp_path / "report")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        log = analyze(tmp_path, params, tmp_path / "report")
+    # matplotlib's warning per glyph, figure and layout pass: turned into one line below, or not needed
+    assert not [w for w in caught if "missing from font" in str(w.message)]
 
     triangle = json.loads((tmp_path / "evaluate" / "per_class.json").read_text())["triangle"]
     assert triangle["support"] == 0 and triangle["recall"] is None
@@ -368,4 +373,4 @@ def test_a_class_without_test_images_scores_null_and_cjk_names_are_drawn_or_said
         assert "empty boxes" not in report + log
     else:
         assert "**Note**: the figures draw 正, 方, 形 (in class names) as empty boxes" in report
-        assert "warning: the figures draw 正, 方, 形" in log and "UserWarning" not in log
+        assert "warning: the figures draw 正, 方, 形" in log

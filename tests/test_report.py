@@ -187,8 +187,8 @@ def test_the_figures_fall_back_to_installed_cjk_fonts_only(caplog):
     assert "findfont" not in caplog.text
 
 
-@pytest.mark.skipif(not CJK_FONT, reason="no CJK font installed (Debian: apt install fonts-noto-cjk); "
-                                         "the test without one runs instead")
+@pytest.mark.skipif(not CJK_FONT, reason="matplotlib finds no CJK font (Debian: apt install fonts-noto-cjk, "
+                                         "then delete its fontlist-*.json); the test without one runs instead")
 def test_cjk_class_names_are_drawn_with_an_installed_font(tmp_path, monkeypatch):
     with figures.missing_glyphs() as missing:
         [fig] = drawn(monkeypatch, figures.confusion_heatmap, [[3, 1], [0, 4]], ["正方形", "квадрат"],
@@ -205,9 +205,10 @@ def test_without_a_cjk_font_the_figures_render_and_the_report_says_what_is_missi
         drawn(monkeypatch, figures.confusion_heatmap, [[3, 1], [0, 4]], ["正方形", "квадрат"],
               tmp_path / "confusion.png")
     assert missing == {"正", "方", "形"}  # Cyrillic is in the default font
-    note = report.missing_glyphs_note(["正", "方", "形"])
+    note = report.missing_glyphs_note(["正", "方", "形"], figures.font_list_files())
     assert note.startswith("the figures draw 正, 方, 形 (in class names) as empty boxes") and "fonts-noto-cjk" in note
-    assert report.missing_glyphs_note([]) is None
+    assert f"`rm {figures.font_list_files()}`" in note and figures.font_list_files().endswith("/fontlist-*.json")
+    assert report.missing_glyphs_note([], figures.font_list_files()) is None
 
 
 # --- the learning curves ------------------------------------------------------------

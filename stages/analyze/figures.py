@@ -45,6 +45,13 @@ def installed_cjk_families() -> list[str]:
     return [family for family in CJK_FAMILIES if family in installed]
 
 
+def font_list_files() -> str:
+    """matplotlib's cached list of the installed fonts (a glob), made once: a font installed later is not in it."""
+    import matplotlib
+
+    return str(Path(matplotlib.get_cachedir()) / "fontlist-*.json")
+
+
 @contextlib.contextmanager
 def missing_glyphs() -> Iterator[set[str]]:
     """The characters the figures drawn in the block show as empty boxes (no installed font has them),

@@ -58,14 +58,17 @@ def figure_link(title: str, name: str) -> str:
 # --- the sections ------------------------------------------------------------------
 
 
-def missing_glyphs_note(characters: list[str]) -> str | None:
-    """What to do when the figures drew some characters of the class names as empty boxes."""
+def missing_glyphs_note(characters: list[str], font_list: str) -> str | None:
+    """What to do when the figures drew some characters of the class names as empty boxes.
+
+    font_list: matplotlib's cached list of fonts, which it does not refresh when a font is installed."""
     if not characters:
         return None
     them = "it" if len(characters) == 1 else "them"
-    return (f"the figures draw {listed(characters, 10)} (in class names) as empty boxes: no font installed here "
+    return (f"the figures draw {listed(characters, 10)} (in class names) as empty boxes: no font matplotlib knows "
             f"has {them}; the tables spell the names out. Install a font that has {them} (for Chinese, Japanese "
-            "and Korean on Debian or Ubuntu: `apt install fonts-noto-cjk`), then `dvc repro -f analyze`.")
+            f"and Korean on Debian or Ubuntu: `apt install fonts-noto-cjk`), delete matplotlib's list of fonts "
+            f"(`rm {font_list}`) and run `dvc repro -f analyze`.")
 
 
 def run_summary_section(run: RunSummary, info: dict) -> list[str]:

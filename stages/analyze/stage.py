@@ -127,7 +127,8 @@ def analyze_stage(p: Params, params_path: Path, data_dir: Path, model_path: Path
             written = write_figures(staged, curves, per_class, predictions, info["class_names"], data_dir,
                                     rows if probe is not None else None)
         in_names = dict.fromkeys("".join(info["class_names"]))  # the characters in order of appearance
-        glyphs = missing_glyphs_note([c for c in in_names if c in missing] + sorted(missing - in_names.keys()))
+        glyphs = missing_glyphs_note([c for c in in_names if c in missing] + sorted(missing - in_names.keys()),
+                                     figures.font_list_files())
         report = [
             f"# Run report: {run.model} on {info['dataset']}",
             "",
