@@ -151,12 +151,14 @@ def test_few_classes_keep_the_heatmap_and_list_the_pairs(tmp_path):
 
 def test_per_class_figure_with_many_classes_draws_the_lowest_f1(tmp_path, monkeypatch):
     classes = [f"c{i:03d}" for i in range(200)]
-    inputs = files(tmp_path, classes, balanced(classes, 4, wrong={"c150": "c151", "c007": "c008"}))
+    pairs = balanced(classes, 4, wrong={"c150": "c151", "c007": "c008"})
+    inputs = files(tmp_path, [*classes, "unseen"], pairs)  # 'unseen': no test image, never predicted, F1 null
     [fig] = drawn(monkeypatch, figures.per_class_bars, inputs["per_class"], tmp_path / "per_class.png")
     names = [label.get_text() for label in fig.axes[0].get_xticklabels()]
     assert len(names) == report.MAX_CLASSES_IN_MATRIX
     assert names[:4] == ["c007", "c150", "c008", "c151"]  # F1 0.75 and 0.857 before the perfect ones
-    assert "lowest F1 of 200 classes" in fig.axes[0].get_title()
+    assert "unseen" not in names  # an undefined F1 is not a low one
+    assert "lowest F1 of 201 classes" in fig.axes[0].get_title()
 
 
 # --- class names in Chinese, Japanese or Korean ---------------------------------------
