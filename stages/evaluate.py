@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import math
 from pathlib import Path
 
 import torch
@@ -43,9 +44,9 @@ def evaluate_stage(weights: str | Path, data_dir: str | Path, out_dir: str | Pat
 
     names = meta["class_names"]
     scores = per_class_scores(labels.numpy(), predicted.numpy(), len(names))
+    # An undefined score (NaN) is JSON null: dvc metrics show/diff leave it out rather than show a 0.
     per_class = {
-        name: {"precision": round(float(p), 6), "recall": round(float(r), 6), "f1": round(float(f), 6),
-               "support": int(s)}
+        name: {"precision": score(p), "recall": score(r), "f1": score(f), "support": int(s)}
         for name, p, r, f, s in zip(names, scores["precision"], scores["recall"], scores["f1"], scores["support"])
     }
     n = len(labels)
@@ -70,6 +71,11 @@ def evaluate_stage(weights: str | Path, data_dir: str | Path, out_dir: str | Pat
     print(f"test accuracy {accuracy:.4f} (95% CI {t['accuracy_ci_low']:.4f}-{t['accuracy_ci_high']:.4f})"
           f"{top5_text}  loss {loss:.4f}  on {len(labels)} images")
     return metrics
+
+
+def score(value: float) -> float | None:
+    """A per-class score rounded for per_class.json; None (null) where it is undefined (NaN)."""
+    return None if math.isnan(value) else round(float(value), 6)
 
 
 def interval_metrics(name: str, correct: int, total: int) -> dict[str, float]:

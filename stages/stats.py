@@ -32,13 +32,15 @@ def wilson_interval(correct: int, total: int, confidence: float = 0.95) -> tuple
 
 def per_class_scores(actual: np.ndarray, predicted: np.ndarray, num_classes: int) -> dict[str, np.ndarray]:
     """Precision, recall, F1 and support of each class 0..num_classes-1, from integer labels; a score
-    whose denominator is 0 (a class never predicted, or absent) is 0, as scikit-learn's zero_division=0."""
+    whose denominator is 0 is NaN (undefined, as scikit-learn's zero_division=np.nan): precision of a
+    class never predicted, recall of a class with no test image, F1 (2 tp / (2 tp + fp + fn)) of one
+    both never predicted and absent. A 0 would read as "always wrong"."""
     confusion = np.bincount(actual * num_classes + predicted, minlength=num_classes ** 2).reshape(num_classes, -1)
     hits = np.diag(confusion).astype(np.float64)
     support, predicted_count = confusion.sum(axis=1), confusion.sum(axis=0)
 
     def ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-        return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
+        return np.divide(num, den, out=np.full_like(num, np.nan), where=den > 0)
 
     return {"precision": ratio(hits, predicted_count.astype(np.float64)),
             "recall": ratio(hits, support.astype(np.float64)),

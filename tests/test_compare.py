@@ -47,19 +47,22 @@ def test_wilson_interval_matches_statsmodels(k, n):
 
 @pytest.mark.parametrize("seed", range(4))
 def test_per_class_scores_match_scikit_learn(seed):
-    """Random labels over 7 classes, one of them never true and one never predicted: the zero_division=0 cases."""
+    """Random labels over 8 classes: one never true, one never predicted, one neither; their undefined
+    scores are NaN (scikit-learn's zero_division=np.nan), not 0."""
     import numpy as np
     from sklearn.metrics import precision_recall_fscore_support
 
     rng = np.random.default_rng(seed)
     actual = rng.choice([0, 1, 2, 3, 4, 6], size=300)
     predicted = np.where(rng.random(300) < 0.6, actual, rng.choice([0, 1, 2, 4, 5, 6], size=300))
-    predicted[predicted == 3] = 2  # class 3 is never predicted; class 5 never true
-    got = per_class_scores(actual, predicted, 7)
-    want = precision_recall_fscore_support(actual, predicted, labels=list(range(7)), zero_division=0)
+    predicted[predicted == 3] = 2  # class 3 is never predicted; class 5 never true; class 7 neither
+    got = per_class_scores(actual, predicted, 8)
+    want = precision_recall_fscore_support(actual, predicted, labels=list(range(8)), zero_division=np.nan)
     for name, expected in zip(("precision", "recall", "f1", "support"), want):
         np.testing.assert_allclose(got[name], expected, rtol=0, atol=1e-12, err_msg=name)
-    assert got["precision"][3] == 0 and got["recall"][5] == 0 and got["support"][5] == 0
+    assert np.isnan(got["precision"][3]) and got["recall"][3] == 0 and got["f1"][3] == 0  # 3 missed every time
+    assert np.isnan(got["recall"][5]) and got["precision"][5] == 0 and got["support"][5] == 0
+    assert np.isnan([got["precision"][7], got["recall"][7], got["f1"][7]]).all()
 
 
 @pytest.mark.parametrize(("b", "c"), [(0, 3), (3, 0), (7, 2), (41, 18), (100, 130), (5, 5), (1, 0)])

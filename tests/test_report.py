@@ -36,7 +36,8 @@ def write_curves(train_dir: Path, curves: dict[str, dict[str, list[float]]]) -> 
 
 
 def write_evaluation(eval_dir: Path, classes: list[str], pairs: list[tuple[str, str]]) -> None:
-    """predictions.csv, and per_class.json computed from it exactly as the evaluate stage does."""
+    """predictions.csv, and per_class.json computed from it as the evaluate stage does (an undefined score null)."""
+    import numpy as np
     from sklearn.metrics import precision_recall_fscore_support
 
     eval_dir.mkdir(parents=True, exist_ok=True)
@@ -47,9 +48,13 @@ def write_evaluation(eval_dir: Path, classes: list[str], pairs: list[tuple[str, 
     index = {name: i for i, name in enumerate(classes)}
     actual, predicted = [index[a] for a, _ in pairs], [index[p] for _, p in pairs]
     precision, recall, f1, support = precision_recall_fscore_support(
-        actual, predicted, labels=list(range(len(classes))), zero_division=0)
-    per_class = {name: {"precision": round(float(p), 6), "recall": round(float(r), 6), "f1": round(float(f), 6),
-                        "support": int(s)} for name, p, r, f, s in zip(classes, precision, recall, f1, support)}
+        actual, predicted, labels=list(range(len(classes))), zero_division=np.nan)
+
+    def score(value: float) -> float | None:
+        return None if np.isnan(value) else round(float(value), 6)
+
+    per_class = {name: {"precision": score(p), "recall": score(r), "f1": score(f), "support": int(s)}
+                 for name, p, r, f, s in zip(classes, precision, recall, f1, support)}
     (eval_dir / "per_class.json").write_text(json.dumps(per_class, indent=2))
     accuracy = sum(a == p for a, p in pairs) / len(pairs)
     (eval_dir / "metrics.json").write_text(json.dumps({"test": {"accuracy": accuracy, "loss": 0.5}}))
@@ -112,8 +117,7 @@ def test_scores_without_a_denominator_say_na(tmp_path):
 
 def test_per_class_figure_writes_na_instead_of_a_zero_bar(tmp_path, monkeypatch):
     inputs = files(tmp_path, ["a", "b", "c"], [("a", "a")] * 6 + [("b", "a")] * 2)
-    [fig] = drawn(monkeypatch, figures.per_class_bars, inputs["per_class"],
-                  report.predicted_counts(inputs["predictions"]), tmp_path / "per_class.png")
+    [fig] = drawn(monkeypatch, figures.per_class_bars, inputs["per_class"], tmp_path / "per_class.png")
     [ax] = fig.axes
     assert sum(t.get_text() == "n/a" for t in ax.texts) == 4  # b's precision; c's precision, recall, F1
     assert len(ax.patches) == 5  # a's 3 bars; b's recall and F1 (0, drawn as 0)
@@ -147,13 +151,66 @@ def test_few_classes_keep_the_heatmap_and_list_the_pairs(tmp_path):
 
 def test_per_class_figure_with_many_classes_draws_the_lowest_f1(tmp_path, monkeypatch):
     classes = [f"c{i:03d}" for i in range(200)]
-    inputs = files(tmp_path, classes, balanced(classes, 4, wrong={"c150": "c151", "c007": "c008"}))
-    [fig] = drawn(monkeypatch, figures.per_class_bars, inputs["per_class"],
-                  report.predicted_counts(inputs["predictions"]), tmp_path / "per_class.png")
+    pairs = balanced(classes, 4, wrong={"c150": "c151", "c007": "c008"})
+    inputs = files(tmp_path, [*classes, "unseen"], pairs)  # 'unseen': no test image, never predicted, F1 null
+    [fig] = drawn(monkeypatch, figures.per_class_bars, inputs["per_class"], tmp_path / "per_class.png")
     names = [label.get_text() for label in fig.axes[0].get_xticklabels()]
     assert len(names) == report.MAX_CLASSES_IN_MATRIX
     assert names[:4] == ["c007", "c150", "c008", "c151"]  # F1 0.75 and 0.857 before the perfect ones
-    assert "lowest F1 of 200 classes" in fig.axes[0].get_title()
+    assert "unseen" not in names  # an undefined F1 is not a low one
+    assert "lowest F1 of 201 classes" in fig.axes[0].get_title()
+
+
+# --- class names in Chinese, Japanese or Korean ---------------------------------------
+
+CJK_FONT = figures.installed_cjk_families()
+
+
+def drawn_glyph(character: str):
+    """The pixels of one character drawn alone by the figures' matplotlib, with their font settings."""
+    import numpy as np
+
+    plt = figures._pyplot()
+    fig = plt.figure(figsize=(0.5, 0.5), dpi=50)
+    fig.text(0.5, 0.5, character, fontsize=20, ha="center", va="center")
+    fig.canvas.draw()
+    pixels = np.asarray(fig.canvas.buffer_rgba()).copy()
+    plt.close(fig)
+    return pixels
+
+
+def test_the_figures_fall_back_to_installed_cjk_fonts_only(caplog):
+    """font.family keeps its default first (DejaVu Sans draws Latin and Cyrillic) and then lists the
+    installed CJK families, none that is missing (matplotlib would log 'findfont: not found' per text)."""
+    plt = figures._pyplot()
+    family = plt.rcParams["font.family"]
+    assert family[0] == "sans-serif" and family[1:] == CJK_FONT
+    drawn_glyph("a")
+    assert "findfont" not in caplog.text
+
+
+@pytest.mark.skipif(not CJK_FONT, reason="matplotlib finds no CJK font (Debian: apt install fonts-noto-cjk, "
+                                         "then delete its fontlist-*.json); the test without one runs instead")
+def test_cjk_class_names_are_drawn_with_an_installed_font(tmp_path, monkeypatch):
+    with figures.missing_glyphs() as missing:
+        [fig] = drawn(monkeypatch, figures.confusion_heatmap, [[3, 1], [0, 4]], ["正方形", "квадрат"],
+                      tmp_path / "confusion.png")
+        glyphs = [drawn_glyph(c) for c in "正方"]
+    assert missing == set()
+    assert (glyphs[0] != glyphs[1]).any()  # two different characters, not two empty boxes
+    assert [label.get_text() for label in fig.axes[0].get_yticklabels()] == ["正方形", "квадрат"]
+
+
+@pytest.mark.skipif(bool(CJK_FONT), reason=f"a CJK font is installed ({', '.join(CJK_FONT)}): nothing is missing")
+def test_without_a_cjk_font_the_figures_render_and_the_report_says_what_is_missing(tmp_path, monkeypatch):
+    with figures.missing_glyphs() as missing:
+        drawn(monkeypatch, figures.confusion_heatmap, [[3, 1], [0, 4]], ["正方形", "квадрат"],
+              tmp_path / "confusion.png")
+    assert missing == {"正", "方", "形"}  # Cyrillic is in the default font
+    note = report.missing_glyphs_note(["正", "方", "形"], figures.font_list_files())
+    assert note.startswith("the figures draw 正, 方, 形 (in class names) as empty boxes") and "fonts-noto-cjk" in note
+    assert f"`rm {figures.font_list_files()}`" in note and figures.font_list_files().endswith("/fontlist-*.json")
+    assert report.missing_glyphs_note([], figures.font_list_files()) is None
 
 
 # --- the learning curves ------------------------------------------------------------
@@ -232,6 +289,16 @@ def test_classes_with_near_zero_recall_are_named(tmp_path):
     assert "'c'" not in low and "'empty'" not in low  # 0.75 is fine; no test image is no recall at all
     fine = [("a", "a")] * 20 + [("b", "a")] * 10 + [("b", "b")] * 10 + [("c", "c")] * 20
     assert not any("recall under" in line for line in model_lessons(files(tmp_path, classes, fine)))
+
+
+def test_classes_without_a_test_image_are_named_not_passed_over(tmp_path):
+    # The healthy model of the test above, plus 'triangle' with no test image: something to flag after all.
+    classes = ["a", "b", "c", "triangle"]
+    [line] = model_lessons(files(tmp_path, classes, balanced(classes[:3], 10, wrong={"b": "c"})))
+    assert line.startswith("1 class of 4 with no test image: 'triangle'.") and "add images to it" in line
+    guessed = balanced(classes[:3], 10, wrong={"b": "triangle"})  # predicted once, never true: still no test image
+    [line] = model_lessons(files(tmp_path, classes, guessed))
+    assert "'triangle'" in line and "Nothing to flag" not in line
 
 
 @pytest.mark.parametrize("val_accuracy, val_loss, rising", [

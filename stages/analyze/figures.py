@@ -7,11 +7,23 @@ collide; PNG metadata leaves out matplotlib's version so the same numbers give t
 
 from __future__ import annotations
 
+import contextlib
+import re
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..io import atomic_path
 
 DPI = 110
+# Class names are the user's folder names. matplotlib's default font (DejaVu Sans) has Latin, Greek and
+# Cyrillic but no Chinese, Japanese or Korean; since 3.6 it falls back glyph by glyph through the families
+# in font.family, so the first of these that is installed follows it (Debian's fonts-noto-cjk gives the
+# first). Only installed ones are listed: each missing one would log "findfont: not found" for every text.
+CJK_FAMILIES = ("Noto Sans CJK JP", "Noto Sans CJK SC", "Source Han Sans", "WenQuanYi Zen Hei",
+                "Droid Sans Fallback", "PingFang SC", "Hiragino Sans", "Microsoft YaHei", "Malgun Gothic")
+# What matplotlib warns when no font in the list has a character (it draws an empty box instead).
+MISSING_GLYPH = re.compile(r"Glyph (\d+) .*missing from font")
 
 
 def _pyplot():
@@ -20,7 +32,40 @@ def _pyplot():
     matplotlib.use("Agg")  # files only; never a window, works without a display
     import matplotlib.pyplot as plt
 
+    families = list(plt.rcParams["font.family"])
+    plt.rcParams["font.family"] = families + [f for f in installed_cjk_families() if f not in families]
     return plt
+
+
+def installed_cjk_families() -> list[str]:
+    """The families of CJK_FAMILIES that matplotlib finds on this machine, in that order."""
+    from matplotlib.font_manager import fontManager
+
+    installed = {font.name for font in fontManager.ttflist}
+    return [family for family in CJK_FAMILIES if family in installed]
+
+
+def font_list_files() -> str:
+    """matplotlib's cached list of the installed fonts (a glob), made once: a font installed later is not in it."""
+    import matplotlib
+
+    return str(Path(matplotlib.get_cachedir()) / "fontlist-*.json")
+
+
+@contextlib.contextmanager
+def missing_glyphs() -> Iterator[set[str]]:
+    """The characters the figures drawn in the block show as empty boxes (no installed font has them),
+    in the set yielded once the block ends; matplotlib's warnings about them (one per glyph, figure and
+    layout pass) are kept out of the log. Other warnings pass through."""
+    missing: set[str] = set()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield missing
+    for warning in caught:
+        if match := MISSING_GLYPH.match(str(warning.message)):
+            missing.add(chr(int(match[1])))
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
 
 
 def _save(fig, path: Path) -> Path:
@@ -66,12 +111,12 @@ def learning_curves(curves: dict[str, dict[str, list[float]]], path: Path) -> Pa
     return _save(fig, path)
 
 
-def per_class_bars(per_class: dict[str, dict], predicted: dict[str, int], path: Path, limit: int = 30) -> Path:
+def per_class_bars(per_class: dict[str, dict], path: Path, limit: int = 30) -> Path:
     """Grouped precision / recall / F1 bars per class, on a 0..1 axis (the table has the exact values).
 
-    predicted: test images predicted as each class. A score that divides zero by zero (precision of a
-    class never predicted, recall of one with no test image) is written "n/a" rather than drawn as 0.
-    With more than `limit` classes the bars would be slivers: the `limit` lowest F1 are drawn.
+    A score evaluate left undefined (null: precision of a class never predicted, recall of one with
+    no test image) is written "n/a" rather than drawn as 0. With more than `limit` classes the bars
+    would be slivers: the `limit` lowest F1 are drawn (an undefined F1, no image and no prediction, last).
     """
     plt = _pyplot()
     from matplotlib.patches import Patch
@@ -79,21 +124,20 @@ def per_class_bars(per_class: dict[str, dict], predicted: dict[str, int], path: 
     names = list(per_class)
     total = len(names)
     if total > limit:
-        names = sorted(names, key=lambda name: (per_class[name]["f1"], name))[:limit]
+        f1 = {name: per_class[name]["f1"] for name in names}
+        names = sorted(names, key=lambda name: (f1[name] is None, f1[name] or 0.0, name))[:limit]
     n = len(names)
     fig, ax = plt.subplots(figsize=(min(max(6.0, 0.55 * n + 2), 24), 4))
     width = 0.27
     colors = {"precision": "#4c72b0", "recall": "#dd8452", "F1": "#55a868"}
     for i, (score, color) in enumerate(zip(("precision", "recall", "f1"), colors.values())):
         for c, name in enumerate(names):
-            support, guessed = per_class[name]["support"], predicted.get(name, 0)
-            undefined = {"precision": guessed == 0, "recall": support == 0,
-                         "f1": support == 0 and guessed == 0}[score]
+            value = per_class[name][score]
             x = c + (i - 1) * width
-            if undefined:
+            if value is None:
                 ax.text(x, 0.02, "n/a", rotation=90, ha="center", va="bottom", fontsize=7, color=color)
             else:
-                ax.bar(x, per_class[name][score], width, color=color)
+                ax.bar(x, value, width, color=color)
     slanted = n > 12 or max(map(len, names)) > 4  # many or long names would run into each other
     ax.set_xticks(range(n), [_short(name) for name in names], rotation=45 if slanted else 0,
                   ha="right" if slanted else "center")

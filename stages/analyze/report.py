@@ -58,6 +58,19 @@ def figure_link(title: str, name: str) -> str:
 # --- the sections ------------------------------------------------------------------
 
 
+def missing_glyphs_note(characters: list[str], font_list: str) -> str | None:
+    """What to do when the figures drew some characters of the class names as empty boxes.
+
+    font_list: matplotlib's cached list of fonts, which it does not refresh when a font is installed."""
+    if not characters:
+        return None
+    them = "it" if len(characters) == 1 else "them"
+    return (f"the figures draw {listed(characters, 10)} (in class names) as empty boxes: no font matplotlib knows "
+            f"has {them}; the tables spell the names out. Install a font that has {them} (for Chinese, Japanese "
+            f"and Korean on Debian or Ubuntu: `apt install fonts-noto-cjk`), delete matplotlib's list of fonts "
+            f"(`rm {font_list}`) and run `dvc repro -f analyze`.")
+
+
 def run_summary_section(run: RunSummary, info: dict) -> list[str]:
     """What ran: data, model, the params that shape the run, devices, batches, speed, memory."""
     epochs = run.epoch_seconds
@@ -134,18 +147,9 @@ def predicted_counts(predictions: list[dict]) -> dict[str, int]:
     return counts
 
 
-def score_cells(scores: dict, predicted: int) -> list[str]:
-    """Precision, recall and F1 as table cells; n/a where the score divides zero by zero.
-
-    evaluate writes 0 there (scikit-learn's zero_division=0), which reads as "always wrong":
-    precision has no value for a class never predicted, recall none for a class with no test image,
-    and F1 (2 tp / (2 tp + fp + fn)) none when both hold.
-    """
-    support = scores["support"]
-    precision = "n/a" if predicted == 0 else f"{scores['precision']:.4f}"
-    recall = "n/a" if support == 0 else f"{scores['recall']:.4f}"
-    f1 = "n/a" if support == 0 and predicted == 0 else f"{scores['f1']:.4f}"
-    return [precision, recall, f1]
+def score_cells(scores: dict) -> list[str]:
+    """Precision, recall and F1 as table cells; n/a where evaluate found the score undefined (null)."""
+    return ["n/a" if scores[key] is None else f"{scores[key]:.4f}" for key in ("precision", "recall", "f1")]
 
 
 def confused_pairs(predictions: list[dict], limit: int = MOST_CONFUSED_PAIRS) -> list[tuple[str, str, int]]:
@@ -173,8 +177,7 @@ def confused_pairs_section(predictions: list[dict], per_class: dict) -> list[str
 
 def quality_section(test: dict, per_class: dict, predictions: list[dict], curves: dict) -> list[str]:
     n_wrong = sum(r["actual"] != r["predicted"] for r in predictions)
-    predicted = predicted_counts(predictions)
-    rows = [[name, *score_cells(s, predicted.get(name, 0)), s["support"]] for name, s in per_class.items()]
+    rows = [[name, *score_cells(s), s["support"]] for name, s in per_class.items()]
     if len(per_class) <= MAX_CLASSES_IN_MATRIX:
         confusion = [figure_link("Confusion matrix", "confusion.png"), ""]
     else:
@@ -410,6 +413,13 @@ def model_lessons(curves: dict, per_class: dict, predictions: list[dict]) -> lis
                        f"though {100 * true_share:.0f}% of them are {top!r}: it has collapsed onto one class. Usual "
                        "causes: a `train.lr` too high (try 10× lower), too few epochs, or labels that do not match "
                        "the images.")
+    absent = [name for name, s in per_class.items() if s["support"] == 0]
+    if absent:
+        it = "it" if len(absent) == 1 else "them"
+        out.append(f"{plural(len(absent), 'class')} of {len(per_class)} with no test image: "
+                   f"{listed([repr(name) for name in absent], MAX_NAMED_CLASSES)}. The test scores say nothing "
+                   f"about {it} (recall n/a); usually a class too small to split (prepare-data warns about "
+                   f"those): add images to {it}.")
     low = [(name, s) for name, s in per_class.items() if s["support"] > 0 and s["recall"] < LOW_RECALL]
     if low:
         low.sort(key=lambda item: (item[1]["recall"], item[0]))

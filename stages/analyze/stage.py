@@ -33,8 +33,8 @@ from .report import (
     MAX_CLASSES_IN_MATRIX,
     lessons,
     lessons_section,
+    missing_glyphs_note,
     model_lessons,
-    predicted_counts,
     probe_far_from_training,
     quality_section,
     run_summary_section,
@@ -78,8 +78,7 @@ def write_figures(figures_dir: Path, curves: dict, per_class: dict, predictions:
                   data_dir: Path, rows: list[dict] | None) -> list[Path]:
     written = [
         figures.learning_curves(curves, figures_dir / "learning_curves.png"),
-        figures.per_class_bars(per_class, predicted_counts(predictions), figures_dir / "per_class.png",
-                               MAX_CLASSES_IN_MATRIX),
+        figures.per_class_bars(per_class, figures_dir / "per_class.png", MAX_CLASSES_IN_MATRIX),
     ]
     if len(class_names) <= MAX_CLASSES_IN_MATRIX:  # beyond, the report lists the most-confused pairs instead
         written.append(figures.confusion_heatmap(confusion_counts(predictions, class_names), class_names,
@@ -124,11 +123,16 @@ def analyze_stage(p: Params, params_path: Path, data_dir: Path, model_path: Path
     figures_dir = out_dir / FIGURES_DIR
     train_seconds = run.stage_seconds  # the train process's wall time, start-up included
     with staged_dir(figures_dir) as staged:  # holds exactly this run's figures once the block completes
-        written = write_figures(staged, curves, per_class, predictions, info["class_names"], data_dir,
-                                rows if probe is not None else None)
+        with figures.missing_glyphs() as missing:
+            written = write_figures(staged, curves, per_class, predictions, info["class_names"], data_dir,
+                                    rows if probe is not None else None)
+        in_names = dict.fromkeys("".join(info["class_names"]))  # the characters in order of appearance
+        glyphs = missing_glyphs_note([c for c in in_names if c in missing] + sorted(missing - in_names.keys()),
+                                     figures.font_list_files())
         report = [
             f"# Run report: {run.model} on {info['dataset']}",
             "",
+            *([f"**Note**: {glyphs}", ""] if glyphs else []),
             *run_summary_section(run, info),
             *quality_section(test, per_class, predictions, curves),
             *scaling_section(probe, rows, run, skipped),
@@ -136,6 +140,8 @@ def analyze_stage(p: Params, params_path: Path, data_dir: Path, model_path: Path
                              + lessons(run, rows, gpus, has_batchnorm(model_path), probe and probe["data_on_device"])),
         ]
     write_text(out_dir / "report.md", "\n".join(report))
+    if glyphs:
+        print(f"warning: {glyphs}")
     if probe is not None and (far := probe_far_from_training(rows, run)):
         print(f"warning: {far}")
     cost = (f"; probe {probe['seconds']:.2f} s ({probe['step_seconds']:.2f} s of steps) vs {train_seconds:.2f} s "
