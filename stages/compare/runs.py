@@ -66,9 +66,11 @@ class Repository:
             rev = None
         # A failed experiment has no commit of its own, only the stash DVC queued it from (named by its
         # commit in `dvc exp show`): that holds the workspace's results at the time, not the experiment's.
-        if (rev is None and name in self.failed) or rev in self.failed.values():
-            raise UserError(f"'{name}' is a failed experiment: it has no results to compare "
-                            f"(`dvc queue logs {name}` shows why)")
+        # Looked up only for names git does not know and for commit ids: other runs never read the queue.
+        if rev is None or self.repo.scm.is_sha(name):
+            if (rev is None and name in self.failed) or rev in self.failed.values():
+                raise UserError(f"'{name}' is a failed experiment: it has no results to compare "
+                                f"(`dvc queue logs {name}` shows why)")
         if rev is None:
             raise UserError(f"unknown revision or experiment '{name}': give a git revision (HEAD~1, a tag, "
                             "a branch), an experiment name from `dvc exp show`, or workspace")
