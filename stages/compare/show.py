@@ -72,7 +72,6 @@ def baseline_lines(result: dict) -> list[str]:
              *table(["run", "accuracy", "95% CI", "vs baseline (points)", "right only here / only in baseline",
                      "p (McNemar)", "p (Holm)"], rows), ""]
     lines += [f"left out {run['name']}: {run['reason']}" for run in result["left_out"]]
-    lines += [""] if result["left_out"] else []
     if m > 1:
         lines.append(f"{m} comparisons: if no run differed from the baseline, chance alone would give about "
                      f"{m * ALPHA:.2g} of them p < {ALPHA}. Holm's p allows for that; below {ALPHA} after Holm: "
