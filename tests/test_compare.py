@@ -286,3 +286,54 @@ def test_compare_reads_revisions_recorded_by_dvc_and_refuses_bad_input(toy):
     edited.write_text(edited.read_text().replace("\n0,0,0,", "\n0,0,1,", 1))
     assert "differs from the file dvc.lock records" in refusal(toy, "HEAD", "workspace")
     assert compare(toy, "HEAD", "HEAD~4").returncode == 0  # the committed files are still fine
+
+
+@pytest.mark.slow
+def test_all_experiments_leaves_out_each_run_on_another_test_split_and_compares_the_rest(toy):
+    base = [True] * 30 + [False] * 10
+    record(toy, predictions_csv(base), "baseline")
+    # Two experiments made by `dvc exp run`: one on the baseline's images, one on a split of 35 of them
+    # with 5 others (as data.skip_bad_images makes).
+    same = [True] * 36 + [False] * 4
+    (toy / "made/predictions.csv").write_text(predictions_csv(same))
+    sh(toy, "dvc", "exp", "run", "-q", "-n", "same-split", "-S", "train.seed=1")
+    other = [f"{i:016x}" for i in range(35)] + [f"{i + 100:016x}" for i in range(5)]
+    (toy / "made/predictions.csv").write_text(predictions_csv([True] * 40, images=other))
+    sh(toy, "dvc", "exp", "run", "-q", "-n", "other-split", "-S", "train.seed=2")
+
+    proc = compare(toy, "--baseline", "HEAD", "--all-experiments")
+    assert proc.returncode == 0 and "error" not in proc.stderr, proc.stderr
+    assert "left out other-split: evaluated on different test images (40 against HEAD's 40; 5 differ)" in (
+        proc.stdout.splitlines())
+    assert "2 runs on the same 40 test images" in proc.stdout and "| same-split |" in proc.stdout
+    assert "| other-split |" not in proc.stdout
+    shown = json.loads(compare(toy, "--baseline", "HEAD", "--all-experiments", "--json").stdout)
+    correct_a, correct_b, a_only, b_only = recount(predictions_csv(base), predictions_csv(same))
+    assert [(p["b"], p["a_only_correct"], p["b_only_correct"]) for p in shown["pairs"]] == [
+        ("same-split", a_only, b_only)]
+    assert [r["name"] for r in shown["left_out"]] == ["other-split"]
+
+    # Two runs named: the one-line refusal; a baseline with nothing comparable: one line too.
+    assert "'HEAD' and 'other-split' were evaluated on different test images" in refusal(toy, "HEAD", "other-split")
+    assert "nothing to compare with 'HEAD': other-split was evaluated on different test images" in refusal(
+        toy, "--baseline", "HEAD", "other-split")
+
+
+@pytest.mark.slow
+def test_a_failed_queued_experiment_is_named_as_failed(toy):
+    from .test_pipeline_e2e import run_queue
+
+    record(toy, predictions_csv([True] * 30 + [False] * 10), "baseline")
+    # Queued with its stage's dep missing, so that it fails; the workspace is restored after.
+    (toy / "made/predictions.csv").unlink()
+    sh(toy, "dvc", "exp", "run", "--queue", "-n", "balky-hate", "-S", "train.seed=3")
+    sh(toy, "git", "checkout", "--", "made/predictions.csv")
+    assert "Failed" in run_queue(toy, jobs=1, timeout=180)
+    (failed,) = [rev for row in json.loads(sh(toy, "dvc", "exp", "show", "--json").stdout)
+                 for exp in row.get("experiments") or [] for rev in exp["revs"] if rev["name"] == "balky-hate"]
+
+    assert refusal(toy, "HEAD", "balky-hate") == ("error: 'balky-hate' is a failed experiment: it has no results "
+                                                  "to compare (`dvc queue logs balky-hate` shows why)")
+    # By the commit `dvc exp show` lists for it: DVC's stash of the workspace, not results of its own.
+    assert "is a failed experiment" in refusal(toy, "HEAD", failed["rev"][:7])
+    assert "unknown revision or experiment 'nope'" in refusal(toy, "HEAD", "nope")

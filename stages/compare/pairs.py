@@ -19,11 +19,19 @@ def summary(run: Run) -> dict:
             "correct": correct, "total": total}
 
 
+def same_images(a: Run, b: Run) -> bool:
+    return a.images == b.images and a.actual == b.actual
+
+
+def images_differing(a: Run, b: Run) -> int:
+    return sum(x != y for x, y in zip(a.images, b.images)) + abs(len(a.images) - len(b.images))
+
+
 def check_same_images(a: Run, b: Run) -> None:
-    if a.images != b.images or a.actual != b.actual:
-        differ = sum(x != y for x, y in zip(a.images, b.images)) + abs(len(a.images) - len(b.images))
+    if not same_images(a, b):
         raise UserError(f"'{a.name}' and '{b.name}' were evaluated on different test images ({len(a.images)} and "
-                        f"{len(b.images)} images, {differ} differ): compare only runs on the same test split")
+                        f"{len(b.images)} images, {images_differing(a, b)} differ): compare only runs on the same "
+                        "test split")
 
 
 def pair(a: Run, b: Run) -> dict:
@@ -41,7 +49,19 @@ def pair(a: Run, b: Run) -> dict:
 
 def against_baseline(baseline: Run, others: list[Run]) -> dict:
     """Every run against `baseline`: the runs sorted by accuracy, the pairs with Holm-adjusted p-values
-    (as many comparisons make some small p-values by chance), and the groups of seeds."""
+    (as many comparisons make some small p-values by chance), and the groups of seeds.
+
+    A run evaluated on other test images than the baseline's is left out, with the reason, so that one
+    experiment on another split (say data.skip_bad_images) does not stop the comparison of all the others."""
+    left_out = [{"name": run.name, "rev": run.rev,
+                 "reason": f"evaluated on different test images ({len(run.images)} against {baseline.name}'s "
+                           f"{len(baseline.images)}; {images_differing(baseline, run)} differ)"}
+                for run in others if not same_images(baseline, run)]
+    others = [run for run in others if same_images(baseline, run)]
+    if not others:
+        raise UserError(f"nothing to compare with '{baseline.name}': "
+                        f"{', '.join(r['name'] for r in left_out)} {'was' if len(left_out) == 1 else 'were'} "
+                        "evaluated on different test images; compare only runs on the same test split")
     pairs = [pair(baseline, run) for run in others]
     for p, adjusted in zip(pairs, holm([p["p_value"] for p in pairs])):
         p["p_value_holm"] = adjusted
@@ -49,7 +69,7 @@ def against_baseline(baseline: Run, others: list[Run]) -> dict:
     runs += [{**summary(run), "baseline": False, "pair": i} for i, run in enumerate(others)]
     runs.sort(key=lambda s: -s["accuracy"])
     return {"baseline": baseline.name, "comparisons": len(pairs), "runs": runs, "pairs": pairs,
-            "seed_groups": seed_groups([baseline, *others])}
+            "seed_groups": seed_groups([baseline, *others]), "left_out": left_out}
 
 
 def seed_groups(runs: list[Run]) -> list[dict]:

@@ -10,6 +10,7 @@ import csv
 import hashlib
 import io
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import yaml
@@ -57,13 +58,29 @@ class Repository:
         if name == WORKSPACE:
             return None
         try:
-            return resolve_rev(self.repo.scm, name)
+            rev = resolve_rev(self.repo.scm, name)
         except SCMError as exc:
             if "ambiguous" in str(exc):  # an experiment name used from two baselines
                 raise UserError(f"'{name}' names experiments from several commits: give the commit that "
                                 "`dvc exp show --all-commits` lists for the one you mean") from None
+            rev = None
+        # A failed experiment has no commit of its own, only the stash DVC queued it from (named by its
+        # commit in `dvc exp show`): that holds the workspace's results at the time, not the experiment's.
+        # Looked up only for names git does not know and for commit ids: other runs never read the queue.
+        if rev is None or self.repo.scm.is_sha(name):
+            if (rev is None and name in self.failed) or rev in self.failed.values():
+                raise UserError(f"'{name}' is a failed experiment: it has no results to compare "
+                                f"(`dvc queue logs {name}` shows why)")
+        if rev is None:
             raise UserError(f"unknown revision or experiment '{name}': give a git revision (HEAD~1, a tag, "
-                            "a branch), an experiment name from `dvc exp show`, or workspace") from None
+                            "a branch), an experiment name from `dvc exp show`, or workspace")
+        return rev
+
+    @cached_property
+    def failed(self) -> dict[str, str]:
+        """{name: stash commit} of the queued experiments that failed, as `dvc queue status` and `dvc exp show`
+        list them (State Failed)."""
+        return {entry.name: entry.stash_rev for entry, _ in self.repo.experiments.celery_queue.iter_failed()}
 
     def read_file(self, rev: str | None, path: str) -> bytes | None:
         if rev is None:

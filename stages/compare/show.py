@@ -71,6 +71,7 @@ def baseline_lines(result: dict) -> list[str]:
              f"{result['baseline']}; best first", "",
              *table(["run", "accuracy", "95% CI", "vs baseline (points)", "right only here / only in baseline",
                      "p (McNemar)", "p (Holm)"], rows), ""]
+    lines += [f"left out {run['name']}: {run['reason']}" for run in result["left_out"]]
     if m > 1:
         lines.append(f"{m} comparisons: if no run differed from the baseline, chance alone would give about "
                      f"{m * ALPHA:.2g} of them p < {ALPHA}. Holm's p allows for that; below {ALPHA} after Holm: "
