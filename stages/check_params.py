@@ -34,9 +34,13 @@ def check_data_root(d: DataParams) -> list[str]:
     """data.root must be a folder for every dataset read from it. With data.download, torchvision fills
     it: a missing one is created here, so that it exists when prepare-data (whose dep it is) runs."""
     root = Path(d.root)
-    if not d.reads_root or root.is_dir():
+    if root.is_dir() or (root.exists() and not d.reads_root):
         return []
     where = repr(d.root) if root.is_absolute() else f"{d.root!r} ({root.resolve()})"  # in a queue: a temp copy
+    if not d.reads_root:  # DVC refuses a missing dep of prepare-data, with its own Errno line, if not here
+        raise UserError(f"data.root = {where} does not exist: {d.dataset} read nothing from it, but it is "
+                        f"prepare-data's dependency in dvc.yaml; set data.root to a folder that exists, such as "
+                        f"{DataParams.root}{in_queue_hint()}")
     if root.exists():
         raise UserError(f"data.root = {where} is a file; set data.root to the folder that holds {d.dataset}")
     if d.download and DATASETS[d.dataset].downloads:
