@@ -49,7 +49,8 @@ def repo(tmp_path) -> Path:
         shutil.copy2(ROOT / name, repo / name)
     stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["check-params"]
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"check-params": stage}}, sort_keys=False))
-    (repo / "data").mkdir()
+    # data.root's default folder, as the project has it (check-params refuses a data.root that is not there)
+    shutil.copytree(ROOT / "data" / "raw" / "digits", repo / "data" / "raw" / "digits")
     for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "t@example.com"],
                 ["git", "config", "user.name", "T"], ["dvc", "init", "-q"], ["git", "add", "-A"],
                 ["git", "commit", "-q", "-m", "project"]):
