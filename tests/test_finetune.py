@@ -8,10 +8,13 @@ TORCH_HOME at a temporary folder, so nothing touches the network or the user's c
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
+from torch import nn
 from torchvision import models
 from typer.testing import CliRunner
 
@@ -136,6 +139,30 @@ def test_checkpoint_wrappers_and_module_prefixes_are_unwrapped(tmp_path):
     (tmp_path / "bad.pth").write_bytes(b"not a torch file")
     with pytest.raises(UserError, match="'.*bad.pth' cannot be read as a state dict"):
         read_state_dict(tmp_path / "bad.pth")
+
+
+class RunsCode:
+    """Unpickling this would run a command: the kind of .pth file that must never be loaded."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_file_holding_python_objects_is_refused_without_running_them(tmp_path):
+    marker = tmp_path / "ran"
+    torch.save({"fc.weight": torch.ones(2, 3), "hook": RunsCode(marker)}, tmp_path / "evil.pth")
+    torch.save(nn.Linear(3, 2), tmp_path / "whole.pth")  # a whole model rather than its state dict
+    for name, what in (("evil.pth", "posix.system"), ("whole.pth", "torch.nn.modules.linear.Linear")):
+        with pytest.raises(UserError) as err:
+            read_state_dict(tmp_path / name)
+        message = str(err.value)
+        assert message.startswith(f"model.weights = '{tmp_path / name}' holds a pickled Python object ({what}), "
+                                  "not only tensors: such a file is never loaded")
+        assert "weights_only" not in message and "\n" not in message  # not torch's advice to load it anyway
+    assert not marker.exists()
 
 
 def test_vit_position_embeddings_follow_the_image_size():

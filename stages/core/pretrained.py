@@ -15,6 +15,8 @@ image size. Anything else that does not fit is an error naming the tensors.
 from __future__ import annotations
 
 import hashlib
+import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,6 +130,13 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
                 return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # safetensors and torch.load raise many types for damaged or foreign files
+        # weights_only refused a Python object (a whole model, or worse): torch's message suggests
+        # weights_only=False, which would run the file's code, so it is not quoted.
+        refused = re.search(r"GLOBAL ([\w.]+)", str(exc)) if isinstance(exc, pickle.UnpicklingError) else None
+        if refused:
+            raise UserError(f"model.weights = {str(path)!r} holds a pickled Python object ({refused[1]}), not only "
+                            "tensors: such a file is never loaded, since loading it could run code; save the "
+                            "weights alone, torch.save(model.state_dict(), path) or a .safetensors file") from None
         reason = first_line(exc)
         raise UserError(f"model.weights = {str(path)!r} cannot be read as a state dict: {reason}") from None
     for wrapper in ("state_dict", "model"):  # a training checkpoint around the weights
