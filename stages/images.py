@@ -25,11 +25,16 @@ def image_extensions() -> frozenset[str]:
     return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
 
 
-def images_below(folder: Path, extensions: frozenset[str]) -> tuple[list[str], int]:
-    """Image files under `folder` (recursive, sorted) and how many other visible files were ignored."""
+def images_below(folder: Path, extensions: frozenset[str], links: list[str] | None = None) -> tuple[list[str], int]:
+    """Image files under `folder` (recursive, sorted) and how many other visible files were ignored.
+
+    Folder links are followed, unless `links` is given: then they are listed there instead (prepare-data's
+    data, where DVC tracks a linked file's content but not what a folder link points to)."""
     images, ignored = [], 0
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=links is None):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # do not descend into hidden folders
+        if links is not None:
+            links += [os.path.join(dirpath, d) for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
         for name in filenames:
             if name.startswith("."):
                 continue

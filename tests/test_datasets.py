@@ -516,6 +516,27 @@ def test_imagefolder_of_class_folders_only_is_split_by_fractions(tmp_path):
     train_one_epoch(tmp_path, prepared)
 
 
+def test_folder_links_in_an_image_folder_are_left_out_with_a_warning_and_file_links_read(tmp_path):
+    """DVC tracks a linked file's content but not what a folder link points to (`dvc add` leaves it out): read,
+    such images would train here and be missing from a queued run or a clone, with the same dvc.lock."""
+    root, elsewhere = tmp_path / "photos", tmp_path / "elsewhere"
+    for name in LEVELS:
+        write_class(root / name, LEVELS[name], 10)
+    first = next(iter(LEVELS))
+    write_class(elsewhere / "more", LEVELS[first], 5)
+    (root / first / "more").symlink_to(elsewhere / "more")  # a folder link inside a class
+    (root / "linked-class").symlink_to(elsewhere / "more")  # a class folder that is a link
+    (root / first / "one.png").symlink_to(next((elsewhere / "more").iterdir()))  # a file link: read
+    out, result = prepare(tmp_path, dataset="imagefolder", root=str(root), image_size=12, channels=1)
+    assert result.exit_code == 0, result.output
+    info = all_splits(out)["train"][2]
+    assert info["class_names"] == list(LEVELS) and sum(info["counts"].values()) == 10 * len(LEVELS) + 1
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+    assert warnings == [f"warning: ignored 2 folder links under {root} ({first}/more, linked-class): DVC does not "
+                        "track what a folder link points to, so a queued run or a clone would train without those "
+                        "images; copy them in"]
+
+
 def test_imagefolder_with_val_folder_keeps_it_and_carves_test(tmp_path):
     root = tmp_path / "photos"
     for name in ("dark", "light"):

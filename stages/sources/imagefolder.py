@@ -24,6 +24,7 @@ holds the dataset.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,8 +51,17 @@ def visible(path: Path) -> bool:
     return not path.name.startswith(".")
 
 
-def subfolders(folder: Path) -> list[Path]:
-    return sorted((p for p in folder.iterdir() if p.is_dir() and visible(p)), key=lambda p: p.name)
+def subfolders(folder: Path, links: list[str] | None = None) -> list[Path]:
+    """The visible folders in `folder`, by name; folder links are left out and listed in `links` (DVC does not
+    track what they point to: a queued run or a teammate's clone would not have their images)."""
+    found = []
+    for p in folder.iterdir():
+        if p.is_dir() and visible(p):
+            if p.is_symlink() and links is not None:
+                links.append(str(p))
+            else:
+                found.append(p)
+    return sorted(found, key=lambda p: p.name)
 
 
 def find_split_folders(root: Path) -> dict[str, Path]:
@@ -80,10 +90,11 @@ def find_split_folders(root: Path) -> dict[str, Path]:
     return {split: by_split[split] for split in ("train", "val", "test") if split in by_split}
 
 
-def list_files(split_folders: dict[str, Path]) -> tuple[list[str], dict[str, SplitFiles], int]:
-    """(class names, split -> files and labels, count of ignored non-image files)."""
+def list_files(split_folders: dict[str, Path], links: list[str]) -> tuple[list[str], dict[str, SplitFiles], int]:
+    """(class names, split -> files and labels, count of ignored non-image files); folder links left out are
+    added to `links`."""
     extensions = image_extensions()
-    class_names = [f.name for f in subfolders(split_folders["train"])]
+    class_names = [f.name for f in subfolders(split_folders["train"], links)]
     if not class_names:
         raise UserError(f"no class folders in {split_folders['train']}: expected one folder per class")
     if len(class_names) == 1:  # a classifier of one class learns nothing, and every score would be 1.0
@@ -93,11 +104,11 @@ def list_files(split_folders: dict[str, Path]) -> tuple[list[str], dict[str, Spl
     splits, ignored = {}, 0
     for split, folder in split_folders.items():
         files = SplitFiles([], [])
-        for class_folder in subfolders(folder):
+        for class_folder in subfolders(folder, [] if split == "train" else links):  # train's: listed above
             if class_folder.name not in index:
                 raise UserError(f"{class_folder} is a class that {split_folders['train']} does not have; "
                                 f"classes there: {listed(class_names, 10)}")
-            paths, n_ignored = images_below(class_folder, extensions)
+            paths, n_ignored = images_below(class_folder, extensions, links)
             if not paths and split == "train":
                 raise UserError(f"no images in {class_folder}: expected files PIL can open "
                                 "(.png, .jpg, .bmp, .webp, ...)")
@@ -113,9 +124,14 @@ def list_files(split_folders: dict[str, Path]) -> tuple[list[str], dict[str, Spl
 def load_imagefolder_source(p: DataParams) -> Source:
     """List `data.root` as an image folder (see the module docstring for the layouts); nothing is decoded yet."""
     root = Path(p.root)
-    class_names, splits, ignored = list_files(find_split_folders(root))
+    links: list[str] = []
+    class_names, splits, ignored = list_files(find_split_folders(root), links)
     if ignored:
         warn(f"ignored {plural(ignored, 'file')} under {root} whose extension is not an image format")
+    if links:
+        named = listed([os.path.relpath(link, root) for link in sorted(links)])
+        warn(f"ignored {plural(len(links), 'folder link')} under {root} ({named}): DVC does not track what a "
+             "folder link points to, so a queued run or a clone would train without those images; copy them in")
     shape = (p.channels, p.image_size, p.image_size)
     rows = FileRows({name: f.paths for name, f in splits.items()}, IMAGE_MODES[p.channels], p.image_size, p.resize)
     return Source(class_names, {name: np.array(f.labels, dtype=np.int64) for name, f in splits.items()}, shape,
