@@ -128,6 +128,35 @@ def test_tensors_that_cannot_fit_are_named(resnet18_imagenet_layout):
                               "1 missing from the file (layer4.1.bn2.bias)")
 
 
+def test_another_architectures_weights_are_refused(tmp_path):
+    """A resnet34 file shares resnet18's names for its first blocks, so those would load and the rest go
+    unused; its extra tensors name it as another model's weights."""
+    torch.manual_seed(0)
+    path = tmp_path / "models" / "pretrained" / "r34.pth"
+    path.parent.mkdir(parents=True)
+    torch.save(models.resnet34().state_dict(), path)
+    tensors, _ = read_state_dict(path)
+    model = build_model("resnet18", 3, 32, 3)  # small-image stem and a 3-class head, as for CIFAR-like data
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(UserError) as err:
+        fit_pretrained(model, Pretrained(tensors, {}, None, None, None, f"{str(path)!r}"), "resnet18", small_stem=True)
+    extra = sorted(set(tensors) - set(before))
+    assert len(extra) == 96 and len(tensors) == 218
+    assert str(err.value) == (f"model.weights = {str(path)!r} does not fit model.name 'resnet18': 96 of its 218 "
+                              f"tensors have no place in it ({', '.join(extra[:3])} and 93 more); "
+                              "is it another model's weights?")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing was loaded
+
+
+def test_auxiliary_classifiers_the_model_is_built_without_may_go_unused():
+    torch.manual_seed(0)
+    source = models.googlenet(aux_logits=True, init_weights=True).state_dict()  # as torchvision's file has them
+    model = build_model("googlenet", 3, 64, 5)
+    report = fit_pretrained(model, Pretrained(source, {}, None, None, None, "'g.pth'"), "googlenet", False)
+    assert "new: head fc for 5 classes" in report and "not used: aux1.conv.bn.bias" in report
+    assert torch.equal(model.conv1.conv.weight, source["conv1.conv.weight"])
+
+
 def test_checkpoint_wrappers_and_module_prefixes_are_unwrapped(tmp_path):
     state = {"module.fc.weight": torch.ones(2, 3), "module.fc.bias": torch.zeros(2)}
     torch.save({"state_dict": state, "epoch": 3}, tmp_path / "ck.pth")

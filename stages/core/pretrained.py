@@ -9,7 +9,9 @@ Two sources:
 Fitting loads every tensor the model shares with the file. The classifier head always starts
 afresh for the data's classes; a resnet's small-image stem is new too; an RGB first conv is
 summed over its colours for greyscale data; a ViT's position embeddings are interpolated to the
-image size. Anything else that does not fit is an error naming the tensors.
+image size. Anything else that does not fit is an error naming the tensors, and so is a tensor of
+the file that has no place in the model (another architecture's weights), except the auxiliary
+classifiers GoogLeNet and Inception-v3 are built without.
 """
 
 from __future__ import annotations
@@ -181,6 +183,13 @@ def for_channels(values: list[float], channels: int) -> list[float]:
     return values if len(values) == channels else [sum(values) / len(values)] * channels
 
 
+def built_without(model: nn.Module, key: str) -> bool:
+    """Whether a file's tensor belongs to a submodule the model was built without (set to None),
+    such as GoogLeNet's aux1 or Inception-v3's AuxLogits with aux_logits=False."""
+    top = key.split(".", 1)[0]
+    return top in model.__dict__ and model.__dict__[top] is None  # nn.Module keeps a None submodule there
+
+
 def fit_pretrained(model: nn.Module, pretrained: Pretrained, model_name: str, small_stem: bool) -> str:
     """Copy the pretrained tensors into `model` (built for the data); return the one-line report.
 
@@ -220,6 +229,15 @@ def fit_pretrained(model: nn.Module, pretrained: Pretrained, model_name: str, sm
             misfit.append(f"{key} {list(source.shape)} vs {list(target.shape)}")
             continue
         fitted[key] = source
+    # Tensors of the file with no place in the model: only the auxiliary classifiers of GoogLeNet and
+    # Inception-v3 may be left out (the model is built without them: its attribute is None); any other
+    # means the file is another architecture's, whose shared first blocks would load silently.
+    unused = sorted(k for k in tensors if k not in own)
+    foreign = [k for k in unused if not built_without(model, k)]
+    if foreign:
+        raise UserError(f"model.weights = {pretrained.described} does not fit model.name {model_name!r}: "
+                        f"{len(foreign)} of its {plural(len(tensors), 'tensor')} have no place in it "
+                        f"({listed(foreign)}); is it another model's weights?")
     if missing or misfit:
         parts = ([f"{len(misfit)} of another shape ({listed(misfit)})"] if misfit else []) + \
                 ([f"{len(missing)} missing from the file ({listed(missing)})"] if missing else [])
@@ -231,7 +249,6 @@ def fit_pretrained(model: nn.Module, pretrained: Pretrained, model_name: str, sm
     new = [f"head {head} for {own[f'{head}.weight'].shape[0]} classes"]
     if new_stem:
         new.append(f"small-image stem {conv_name}")
-    unused = sorted(k for k in tensors if k not in own)  # e.g. GoogLeNet's auxiliary classifiers
     line = f"pretrained {pretrained.described}: loaded {plural(len(fitted), 'tensor')}; new: {', '.join(new)}"
     if notes:
         line += f"; {'; '.join(notes)}"
