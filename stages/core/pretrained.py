@@ -104,6 +104,21 @@ def fetch_weights(m: ModelParams, progress: bool = False) -> None:
             raise UserError(download_failure(weights.url, cached, exc)) from None
 
 
+def check_cached_hash(cached: Path, weights, name: str) -> None:
+    """The cached file is the one torchvision's entry names: its sha256 begins with the hex digits in
+    its file name (resnet18-f37072fd.pth). torch.hub checks them only while downloading
+    (`download_url_to_file(hash_prefix=...)`; `load_state_dict_from_url` reads an existing file
+    unchecked), so a file copied or left there by hand is checked here, with its HASH_REGEX."""
+    found = torch.hub.HASH_REGEX.search(cached.name)
+    if found is None or not found.group(1):
+        return  # no digest in the name to check against
+    digits, actual = found.group(1), file_sha256(cached)
+    if not actual.startswith(digits):
+        raise UserError(f"model.weights = {name!r} ({weights}): {cached} is not torchvision's file (its sha256 "
+                        f"begins {actual[:len(digits)]}, its name says {digits}); delete it, and fetch it again "
+                        "with model.download: true or copy the right file there")
+
+
 def download_failure(url: str, cached: Path, exc: OSError) -> str:
     """One line for a download that failed: the host that could not be reached (or what it answered),
     where the file belongs, and how to put it there by hand."""
@@ -161,7 +176,9 @@ def read_pretrained(m: ModelParams) -> Pretrained | None:
     check_weights_available(m)  # one line naming the cache file and model.download when it is missing
     if kind == "name":
         weights = torchvision_weights(m.name, m.weights)
-        tensors, _ = read_state_dict(weights_cache_file(weights))
+        cached = weights_cache_file(weights)
+        check_cached_hash(cached, weights, m.weights)
+        tensors, _ = read_state_dict(cached)
         mean, std = weights_stats(m.name, weights)
         return Pretrained(tensors, {"torchvision": str(weights)}, mean, std, str(weights), str(weights))
     path = Path(m.weights)
