@@ -7,6 +7,7 @@ TORCH_HOME at a temporary folder, so nothing touches the network or the user's c
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -108,8 +109,6 @@ def test_fine_tuning_from_a_local_file_loads_every_backbone_tensor(tmp_path, pre
         else:
             torch.testing.assert_close(param, source[name], atol=1e-7, rtol=0, msg=name)
     meta = model.stages_metadata
-    import hashlib
-
     assert meta["pretrained"]["file"] == path.name
     assert meta["small_input_stem"] is False and model.conv1.kernel_size == (7, 7)
     run = json.loads((out / "metrics" / "run.json").read_text())
@@ -129,6 +128,35 @@ def test_tensors_that_cannot_fit_are_named(resnet18_imagenet_layout):
     assert str(err.value) == ("model.weights = 'r18.pth' does not fit model 'resnet18': 2 tensors cannot be loaded: "
                               "1 of another shape (layer1.0.conv1.weight [64, 64, 1, 1] vs [64, 64, 3, 3]); "
                               "1 missing from the file (layer4.1.bn2.bias)")
+
+
+def test_another_architectures_weights_are_refused(tmp_path):
+    """A resnet34 file shares resnet18's names for its first blocks, so those would load and the rest go
+    unused; its extra tensors name it as another model's weights."""
+    torch.manual_seed(0)
+    path = tmp_path / "models" / "pretrained" / "r34.pth"
+    path.parent.mkdir(parents=True)
+    torch.save(models.resnet34().state_dict(), path)
+    tensors, _ = read_state_dict(path)
+    model = build_model("resnet18", 3, 32, 3)  # small-image stem and a 3-class head, as for CIFAR-like data
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(UserError) as err:
+        fit_pretrained(model, Pretrained(tensors, {}, None, None, None, f"{str(path)!r}"), "resnet18", small_stem=True)
+    extra = sorted(set(tensors) - set(before))
+    assert len(extra) == 96 and len(tensors) == 218
+    assert str(err.value) == (f"model.weights = {str(path)!r} does not fit model.name 'resnet18': 96 of its 218 "
+                              f"tensors have no place in it ({', '.join(extra[:3])} and 93 more); "
+                              "is it another model's weights?")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing was loaded
+
+
+def test_auxiliary_classifiers_the_model_is_built_without_may_go_unused():
+    torch.manual_seed(0)
+    source = models.googlenet(aux_logits=True, init_weights=True).state_dict()  # as torchvision's file has them
+    model = build_model("googlenet", 3, 64, 5)
+    report = fit_pretrained(model, Pretrained(source, {}, None, None, None, "'g.pth'"), "googlenet", False)
+    assert "new: head fc for 5 classes" in report and "not used: aux1.conv.bn.bias" in report
+    assert torch.equal(model.conv1.conv.weight, source["conv1.conv.weight"])
 
 
 def test_checkpoint_wrappers_and_module_prefixes_are_unwrapped(tmp_path):
@@ -191,12 +219,42 @@ def test_named_weights_missing_offline_is_one_line(tmp_path, monkeypatch, prepar
     assert not (tmp_path / "ok").exists()
 
 
-def test_named_weights_from_the_cache_bring_their_normalisation(tmp_path, monkeypatch, prepared_digits,
-                                                               resnet18_imagenet_layout):
+def cache_as_torchvisions_file(tmp_path, monkeypatch, state) -> Path:
+    """`state` in torchvision's cache as ResNet18_Weights.IMAGENET1K_V1's file. The real file cannot be
+    made offline (its name pins its sha256), so the entry's URL names this file's digits instead."""
+    path = tmp_path / "state.pth"
+    torch.save(state, path)
+    digits = hashlib.sha256(path.read_bytes()).hexdigest()[:8]
+    monkeypatch.setattr(models.ResNet18_Weights.IMAGENET1K_V1.value, "url",
+                        f"https://download.pytorch.org/models/resnet18-{digits}.pth")
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / f"resnet18-{digits}.pth"
+    cached.parent.mkdir(parents=True)
+    path.rename(cached)
+    return cached
+
+
+def test_a_cached_file_that_is_not_torchvisions_is_refused(tmp_path, monkeypatch, prepared_digits,
+                                                          resnet18_imagenet_layout):
+    """A file at torchvision's cache path whose sha256 does not begin with the digits in its name (random
+    weights here) is not trained from as ImageNet weights; nothing is downloaded (model.download: false)."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     cached = tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
     cached.parent.mkdir(parents=True)
     torch.save(resnet18_imagenet_layout, cached)
+    out, result = train_in_process(tmp_path, "fake", prepared_digits, epochs=1,
+                                   model={"name": "resnet18", "weights": "DEFAULT"})
+    line = error_line(result)
+    assert line.startswith(f"error: model.weights = 'DEFAULT' (ResNet18_Weights.IMAGENET1K_V1): {cached} is not "
+                           "torchvision's file (its sha256 begins ")
+    assert "its name says f37072fd); delete it, and fetch it again with model.download: true" in line
+    assert "epoch 1" not in result.output and not (out / "model.safetensors").exists()
+    assert cached.is_file()  # the user's file is left for them to look at
+
+
+def test_named_weights_from_the_cache_bring_their_normalisation(tmp_path, monkeypatch, prepared_digits,
+                                                               resnet18_imagenet_layout):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cache_as_torchvisions_file(tmp_path, monkeypatch, resnet18_imagenet_layout)
     out, result = train_in_process(tmp_path, "named", prepared_digits, epochs=1, batch_size=256,
                                    model={"name": "resnet18", "weights": "IMAGENET1K_V1", "small_input_stem": False})
     assert result.exit_code == 0, result.output

@@ -9,7 +9,9 @@ Two sources:
 Fitting loads every tensor the model shares with the file. The classifier head always starts
 afresh for the data's classes; a resnet's small-image stem is new too; an RGB first conv is
 summed over its colours for greyscale data; a ViT's position embeddings are interpolated to the
-image size. Anything else that does not fit is an error naming the tensors.
+image size. Anything else that does not fit is an error naming the tensors, and so is a tensor of
+the file that has no place in the model (another architecture's weights), except the auxiliary
+classifiers GoogLeNet and Inception-v3 are built without.
 """
 
 from __future__ import annotations
@@ -104,6 +106,21 @@ def fetch_weights(m: ModelParams, progress: bool = False) -> None:
             raise UserError(download_failure(weights.url, cached, exc)) from None
 
 
+def check_cached_hash(cached: Path, weights, name: str) -> None:
+    """The cached file is the one torchvision's entry names: its sha256 begins with the hex digits in
+    its file name (resnet18-f37072fd.pth). torch.hub checks them only while downloading
+    (`download_url_to_file(hash_prefix=...)`; `load_state_dict_from_url` reads an existing file
+    unchecked), so a file copied or left there by hand is checked here, with its HASH_REGEX."""
+    found = torch.hub.HASH_REGEX.search(cached.name)
+    if found is None or not found.group(1):
+        return  # no digest in the name to check against
+    digits, actual = found.group(1), file_sha256(cached)
+    if not actual.startswith(digits):
+        raise UserError(f"model.weights = {name!r} ({weights}): {cached} is not torchvision's file (its sha256 "
+                        f"begins {actual[:len(digits)]}, its name says {digits}); delete it, and fetch it again "
+                        "with model.download: true or copy the right file there")
+
+
 def download_failure(url: str, cached: Path, exc: OSError) -> str:
     """One line for a download that failed: the host that could not be reached (or what it answered),
     where the file belongs, and how to put it there by hand."""
@@ -168,7 +185,9 @@ def read_pretrained(m: ModelParams) -> Pretrained | None:
     check_weights_available(m)  # one line naming the cache file and model.download when it is missing
     if kind == "name":
         weights = torchvision_weights(m.name, m.weights)
-        tensors, _ = read_state_dict(weights_cache_file(weights))
+        cached = weights_cache_file(weights)
+        check_cached_hash(cached, weights, m.weights)
+        tensors, _ = read_state_dict(cached)
         mean, std = weights_stats(m.name, weights)
         return Pretrained(tensors, {"torchvision": str(weights)}, mean, std, str(weights), str(weights))
     path = Path(m.weights)
@@ -188,6 +207,13 @@ def read_pretrained(m: ModelParams) -> Pretrained | None:
 def for_channels(values: list[float], channels: int) -> list[float]:
     """RGB statistics for greyscale data: their average (the first conv sums its RGB kernels)."""
     return values if len(values) == channels else [sum(values) / len(values)] * channels
+
+
+def built_without(model: nn.Module, key: str) -> bool:
+    """Whether a file's tensor belongs to a submodule the model was built without (set to None),
+    such as GoogLeNet's aux1 or Inception-v3's AuxLogits with aux_logits=False."""
+    top = key.split(".", 1)[0]
+    return top in model.__dict__ and model.__dict__[top] is None  # nn.Module keeps a None submodule there
 
 
 def fit_pretrained(model: nn.Module, pretrained: Pretrained, model_name: str, small_stem: bool) -> str:
@@ -229,6 +255,15 @@ def fit_pretrained(model: nn.Module, pretrained: Pretrained, model_name: str, sm
             misfit.append(f"{key} {list(source.shape)} vs {list(target.shape)}")
             continue
         fitted[key] = source
+    # Tensors of the file with no place in the model: only the auxiliary classifiers of GoogLeNet and
+    # Inception-v3 may be left out (the model is built without them: its attribute is None); any other
+    # means the file is another architecture's, whose shared first blocks would load silently.
+    unused = sorted(k for k in tensors if k not in own)
+    foreign = [k for k in unused if not built_without(model, k)]
+    if foreign:
+        raise UserError(f"model.weights = {pretrained.described} does not fit model.name {model_name!r}: "
+                        f"{len(foreign)} of its {plural(len(tensors), 'tensor')} have no place in it "
+                        f"({listed(foreign)}); is it another model's weights?")
     if missing or misfit:
         parts = ([f"{len(misfit)} of another shape ({listed(misfit)})"] if misfit else []) + \
                 ([f"{len(missing)} missing from the file ({listed(missing)})"] if missing else [])
@@ -240,7 +275,6 @@ def fit_pretrained(model: nn.Module, pretrained: Pretrained, model_name: str, sm
     new = [f"head {head} for {own[f'{head}.weight'].shape[0]} classes"]
     if new_stem:
         new.append(f"small-image stem {conv_name}")
-    unused = sorted(k for k in tensors if k not in own)  # e.g. GoogLeNet's auxiliary classifiers
     line = f"pretrained {pretrained.described}: loaded {plural(len(fitted), 'tensor')}; new: {', '.join(new)}"
     if notes:
         line += f"; {'; '.join(notes)}"
