@@ -129,8 +129,8 @@ def test_report_numbers_match_the_inputs(run):
     assert lessons_text.count("\n- ") >= 1 and f"{summary['per_device_batch']} samples per device" in lessons_text
     with (run / "evaluate" / "predictions.csv").open() as f:
         predictions = list(csv.DictReader(f))
-    curves = read_run_summary(run / "train" / "run.json").curves()
-    about_the_model = report_text.model_lessons(curves, per_class, predictions)
+    summary_run = read_run_summary(run / "train" / "run.json")
+    about_the_model = report_text.model_lessons(summary_run.curves(), per_class, predictions, summary_run)
     assert about_the_model and all(f"- {line}\n" in lessons_text for line in about_the_model)
 
 
@@ -245,6 +245,15 @@ def test_unequal_gpus_and_flat_throughput_are_flagged():
     lines = lessons(gpu_run(64), [row("dp", 1, 1.0), row("dp", 4, 1.1)], [{"id": 0, **H100}, small], True, False)
     assert any("GPUs differ" in line and "14.6 GiB" in line for line in lines)
     assert any("flat" in line and "1.10× on 4 devices" in line and "host memory" in line for line in lines)
+
+
+def test_flat_ddp_on_the_cpu_blames_the_shared_cores_not_the_input_pipeline():
+    """The new user's 2-core run: ddp on the CPU at 0.79x; nothing is copied to a device there."""
+    cpu_ddp = run_summary(strategy="ddp", num_devices=2, world_size=2, global_batch=128, samples_per_second=996.0)
+    [flat] = [line for line in lessons(cpu_ddp, [row("dp", 1, 1.0), row("ddp", 2, 0.79)], [], True, False)
+              if "flat" in line]
+    assert "0.79× on 2 processes" in flat and "share the machine's cores" in flat
+    assert "input pipeline" not in flat and "copied" not in flat
 
 
 def test_healthy_scaling_gives_only_the_measured_line():

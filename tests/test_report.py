@@ -26,13 +26,13 @@ from .helpers import run_summary
 # --- the input files ---------------------------------------------------------------
 
 
-def write_curves(train_dir: Path, curves: dict[str, dict[str, list[float]]]) -> None:
-    """run.json with these curves as its per-epoch history."""
+def write_curves(train_dir: Path, curves: dict[str, dict[str, list[float]]], **run_changes) -> None:
+    """run.json with these curves as its per-epoch history (and `run_changes` to its other keys)."""
     epochs = len(curves["loss"]["train"])
     history = [{"epoch": i + 1, **{f"{split}_{metric}": curves[metric][split][i] for metric in curves
                                    for split in ("train", "val")}} for i in range(epochs)]
     train_dir.mkdir(parents=True, exist_ok=True)
-    run_summary(history=history).write(train_dir / "run.json")
+    run_summary(history=history, **run_changes).write(train_dir / "run.json")
 
 
 def write_evaluation(eval_dir: Path, classes: list[str], pairs: list[tuple[str, str]]) -> None:
@@ -62,7 +62,8 @@ def write_evaluation(eval_dir: Path, classes: list[str], pairs: list[tuple[str, 
 
 def read_back(root: Path) -> dict:
     """What the analyze stage reads, read with its own readers."""
-    return {"curves": read_run_summary(root / "train" / "run.json").curves(),
+    run = read_run_summary(root / "train" / "run.json")
+    return {"run": run, "curves": run.curves(),
             "per_class": json.loads((root / "evaluate" / "per_class.json").read_text()),
             "predictions": stage.read_predictions(root / "evaluate" / "predictions.csv"),
             "test": json.loads((root / "evaluate" / "metrics.json").read_text())["test"]}
@@ -80,14 +81,15 @@ def balanced(classes: list[str], per_class: int, wrong: dict[str, str] | None = 
     return pairs
 
 
-def files(tmp_path: Path, classes: list[str], pairs: list[tuple[str, str]], curves: dict | None = None) -> dict:
-    write_curves(tmp_path / "train", curves or HEALTHY_CURVES)
+def files(tmp_path: Path, classes: list[str], pairs: list[tuple[str, str]], curves: dict | None = None,
+          **run_changes) -> dict:
+    write_curves(tmp_path / "train", curves or HEALTHY_CURVES, **run_changes)
     write_evaluation(tmp_path / "evaluate", classes, pairs)
     return read_back(tmp_path)
 
 
 def model_lessons(inputs: dict) -> list[str]:
-    return report.model_lessons(inputs["curves"], inputs["per_class"], inputs["predictions"])
+    return report.model_lessons(inputs["curves"], inputs["per_class"], inputs["predictions"], inputs["run"])
 
 
 def quality(inputs: dict) -> str:
@@ -268,6 +270,39 @@ def test_large_train_val_gap_is_flagged(tmp_path):
     assert "1.000 against validation 0.800" in gap and "20 points" in gap and "overfitting" in gap
     close = {**overfit, "accuracy": {"train": [0.7, 0.9, 1.0], "val": [0.6, 0.85, 0.95]}}
     assert not any("overfitting" in line for line in model_lessons(files(tmp_path, classes, pairs, close)))
+
+
+# The new user's run: augment, keep best and patience on, stopped early at epoch 3 with epoch 1's weights.
+STOPPED_EARLY = {"accuracy": {"train": [0.40, 0.50, 0.562], "val": [0.40, 0.35, 0.333]},
+                 "loss": {"train": [1.5, 1.2, 1.0], "val": [1.5, 1.6, 1.7]}}
+
+
+@pytest.mark.parametrize("on, suggested, left_out", [
+    ({}, ["train.augment: true", "train.keep: best` with `train.patience", "train.weight_decay` (now 0.0005)"], []),
+    ({"augment": True, "keep": "best"}, ["train.patience` (early", "train.weight_decay"],
+     ["`train.augment: true`", "`train.keep: best`"]),
+    ({"augment": True, "keep": "best", "patience": 2, "ema": 0.99, "weight_decay": 0.01},
+     ["already on", "more data", "a smaller model", "train.weight_decay` (now 0.01)"],
+     ["Try `", "`train.augment: true`", "`train.keep: best`"]),
+])
+def test_overfitting_remedies_leave_out_what_the_run_already_does(tmp_path, on, suggested, left_out):
+    classes = ["a", "b"]
+    kept = {"kept": "best (epoch 1)", "best_epoch": 1} if on.get("keep") == "best" else {"kept": "last (epoch 3)"}
+    inputs = files(tmp_path, classes, balanced(classes, 10), STOPPED_EARLY, train_params=on, epochs_run=3, **kept)
+    [gap] = [line for line in model_lessons(inputs) if "overfitting" in line]
+    assert all(text in gap for text in suggested) and not any(text in gap for text in left_out), gap
+
+
+def test_overfitting_names_the_epoch_it_judges_and_the_saved_one(tmp_path):
+    classes = ["a", "b"]
+    best = dict(train_params={"augment": True, "keep": "best", "patience": 2}, kept="best (epoch 1)", best_epoch=1)
+    [gap] = [line for line in model_lessons(files(tmp_path, classes, balanced(classes, 10), STOPPED_EARLY, **best))
+             if "overfitting" in line]
+    assert "0.562 against validation 0.333 at the last epoch (3); the saved weights are epoch 1's" in gap
+    assert "train 0.400 against validation 0.400 there" in gap
+    [gap] = [line for line in model_lessons(files(tmp_path, classes, balanced(classes, 10), STOPPED_EARLY,
+                                                  kept="last (epoch 3)", best_epoch=1)) if "overfitting" in line]
+    assert "at the last epoch (3)." in gap and "saved weights" not in gap
 
 
 def test_a_model_that_predicts_one_class_is_flagged(tmp_path):

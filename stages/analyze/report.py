@@ -381,27 +381,61 @@ def lessons(run: RunSummary, rows: list[dict], gpus: list[dict], batchnorm: bool
         weak = [r for r in measured if r["strategy"] == strategy and r["scaling"] == "weak" and r["speedup"]]
         widest = max(weak, key=lambda r: r["devices"], default=None)
         if widest is not None and widest["devices"] > 1 and widest["speedup"] < FLAT_SPEEDUP:
+            flat = (f"Throughput is flat with {strategy}: {widest['speedup']:.2f}× on {widest['devices']} "
+                    f"{'processes' if not gpus else 'devices'} ({fmt_rate(widest['samples_per_second'])} samples/s)")
+            if not gpus:  # the probe ran on the CPU (it uses the GPUs whenever it sees any): nothing is copied
+                out.append(f"{flat}: on the CPU the DDP processes share the machine's cores, each with its own "
+                           "threads, so more processes add an all-reduce per step but no compute; on the CPU, ddp "
+                           "checks a distributed set-up, it does not train faster.")
+                continue
             where = ("the batches already come from GPU memory, so look at per-step overhead (a model too small "
                      "for the GPUs)" if data_on_device else "the data sits in host memory and every batch is copied")
-            out.append(f"Throughput is flat with {strategy}: {widest['speedup']:.2f}× on {widest['devices']} devices "
-                       f"({fmt_rate(widest['samples_per_second'])} samples/s): the devices wait on the input "
-                       f"pipeline; {where}.")
+            out.append(f"{flat}: the devices wait on the input pipeline; {where}.")
     return out
 
 
-def model_lessons(curves: dict, per_class: dict, predictions: list[dict]) -> list[str]:
+def overfitting_remedies(train_params: dict) -> str:
+    """What to try against overfitting, leaving out the remedies the run already used."""
+    settings = {f.name: f.default for f in fields(TrainParams)} | train_params
+    toggles = []
+    if not settings["augment"]:
+        toggles.append("`train.augment: true`")
+    keep_best, patience = settings["keep"] == "best", settings["patience"]
+    if not keep_best and not patience:
+        toggles.append("`train.keep: best` with `train.patience`")
+    elif not patience:
+        toggles.append("`train.patience` (early stopping)")
+    elif not keep_best:
+        toggles.append("`train.keep: best` (the best epoch's weights)")
+    decay = f"a larger `train.weight_decay` (now {show_value(settings['weight_decay'])})"
+    if toggles:
+        return f"Try {', '.join(toggles)}, {decay}, or more data."
+    return (f"Augmentation and early stopping with the best epoch's weights are already on (train.augment, "
+            f"train.keep: best, train.patience {patience}): try more data, a smaller model, or {decay}.")
+
+
+def kept_epoch_note(run: RunSummary, train_acc: list[float], val_acc: list[float]) -> str:
+    """With train.keep: best the saved weights are not the last epoch's: which they are, and their gap."""
+    best = run.best_epoch
+    if not run.kept.startswith("best") or best == len(val_acc) or not 1 <= best <= len(val_acc):
+        return ""
+    return (f"; the saved weights are epoch {best}'s (train.keep: best), train {train_acc[best - 1]:.3f} against "
+            f"validation {val_acc[best - 1]:.3f} there")
+
+
+def model_lessons(curves: dict, per_class: dict, predictions: list[dict], run: RunSummary) -> list[str]:
     """What the curves and the test predictions say about the model; every line quotes its numbers.
 
     curves: per-epoch {"loss"|"accuracy": {"train"|"val": [...]}}; per_class: evaluate's per_class.json;
-    predictions: predictions.csv rows."""
+    predictions: predictions.csv rows; run: run.json (the train params, which epoch's weights were kept)."""
     out = []
     train_acc, val_acc = curves["accuracy"]["train"], curves["accuracy"]["val"]
     if train_acc and val_acc and train_acc[-1] - val_acc[-1] > LARGE_GAP:
         gap = train_acc[-1] - val_acc[-1]
-        out.append(f"Train accuracy {train_acc[-1]:.3f} against validation {val_acc[-1]:.3f} at the last epoch, a gap "
-                   f"of {100 * gap:.0f} points (over {100 * LARGE_GAP:.0f}): the model fits its training images "
-                   "much better than new ones (overfitting). Try `train.augment: true`, a larger "
-                   "`train.weight_decay`, more data, or `train.keep: best` with `train.patience`.")
+        out.append(f"Train accuracy {train_acc[-1]:.3f} against validation {val_acc[-1]:.3f} at the last epoch "
+                   f"({len(val_acc)}){kept_epoch_note(run, train_acc, val_acc)}. A gap of {100 * gap:.0f} points "
+                   f"(over {100 * LARGE_GAP:.0f}): the model fits its training images much better than new ones "
+                   f"(overfitting). {overfitting_remedies(run.train_params)}")
     total = len(predictions)
     counts = predicted_counts(predictions)
     top = max(counts, key=counts.get, default=None)
