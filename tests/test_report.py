@@ -388,6 +388,15 @@ def test_a_probe_rate_far_from_trainings_is_flagged():
     assert report.probe_far_from_training([probe_row("dp", 1, 64, 46.0)], replace(run, accumulate=2)) is None
 
 
+def test_the_slow_first_epoch_lesson_needs_a_start_up_worth_naming():
+    def said(run):
+        return any(line.startswith("The first epoch took") for line in report.lessons(run, [], [], False, None))
+
+    assert said(CPU_RUN)  # 1.2 s against 0.25 s
+    # 0.01 s against 0.004 s is also 2x, but a few milliseconds of start-up on tiny epochs say nothing
+    assert not said(replace(CPU_RUN, epoch_seconds=[0.01, 0.004, 0.004, 0.004]))
+
+
 # --- run.json ---------------------------------------------------------------------
 
 

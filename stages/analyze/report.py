@@ -17,6 +17,7 @@ LOW_EFFICIENCY = 0.70  # DataParallel below this on 2+ GPUs: DDP will do better
 SMALL_BATCH_FOR_BATCHNORM = 16  # per-device samples below which BatchNorm statistics get noisy
 FLAT_SPEEDUP = 1.25  # weak-scaling speedup at the most devices below this: throughput is flat
 SLOW_FIRST_EPOCH = 2.0  # first epoch this many times the others' median: start-up skews the average
+MIN_START_UP_SECONDS = 0.5  # and at least this much longer: a few ms of start-up on tiny epochs say nothing
 # The probe times the same steps as training, so its rate and training's steady rate (start-up left out) agree
 # within run-to-run noise on a quiet machine; a factor of 2 either way means one of them shared the machine.
 FAR_FROM_TRAINING = 2.0
@@ -347,7 +348,7 @@ def lessons(run: RunSummary, rows: list[dict], gpus: list[dict], batchnorm: bool
     epochs = run.epoch_seconds
     if len(epochs) >= 2:
         rest = later_epochs_median(epochs)
-        if epochs[0] > SLOW_FIRST_EPOCH * rest:
+        if epochs[0] > SLOW_FIRST_EPOCH * rest and epochs[0] - rest >= MIN_START_UP_SECONDS:
             start_up = epochs[0] - rest
             steady, _ = steady_rate(run)
             causes = ("lazy imports, first allocations, other work on the machine" if run.accelerator == "cpu"
