@@ -293,6 +293,21 @@ def test_ddp_probe_point_runs_two_cpu_processes(run):
     assert point.note == "" and point.samples_per_second > 0 and len(point.peak_memory_mb) == 2
 
 
+def train_and_evaluate_photos(tmp_path: Path, batch_size: int) -> Path:
+    """prepare-data, train (mlp, 1 epoch) and evaluate on the 8x8 greyscale image folder tmp_path/photos, into
+    tmp_path/data, train, evaluate and model.safetensors; the params file they read."""
+    params = tmp_path / "params.yaml"
+    params.write_text(f"data: {{dataset: imagefolder, root: '{tmp_path / 'photos'}', image_size: 8, channels: 1}}\n"
+                      f"model: {{name: mlp}}\ntrain: {{epochs: 1, batch_size: {batch_size}}}\n")
+    invoke("prepare-data", "--params", str(params), "--out", str(tmp_path / "data"))
+    invoke("train", "--params", str(params), "--data", str(tmp_path / "data"),
+           "--model", str(tmp_path / "model.safetensors"), "--metrics", str(tmp_path / "train"),
+           "--checkpoint", str(tmp_path / "checkpoint.safetensors"))
+    invoke("evaluate", "--params", str(params), "--data", str(tmp_path / "data"),
+           "--model", str(tmp_path / "model.safetensors"), "--out", str(tmp_path / "evaluate"))
+    return params
+
+
 def test_a_200_class_folder_gets_pairs_not_an_unreadable_matrix(tmp_path):
     """A real image folder of 200 classes (one without a test image) through all four stages."""
     from PIL import Image
@@ -303,15 +318,7 @@ def test_a_200_class_folder_gets_pairs_not_an_unreadable_matrix(tmp_path):
             folder.mkdir(parents=True)
             for i in range(count):
                 Image.new("L", (8, 8), color=(37 * c + 11 * i) % 256).save(folder / f"{i}.png")
-    params = tmp_path / "params.yaml"
-    params.write_text(f"data: {{dataset: imagefolder, root: '{tmp_path / 'photos'}', image_size: 8, channels: 1}}\n"
-                      "model: {name: mlp}\ntrain: {epochs: 1, batch_size: 64}\n")
-    invoke("prepare-data", "--params", str(params), "--out", str(tmp_path / "data"))
-    invoke("train", "--params", str(params), "--data", str(tmp_path / "data"),
-           "--model", str(tmp_path / "model.safetensors"), "--metrics", str(tmp_path / "train"),
-           "--checkpoint", str(tmp_path / "checkpoint.safetensors"))
-    invoke("evaluate", "--params", str(params), "--data", str(tmp_path / "data"),
-           "--model", str(tmp_path / "model.safetensors"), "--out", str(tmp_path / "evaluate"))
+    params = train_and_evaluate_photos(tmp_path, batch_size=64)
     analyze(tmp_path, params, tmp_path / "report")
 
     quality = section((tmp_path / "report" / "report.md").read_text(), "Quality")
@@ -355,15 +362,7 @@ def test_a_class_without_test_images_scores_null_and_cjk_names_are_drawn_or_said
         folder.mkdir(parents=True)
         for i in range(count):
             Image.new("L", (8, 8), color=(60 * c + 3 * i) % 256).save(folder / f"{i}.png")
-    params = tmp_path / "params.yaml"
-    params.write_text(f"data: {{dataset: imagefolder, root: '{tmp_path / 'photos'}', image_size: 8, channels: 1}}\n"
-                      "model: {name: mlp}\ntrain: {epochs: 1, batch_size: 16}\n")
-    invoke("prepare-data", "--params", str(params), "--out", str(tmp_path / "data"))
-    invoke("train", "--params", str(params), "--data", str(tmp_path / "data"),
-           "--model", str(tmp_path / "model.safetensors"), "--metrics", str(tmp_path / "train"),
-           "--checkpoint", str(tmp_path / "checkpoint.safetensors"))
-    invoke("evaluate", "--params", str(params), "--data", str(tmp_path / "data"),
-           "--model", str(tmp_path / "model.safetensors"), "--out", str(tmp_path / "evaluate"))
+    params = train_and_evaluate_photos(tmp_path, batch_size=16)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         log = analyze(tmp_path, params, tmp_path / "report")

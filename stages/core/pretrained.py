@@ -17,7 +17,6 @@ classifiers GoogLeNet and Inception-v3 are built without.
 from __future__ import annotations
 
 import hashlib
-import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,7 +148,7 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     except Exception as exc:  # safetensors and torch.load raise many types for damaged or foreign files
         # weights_only refused a Python object (a whole model, or worse): torch's message suggests
         # weights_only=False, which would run the file's code, so it is not quoted.
-        refused = re.search(r"GLOBAL ([\w.]+)", str(exc)) if isinstance(exc, pickle.UnpicklingError) else None
+        refused = re.search(r"Weights only load failed.*?GLOBAL ([\w.]+)", str(exc), re.S)
         if refused:
             raise UserError(f"model.weights = {str(path)!r} holds a pickled Python object ({refused[1]}), not only "
                             "tensors: such a file is never loaded, since loading it could run code; save the "
