@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,10 +22,12 @@ from typer.testing import CliRunner
 
 import stages
 from stages.cli import app
+from stages.core import pretrained
 from stages.core.models import build_model, classifier_head, first_conv
 from stages.core.pretrained import Pretrained, fit_pretrained, read_state_dict
 from stages.errors import UserError
 from stages.io import load_tensors
+from stages.params import ModelParams
 
 from .helpers import error_line, train_in_process, write_params
 
@@ -249,6 +252,64 @@ def test_a_cached_file_that_is_not_torchvisions_is_refused(tmp_path, monkeypatch
     assert "its name says f37072fd); delete it, and fetch it again with model.download: true" in line
     assert "epoch 1" not in result.output and not (out / "model.safetensors").exists()
     assert cached.is_file()  # the user's file is left for them to look at
+
+
+def counted_hashing(monkeypatch) -> list[Path]:
+    """The files `file_sha256` hashes in this process, one entry per call (it still hashes them)."""
+    hashed: list[Path] = []
+    real = pretrained.file_sha256
+
+    def counting(path: Path) -> str:
+        hashed.append(Path(path))
+        return real(path)
+
+    monkeypatch.setattr(pretrained, "file_sha256", counting)
+    return hashed
+
+
+def test_a_wrong_cached_file_is_refused_once_before_any_ddp_rank_starts(tmp_path, monkeypatch, prepared_digits,
+                                                                        resnet18_imagenet_layout):
+    """The train command hashes the cached file once, before it starts the ranks: a wrong one is refused
+    there, in this process (the ranks would be other processes), with the one line."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    cached.parent.mkdir(parents=True)
+    torch.save(resnet18_imagenet_layout, cached)
+    hashed = counted_hashing(monkeypatch)
+    out = tmp_path / "ddp"
+    # The ranks rerun the command line (sys.argv): this run's, as `python -m stages train` would have it.
+    monkeypatch.setattr(sys, "argv", ["stages", "train", "--params", str(tmp_path / "ddp.yaml"), "--data",
+                                      str(prepared_digits), "--model", str(out / "model.safetensors"), "--metrics",
+                                      str(out / "metrics"), "--checkpoint", str(out / "checkpoint.safetensors")])
+    _, result = train_in_process(tmp_path, "ddp", prepared_digits, epochs=1, strategy="ddp", devices=2,
+                                   model={"name": "resnet18", "weights": "DEFAULT"})
+    assert result.exit_code == 2
+    assert result.output.count("is not torchvision's file") == 1
+    assert error_line(result).startswith(f"error: model.weights = 'DEFAULT' (ResNet18_Weights.IMAGENET1K_V1): "
+                                         f"{cached} is not torchvision's file (its sha256 begins ")
+    assert hashed == [cached]  # here, once: no rank started to hash it again
+    assert not (out / "model.safetensors").exists() and cached.is_file()
+
+
+def test_fetching_checks_the_cached_digest_and_the_ranks_only_read(tmp_path, monkeypatch, resnet18_imagenet_layout):
+    """`fetch_weights` (once per train command, before the ranks) hashes the cached file;
+    `read_pretrained` (in every rank, and again after each restart) does not."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cached = cache_as_torchvisions_file(tmp_path, monkeypatch, resnet18_imagenet_layout)
+    hashed = counted_hashing(monkeypatch)
+    m = ModelParams(name="resnet18", weights="IMAGENET1K_V1")
+    pretrained.fetch_weights(m)
+    assert hashed == [cached]
+    for _rank in range(2):
+        assert pretrained.read_pretrained(m).source == {"torchvision": "ResNet18_Weights.IMAGENET1K_V1"}
+    assert hashed == [cached]  # the ranks read the file without hashing it
+    with open(cached, "r+b") as f:  # one byte changed: no longer the file its name names
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 1]))
+    with pytest.raises(UserError, match=r"is not torchvision's file .*; delete it, and fetch it again"):
+        pretrained.fetch_weights(m)
 
 
 def test_named_weights_from_the_cache_bring_their_normalisation(tmp_path, monkeypatch, prepared_digits,

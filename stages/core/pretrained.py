@@ -89,20 +89,27 @@ def torchvision_twin(model_name: str, sha256: str):
 
 def fetch_weights(m: ModelParams, progress: bool = False) -> None:
     """Make sure the weights model.weights names can be read: download named ones into torchvision's
-    cache when they are missing and model.download allows it; otherwise one line saying what is missing."""
+    cache when they are missing and model.download allows it, or check the cached file against the
+    digits in its name; otherwise one line saying what is missing or wrong.
+
+    The train command calls it once, before it starts any rank (torchrun's ranks, which no command of
+    ours precedes, each call it): hashing a multi-GB file (vit_h_14's) takes seconds, so the ranks and
+    their restarts only read the file (`read_pretrained`)."""
     check_weights_available(m)
     if weights_kind(m.weights) != "name":
         return
     weights = torchvision_weights(m.name, m.weights)
     cached = weights_cache_file(weights)
-    if not cached.is_file():
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        # Written to a temporary file and moved into place, and checked against the name's hash digits.
-        try:
-            torch.hub.download_url_to_file(weights.url, str(cached), hash_prefix=url_hash_prefix(weights.url),
-                                           progress=progress)
-        except OSError as exc:  # URLError, HTTPError, a refused or reset connection, a timeout: all OSErrors
-            raise UserError(download_failure(weights.url, cached, exc)) from None
+    if cached.is_file():
+        check_cached_hash(cached, weights, m.weights)
+        return
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    # Written to a temporary file and moved into place, and checked against the name's hash digits.
+    try:
+        torch.hub.download_url_to_file(weights.url, str(cached), hash_prefix=url_hash_prefix(weights.url),
+                                       progress=progress)
+    except OSError as exc:  # URLError, HTTPError, a refused or reset connection, a timeout: all OSErrors
+        raise UserError(download_failure(weights.url, cached, exc)) from None
 
 
 def check_cached_hash(cached: Path, weights, name: str) -> None:
@@ -177,16 +184,15 @@ def file_stats(meta: dict) -> tuple[list[float] | None, list[float] | None]:
 
 
 def read_pretrained(m: ModelParams) -> Pretrained | None:
-    """The weights model.weights names (None for `none`), read on the CPU; `fetch_weights` first."""
+    """The weights model.weights names (None for `none`), read on the CPU; `fetch_weights` first (it
+    checks a cached torchvision file's digest once per command; this runs in every rank)."""
     kind = weights_kind(m.weights)
     if kind == "none":
         return None
     check_weights_available(m)  # one line naming the cache file and model.download when it is missing
     if kind == "name":
         weights = torchvision_weights(m.name, m.weights)
-        cached = weights_cache_file(weights)
-        check_cached_hash(cached, weights, m.weights)
-        tensors, _ = read_state_dict(cached)
+        tensors, _ = read_state_dict(weights_cache_file(weights))
         mean, std = weights_stats(m.name, weights)
         return Pretrained(tensors, {"torchvision": str(weights)}, mean, std, str(weights), str(weights))
     path = Path(m.weights)
