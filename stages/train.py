@@ -606,13 +606,17 @@ def write_outputs(paths: TrainPaths, model: torch.nn.Module, metadata: dict, liv
     folder swapped whole, so no curve of an older run survives), then run.json. dvc.yaml marks them
     `persist: true`: DVC leaves the last good ones in place, and only a run that completes replaces them.
 
-    metrics.json's train and val values are those of `kept_record`, the epoch whose weights are saved
+    metrics.json's train and val values and its step are those of `kept_record`, the epoch whose weights are saved
     (with train.keep: best, not the last epoch's), so that `dvc exp show` puts them beside the test
     metrics of the same weights."""
     for name, value in curve_point(kept_record).items():
         live.log_metric(name, value, plot=False)  # the summary only: the curves keep every epoch
     for name in ("samples_per_second", "num_devices", "world_size"):
         live.log_metric(name, getattr(run, name), plot=False)
+    # metrics.json's `step` is DVCLive's: that of the last `next_step`, the last epoch. The saved epoch's step
+    # instead, so that `dvc exp show` puts it beside that epoch's values; `Live.end()` keeps a step set in the
+    # summary (it reads it back before its last `make_summary`), and the curves keep every epoch's step.
+    live.summary["step"] = live_step(kept_record["epoch"])
     live.end()
     save_model(paths.model, model, metadata)
     live_dir = Path(live.dir)
@@ -623,9 +627,16 @@ def write_outputs(paths: TrainPaths, model: torch.nn.Module, metadata: dict, liv
 
 
 def log_epoch(live, record: dict) -> None:
+    """One epoch's point of the curves, at step `live_step(epoch)` (`open_live` replays a resumed run's
+    epochs from the first, so an epoch's step is the same after a resume)."""
     for name, value in curve_point(record).items():
         live.log_metric(name, value)
     live.next_step()
+
+
+def live_step(epoch: int) -> int:
+    """DVCLive's step of an epoch (its steps count from 0): the `step` column of the curves."""
+    return epoch - 1
 
 
 def process_seconds() -> float | None:

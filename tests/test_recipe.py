@@ -252,10 +252,16 @@ def test_patience_stops_early_and_keep_best_saves_the_best_epoch(tmp_path, prepa
               (out / "metrics" / "plots" / "metrics" / "val" / "loss.tsv").read_text().splitlines()[1:]]
     assert metrics["val"] == {"accuracy": accuracies[best - 1], "loss": losses[best - 1]}
     assert losses[best - 1] != losses[-1]
+    # and its step (DVCLive's, `dvc exp show`'s column) is the best epoch's row in the curves, not the last's
+    steps = [int(line.split("\t")[0]) for line in tsv[1:]]
+    assert tsv[0].split("\t")[0] == "step" and steps == list(range(stopped))
+    assert metrics["step"] == steps[best - 1] != steps[-1]
     # the same run keeping the last epoch saves other weights: the best epoch's were kept, not the last's
     last, result = train_in_process(tmp_path, "last", prepared_digits, model={"name": "mlp"}, epochs=60, lr=0.01,
                                     keep="last", patience=2)
     assert result.exit_code == 0, result.output
+    last_run = json.loads((last / "metrics" / "run.json").read_text())
+    assert json.loads((last / "metrics" / "metrics.json").read_text())["step"] == last_run["epochs_run"] - 1
     saved, _ = load_tensors(out / "model.safetensors")
     last_saved, _ = load_tensors(last / "model.safetensors")
     assert any(not torch.equal(v, last_saved[k]) for k, v in saved.items())
@@ -287,4 +293,7 @@ def test_a_run_killed_after_it_stopped_early_only_writes_its_outputs(tmp_path, p
     stopped = json.loads((reference / "metrics" / "run.json").read_text())["epochs_run"]
     assert f"after epoch {stopped} of 60" in resumed.output and f"epoch {stopped + 1}/" not in resumed.output
     assert (tmp_path / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
+    kept = [json.loads((folder / "metrics.json").read_text())["step"]
+            for folder in (reference / "metrics", tmp_path / "metrics")]
+    assert kept[0] == kept[1] < stopped - 1  # the best epoch's step, after a resume too
     assert not (tmp_path / "ck.safetensors").exists()
