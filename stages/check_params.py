@@ -95,7 +95,7 @@ def check_model_takes_images(p: Params) -> None:
     channels, size = p.data.image_shape
     try:
         with torch.device("meta"):  # parameters without memory: shapes are all the check needs
-            model = build_model(name, channels, size, 10, p.model.small_input_stem)
+            model = build_model(name, channels, size, 10, p.model.small_input_stem, p.data.dataset)
     except (NotImplementedError, RuntimeError):  # a builder whose init reads values (regnet): built for real
-        model = build_model(name, channels, size, 10, p.model.small_input_stem)
+        model = build_model(name, channels, size, 10, p.model.small_input_stem, p.data.dataset)
     check_input_size(model, name, channels, size, p.data.dataset)

@@ -16,6 +16,7 @@ import typer
 
 from .errors import UserError
 from .malloc import keep_freed_memory
+from .usage_errors import OneLineUsageErrors
 
 # MKL (torch's CPU BLAS here) may use fewer threads than asked when the machine is busy, which changes
 # the order of its sums and so the last bits of a result: CPU runs would then depend on the load.
@@ -52,7 +53,7 @@ def choose_omp_wait_policy() -> None:
         if cores_taken_by_others(len(os.sched_getaffinity(0))):
             os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+app = typer.Typer(cls=OneLineUsageErrors, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Stages of the image-classification pipeline. Run them all with `dvc repro`.")
 
 ParamsOption = Annotated[Path, typer.Option("--params", help="The params file to read.")]

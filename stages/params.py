@@ -219,6 +219,7 @@ SMALL_CNN, MLP = "small-cnn", "mlp"
 BUILT_IN_MODELS = (SMALL_CNN, MLP)  # the default first
 # model.small_input_stem: auto gives resnets the small-image stem for images under this many pixels a side.
 SMALL_STEM_BELOW = 64
+IMAGE_SIDES = Int(4, 1024)  # data.image_size: the image sides a model is built for
 WEIGHTS_FILE_SUFFIXES = (".safetensors", ".pth", ".pt")
 # Local weights files for the pipeline live here: the folder is a dep of the train stage in dvc.yaml.
 PRETRAINED_DIR = "models/pretrained"
@@ -241,7 +242,7 @@ class DataParams:
     test_fraction: float = param(0.2, Float(0.0, 1.0, lo_open=True, hi_open=True),
                                  "share held out for testing when the source has no test split (digits, imagefolder)")
     split_seed: int = param(0, SEED, "seed of the train/val/test split")
-    image_size: int = param(32, Int(4, 1024), "imagefolder only: images are resized to image_size x image_size")
+    image_size: int = param(32, IMAGE_SIDES, "imagefolder only: images are resized to image_size x image_size")
     resize: str = param("crop", OneOf(RESIZE_MODES),
                         "imagefolder only: crop (shorter side to image_size, then the centre) | stretch")
     channels: int = param(3, OneOf((1, 3)), "imagefolder only: 1 (grayscale) or 3 (RGB)")

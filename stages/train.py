@@ -306,7 +306,7 @@ def build_for_data(p: Params, info: dict, resume: Checkpoint | None, log) -> tup
     torch.manual_seed(p.train.seed)
     c, h, _ = info["shape"]
     small_stem = uses_small_stem(p.model.name, h, p.model.small_input_stem)
-    model = build_model(p.model.name, c, h, info["num_classes"], small_stem)
+    model = build_model(p.model.name, c, h, info["num_classes"], small_stem, info.get("dataset"))
     with same_on_every_rank():
         check_input_size(model, p.model.name, c, h, info.get("dataset"))
     pretrained = read_pretrained(p.model)

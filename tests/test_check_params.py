@@ -127,6 +127,32 @@ def test_a_model_too_large_for_the_images_is_refused_with_advice_for_the_dataset
     assert str(err.value) == line.removeprefix("error: ")
 
 
+@pytest.mark.parametrize("name, size, rule, sides", [
+    ("vit_b_16", 24, "its 16x16 patches must tile the image, so a side must be a multiple of 16", "16 or 32"),
+    ("vit_b_16", 8, "its 16x16 patches must tile the image, so a side must be a multiple of 16", "16"),
+    ("vit_b_32", 40, "its 32x32 patches must tile the image, so a side must be a multiple of 32", "32 or 64"),
+    ("maxvit_t", 230, "Input size (58, 58) of block 0 is not divisible by partition size 7; the nearest sides it "
+                      "builds for: 224 and 445", "224 or 445"),
+])
+def test_a_size_a_model_cannot_be_built_for_is_refused_with_the_rule_and_the_nearest_sizes(tmp_path, name, size,
+                                                                                            rule, sides):
+    (tmp_path / "photos").mkdir()
+    data = {"dataset": "imagefolder", "root": str(tmp_path / "photos"), "image_size": size}
+    line = refused(tmp_path, data=data, model={"name": name})
+    assert line == (f"error: model.name = '{name}' cannot be built for {size}x{size} images ({rule}): set "
+                    f"data.image_size to {sides}, or choose a model that fits small images, such as small-cnn, "
+                    "mlp or resnet18")
+    for side in sides.split(" or "):  # the sizes named pass
+        assert check(tmp_path, data={**data, "image_size": int(side)}, model={"name": name})[0] == 0
+
+
+def test_a_vit_on_a_dataset_of_one_size_its_patches_do_not_tile_is_told_to_choose_another_model(tmp_path):
+    line = refused(tmp_path, data={"dataset": "digits"}, model={"name": "vit_b_16"})
+    assert line == ("error: model.name = 'vit_b_16' cannot be built for 8x8 images (its 16x16 patches must tile "
+                    "the image, so a side must be a multiple of 16): data.dataset = 'digits' has images of one "
+                    "size: choose a model that fits small images, such as small-cnn, mlp or resnet18")
+
+
 def test_models_that_fit_pass(tmp_path):
     assert check(tmp_path, model={"name": "resnet18"})[0] == 0
     assert check(tmp_path, model={"name": "regnet_x_400mf"})[0] == 0  # whose builder cannot run on the meta device

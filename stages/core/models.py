@@ -14,6 +14,7 @@ from ..errors import UserError, first_line
 from ..params import (
     BUILT_IN_MODELS,
     DATASETS,
+    IMAGE_SIDES,
     MLP,
     SMALL_CNN,
     SMALL_STEM_BELOW,
@@ -89,14 +90,14 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def torchvision_model(name: str, in_channels: int, image_size: int, num_classes: int, small_stem: bool) -> nn.Module:
+def torchvision_model(name: str, in_channels: int, image_size: int, num_classes: int, small_stem: bool,
+                      dataset: str | None = None) -> nn.Module:
     from torchvision import models
 
     try:
         model = models.get_model(name, weights=None, num_classes=num_classes, **torchvision_options(name, image_size))
     except (AssertionError, ValueError) as exc:  # e.g. a ViT whose patches do not tile the image
-        raise UserError(f"model.name = {name!r} cannot be built for {image_size}x{image_size} images "
-                        f"({first_line(exc)}){smallest_input(name)}: {small_image_advice(None, name)}") from None
+        raise UserError(cannot_build(name, image_size, exc, dataset)) from None
     if small_stem:
         # A 3x3 stride-1 conv and no max-pool: small images keep their resolution into layer1.
         model.conv1 = nn.Conv2d(in_channels, model.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
@@ -111,9 +112,10 @@ def torchvision_model(name: str, in_channels: int, image_size: int, num_classes:
 
 
 def build_model(name: str, in_channels: int, image_size: int, num_classes: int,
-                small_input_stem: str | bool = "auto") -> nn.Module:
+                small_input_stem: str | bool = "auto", dataset: str | None = None) -> nn.Module:
     """The model `name` for (in_channels, image_size, image_size) images and `num_classes` classes.
-    `small_input_stem` (resnets only): auto, True or False, as model.small_input_stem."""
+    `small_input_stem` (resnets only): auto, True or False, as model.small_input_stem. `dataset`
+    (data.dataset) fits the advice where the model cannot be built for the size."""
     if name == SMALL_CNN:
         return small_cnn(in_channels, image_size, num_classes)
     elif name == MLP:
@@ -121,7 +123,53 @@ def build_model(name: str, in_channels: int, image_size: int, num_classes: int,
     elif name not in torchvision_model_names():  # also the allow-list for names read from a model file
         raise UserError(f"model.name = {name!r} is not allowed; expected {ModelName()}")
     small_stem = uses_small_stem(name, image_size, small_input_stem)
-    return torchvision_model(name, in_channels, image_size, num_classes, small_stem)
+    return torchvision_model(name, in_channels, image_size, num_classes, small_stem, dataset)
+
+
+def built_on_meta(name: str, image_size: int) -> nn.Module | None:
+    """torchvision's `name` built for `image_size` on the meta device (shapes only: no memory), or None where
+    torchvision refuses the size (at once: its builders check the size before making any layer)."""
+    import torch
+    from torchvision import models
+
+    try:
+        with torch.device("meta"):
+            return models.get_model(name, weights=None, **torchvision_options(name, image_size))
+    except (AssertionError, ValueError):
+        return None
+
+
+def nearest_sides_that_build(name: str, image_size: int) -> dict[int, nn.Module]:
+    """The nearest image sides below and above `image_size` (within data.image_size's range) that torchvision
+    builds `name` for, each with the model built on the meta device. Found by trying: each architecture has
+    its own rule (a ViT's patches must tile the image; maxvit_t's 7x7 partitions must tile every block's
+    map: 221 to 224 px, 445 to 448, ...), which torchvision states only in the assertion that refuses a size,
+    and which the weights' documented minimum size is not."""
+    found = {}
+    for sides in (range(image_size - 1, IMAGE_SIDES.lo - 1, -1), range(image_size + 1, IMAGE_SIDES.hi + 1)):
+        side, model = next(((side, m) for side in sides if (m := built_on_meta(name, side)) is not None), (0, None))
+        if model is not None:
+            found[side] = model
+    return found
+
+
+def cannot_build(name: str, image_size: int, exc: BaseException, dataset: str | None) -> str:
+    """The refusal of a size torchvision cannot build `name` for: the rule, the nearest sizes it builds for,
+    and advice that fits `dataset` (data.dataset; None: advice for every dataset)."""
+    near = nearest_sides_that_build(name, image_size)
+    sides = list(near)
+    patch = next((m.patch_size for m in near.values() if hasattr(m, "patch_size")), None)  # a ViT's
+    if patch:
+        rule = f"its {patch}x{patch} patches must tile the image, so a side must be a multiple of {patch}"
+    elif sides:
+        # torchvision's first sentence: maxvit_t's next, "Consider changing the partition size", is no param
+        why = first_line(exc).split(". ")[0]
+        nearest = " and ".join(map(str, sides))
+        rule = f"{why}; the nearest {'sides' if len(sides) > 1 else 'side'} it builds for: {nearest}"
+    else:
+        rule = first_line(exc)
+    return (f"model.name = {name!r} cannot be built for {image_size}x{image_size} images ({rule}): "
+            f"{small_image_advice(dataset, name, sides)}")
 
 
 def check_input_size(model: nn.Module, name: str, in_channels: int, image_size: int,
@@ -163,11 +211,15 @@ def check_input_size(model: nn.Module, name: str, in_channels: int, image_size: 
         model.train(was_training)
 
 
-def small_image_advice(dataset: str | None, name: str) -> str:
-    """What to do about images too small for a model: only an image folder's size is a param (data.image_size);
-    the other datasets' images have one size, so they need a model that fits small images."""
+def small_image_advice(dataset: str | None, name: str, sides: list[int] | None = None) -> str:
+    """What to do about images a model cannot take: only an image folder's size is a param (data.image_size);
+    the other datasets' images have one size, so they need a model that fits small images. `sides`: the
+    sizes to suggest (default: torchvision's documented minimum, for a model whose forward pass refused)."""
     smallest = min_input_size(name)
-    larger = f"set data.image_size to at least {smallest}" if smallest else "set data.image_size larger"
+    if sides:
+        larger = f"set data.image_size to {' or '.join(map(str, sides))}"
+    else:
+        larger = f"set data.image_size to at least {smallest}" if smallest else "set data.image_size larger"
     models = f"choose a model that fits small images, such as {', '.join(BUILT_IN_MODELS)} or resnet18"
     if dataset is not None and DATASETS[dataset].sized_by_params:
         return f"{larger}, or {models}"
