@@ -313,7 +313,6 @@ def test_runs_that_cannot_be_read_are_left_out_against_a_baseline_and_refused_as
     from typer.testing import CliRunner
 
     from stages.cli import app
-    from stages.compare.command import gather
     from stages.compare.runs import Repository
 
     repo = tmp_path / "repo"
@@ -332,24 +331,25 @@ def test_runs_that_cannot_be_read_are_left_out_against_a_baseline_and_refused_as
     monkeypatch.chdir(repo)
 
     names = ["before-predictions", "damaged-lock", "old-format", "other", "workspace"]
-    runs, left_out = gather(Repository(), names, False, None)
-    assert [run.name for run in runs] == ["other"] and runs[0].correct == [True] * 35 + [False] * 5
-    reasons = {r["name"]: r["reason"] for r in left_out}
+    result = CliRunner().invoke(app, ["compare", "--baseline", "base", *names, "--json"])
+    assert result.exit_code == 0, result.output
+    shown = json.loads(result.output)
+    assert [p["b"] for p in shown["pairs"]] == ["other"] and shown["pairs"][0]["b_only_correct"] == 5
+    reasons = {r["name"]: r["reason"] for r in shown["left_out"]}
     assert list(reasons) == ["before-predictions", "damaged-lock", "old-format", "workspace"]
     assert reasons["before-predictions"].startswith("has no metrics/evaluate/predictions.csv: it was not evaluated")
     assert reasons["damaged-lock"].startswith("has a dvc.lock that is not valid YAML (")
     assert reasons["old-format"].startswith("has a metrics/evaluate/predictions.csv written by an older evaluate "
                                             "stage: it has no columns image")
     assert "differs from the file dvc.lock records (edited by hand?)" in reasons["workspace"]
-
-    result = CliRunner().invoke(app, ["compare", "--baseline", "base", *names])
-    assert result.exit_code == 0, result.output
-    lines = result.output.splitlines()
+    lines = CliRunner().invoke(app, ["compare", "--baseline", "base", *names]).output.splitlines()
     assert "2 runs on the same 40 test images, against the baseline base; best first" in lines
     assert [line for line in lines if line.startswith("left out ")] == [
         f"left out {name}: {reason}" for name, reason in reasons.items()]
-    shown = json.loads(CliRunner().invoke(app, ["compare", "--baseline", "base", *names, "--json"]).output)
-    assert [p["b"] for p in shown["pairs"]] == ["other"] and shown["left_out"] == left_out
+    from stages.compare.command import gather  # the function the command reads the runs with
+
+    runs, left_out = gather(Repository(), names, False, None)
+    assert [run.name for run in runs] == ["other"] and left_out == shown["left_out"]
 
     for name in ("before-predictions", "damaged-lock", "old-format", "workspace"):
         refused = CliRunner().invoke(app, ["compare", "base", name])
