@@ -338,6 +338,19 @@ def test_a_gap_on_a_few_validation_images_while_both_losses_fall_is_not_overfitt
                            "validation images put validation accuracy anywhere in 0.549–0.894)"), line
 
 
+def test_one_uptick_of_validation_loss_after_two_epochs_is_not_overfitting(tmp_path):
+    """The first report a new user sees on a few hundred images: train 0.28 against val 0.14 after 2 epochs,
+    validation loss a hair up on 30 images. Neither the curves nor the split can tell that from noise."""
+    classes = ["a", "b"]
+    two = {"accuracy": {"train": [0.15, 0.28], "val": [0.10, 0.14]},
+           "loss": {"train": [2.30, 2.10], "val": [2.290, 2.295]}}
+    [line] = model_lessons(files(tmp_path, classes, balanced(classes, 10), two), val_images=30)
+    assert line.startswith("Nothing to flag in the model: train/val accuracy gap 14.0 points at the last epoch (not "
+                           "overfitting on this evidence: validation loss was not above its best for 2 epochs while "
+                           "train loss fell; 30 validation images put validation accuracy anywhere in 0.053–0.297)"), (
+        line)
+
+
 def test_the_same_gap_on_enough_validation_images_is_overfitting(tmp_path):
     """5,000 images: validation accuracy's interval reaches 0.774, still 17 points under train's 0.948."""
     classes = ["a", "b"]

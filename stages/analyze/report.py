@@ -31,6 +31,7 @@ MOST_CONFUSED_PAIRS = 20  # rows of that table
 LARGE_GAP = 0.10  # train minus val accuracy at the last epoch; a few points are normal (train batches are
 #                   measured while the weights change, with augmentation and dropout on), ten are overfitting
 #                   when the curves or the number of validation images back it (overfitting_evidence)
+DIVERGED_EPOCHS = 2  # epochs validation loss must have stayed above its best (one uptick on a small split is noise)
 ONE_CLASS_SHARE = 0.90  # one class predicted for this share of the test images (and more than it holds): collapse
 LOW_RECALL = 0.10  # a class found in under 1 of 10 of its test images
 MAX_NAMED_CLASSES = 10  # classes named in one lesson line; the per-class table has them all
@@ -431,7 +432,7 @@ def overfitting_evidence(curves: dict, val_images: int, ema: float) -> tuple[str
 
     A gap alone does not: after an epoch or two on a few dozen validation images (BatchNorm's running
     statistics still settling), train accuracy leads while both curves still improve. Evidence is the curves
-    diverging (validation loss risen above its best while train loss fell further since that epoch), or a gap
+    diverging (validation loss above its best for DIVERGED_EPOCHS epochs or more while train loss fell), or a gap
     over LARGE_GAP even at the top of validation accuracy's 95% interval (enough images that it is not noise).
     With train.ema, validation runs on the average of the weights and train accuracy on the live ones, and
     run.json has no train accuracy of the average to compare like with like: the gap holds the average's
@@ -445,7 +446,7 @@ def overfitting_evidence(curves: dict, val_images: int, ema: float) -> tuple[str
     evidence = []
     if len(val_loss) == len(train_loss) == len(val_acc) >= 2:
         best = min(range(len(val_loss)), key=val_loss.__getitem__)
-        if val_loss[-1] > val_loss[best] and train_loss[-1] < train_loss[best]:
+        if len(val_loss) - 1 - best >= DIVERGED_EPOCHS and train_loss[-1] < train_loss[best]:
             evidence.append(f"validation loss rose from its best {val_loss[best]:.3f} (epoch {best + 1}) to "
                             f"{val_loss[-1]:.3f} while train loss fell from {train_loss[best]:.3f} to "
                             f"{train_loss[-1]:.3f}")
@@ -459,7 +460,7 @@ def overfitting_evidence(curves: dict, val_images: int, ema: float) -> tuple[str
     if gap <= LARGE_GAP:
         return "", ""
     reasons = ["validation loss fell to its lowest at the last epoch" if val_loss and val_loss[-1] <= min(val_loss)
-               else "validation loss did not rise while train loss fell"]
+               else f"validation loss was not above its best for {DIVERGED_EPOCHS} epochs while train loss fell"]
     if not beyond_noise:
         reasons.append(f"{val_images} validation images put validation accuracy anywhere in {low:.3f}–{high:.3f}")
     if lag:
