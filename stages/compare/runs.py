@@ -153,9 +153,9 @@ def read_predictions(raw: bytes, where: str) -> tuple[list[str], list[str], list
         rows = list(csv.DictReader(io.StringIO(raw.decode("utf-8", errors="replace"))))
     except csv.Error as exc:  # a damaged file: a field over csv's size limit, say
         raise Unreadable(where, f"has a {PREDICTIONS} that is not a CSV file ({exc})") from None
-    header = set(rows[0]) if rows else set()
     if not rows:
         raise Unreadable(where, f"has a {PREDICTIONS} that lists no test images; rerun `dvc repro` there")
+    header = set(rows[0])
     if not set(COLUMNS) <= header:
         raise Unreadable(where, f"has a {PREDICTIONS} written by an older evaluate stage: it has no columns "
                                 f"{', '.join(sorted(set(COLUMNS) - header))}; rerun `dvc repro` there")
