@@ -130,7 +130,8 @@ def test_report_numbers_match_the_inputs(run):
     with (run / "evaluate" / "predictions.csv").open() as f:
         predictions = list(csv.DictReader(f))
     summary_run = read_run_summary(run / "train" / "run.json")
-    about_the_model = report_text.model_lessons(summary_run.curves(), per_class, predictions, summary_run)
+    about_the_model = report_text.model_lessons(summary_run.curves(), per_class, predictions, summary_run,
+                                                 info["counts"]["val"])
     assert about_the_model and all(f"- {line}\n" in lessons_text for line in about_the_model)
 
 

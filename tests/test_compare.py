@@ -158,6 +158,45 @@ def test_runs_on_different_images_are_refused():
         pair(a, make_run("b", [True] * 6))
 
 
+def renamed(run: Run, old: str, new: str, name: str) -> Run:
+    """`run` as prepare-data makes it after the class folder `old` is renamed `new`: the same files, relabelled."""
+    relabel = {old: new}
+    return Run(name, None, [relabel.get(a, a) for a in run.actual], [relabel.get(p, p) for p in run.predicted],
+               run.images, run.params)
+
+
+def test_the_same_images_with_other_labels_are_not_called_different_images():
+    """A class folder renamed: the same files, each of that class relabelled (in place when the class keeps its
+    place in the sorted list; moved when it does not, as an image folder's test/ split lists images by class)."""
+    from stages.errors import UserError
+
+    a = make_run("a", [True] * 18 + [False] * 2)
+    b = renamed(a, "3", "cat", "b")
+    with pytest.raises(UserError) as refused:
+        pair(a, b)
+    assert str(refused.value) == ("'a' and 'b' were evaluated on the same 20 test images, but with other labels on 2 "
+                                  "of them (classes renamed or added: only in a: '3'; only in b: 'cat'); compare only "
+                                  "runs on the same test split, with the same classes")
+    order = [*(i for i in range(20) if i % 10 != 3), 3, 13]  # class '3' now sorts last
+    b_moved = Run("b", None, [b.actual[i] for i in order], [b.predicted[i] for i in order],
+                  [b.images[i] for i in order], b.params)
+    with pytest.raises(UserError, match="the same 20 test images, but with other labels on 2 of them") as refused:
+        pair(a, b_moved)
+    assert "different test images" not in str(refused.value)
+    shuffled = Run("c", None, [a.actual[i] for i in order], [a.predicted[i] for i in order],
+                   [a.images[i] for i in order], a.params)
+    with pytest.raises(UserError, match="evaluated on the same 20 test images, in another order"):
+        pair(a, shuffled)
+
+    result = against_baseline(a, [make_run("seed1", [True] * 20, seed=1), b])
+    assert result["left_out"] == [{"name": "b", "rev": None, "reason": (
+        "evaluated on the same 20 test images as a, but with other labels on 2 of them (classes renamed or added: "
+        "only in a: '3'; only in b: 'cat')")}]
+    assert [p["b"] for p in result["pairs"]] == ["seed1"]
+    with pytest.raises(UserError, match="every other run was left out .b: evaluated on the same 20 test images as a"):
+        against_baseline(a, [b])
+
+
 def test_seeds_are_grouped_by_the_other_params():
     runs = [make_run("s0", [True] * 9 + [False], seed=0), make_run("s1", [True] * 8 + [False] * 2, seed=1),
             make_run("other", [True] * 10, seed=0, lr=0.01), make_run("s2", [True] * 7 + [False] * 3, seed=2)]
@@ -247,6 +286,83 @@ def recount(text_a: str, text_b: str) -> tuple[int, int, int, int]:
             sum(y and not x for x, y in zip(ok_a, ok_b)))
 
 
+def commit_evaluation(repo: Path, tag: str, predictions: str | None, lock: str | None = None) -> None:
+    """Commit (and tag) the files compare reads as evaluate and `dvc repro` leave them: predictions.csv and a
+    dvc.lock recording its md5 (`lock` instead, when given); predictions None removes the file."""
+    import hashlib
+
+    file = repo / "metrics/evaluate/predictions.csv"
+    if predictions is None:
+        file.unlink(missing_ok=True)
+    else:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        file.write_text(predictions)
+    md5 = hashlib.md5(predictions.encode()).hexdigest() if predictions is not None else "0"
+    (repo / "dvc.lock").write_text(lock if lock is not None else yaml.safe_dump(
+        {"schema": "2.0", "stages": {"evaluate": {"cmd": "evaluate", "outs": [
+            {"path": "metrics/evaluate/predictions.csv", "md5": md5}]}}}))
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-q", "-m", tag)
+    sh(repo, "git", "tag", tag)
+
+
+def test_runs_that_cannot_be_read_are_left_out_against_a_baseline_and_refused_as_a_pair(tmp_path, monkeypatch):
+    """Commits of a git + DVC repo (no stage run): a baseline, a run to compare, and runs whose files cannot be
+    read: one from before evaluate wrote predictions, one with a damaged dvc.lock, one edited by hand, one in
+    an older format. Against the baseline each is left out with one line; as one of two runs, it is refused."""
+    from typer.testing import CliRunner
+
+    from stages.cli import app
+    from stages.compare.runs import Repository
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for cmd in (("git", "init", "-q"), ("git", "config", "user.email", "t@example.com"),
+                ("git", "config", "user.name", "T"), ("dvc", "init", "-q")):
+        sh(repo, *cmd)
+    (repo / "params.yaml").write_text("train:\n  seed: 0\n")
+    good, other = predictions_csv([True] * 30 + [False] * 10), predictions_csv([True] * 35 + [False] * 5)
+    commit_evaluation(repo, "before-predictions", None)
+    commit_evaluation(repo, "base", good)
+    commit_evaluation(repo, "damaged-lock", other, lock="stages: {evaluate: [unclosed\n")
+    commit_evaluation(repo, "old-format", predictions_csv([True] * 40, header=("index", "actual", "predicted")))
+    commit_evaluation(repo, "other", other)
+    (repo / "metrics/evaluate/predictions.csv").write_text(other.replace("\n0,0,0,", "\n0,0,1,", 1))  # by hand
+    monkeypatch.chdir(repo)
+
+    names = ["before-predictions", "damaged-lock", "old-format", "other", "workspace"]
+    result = CliRunner().invoke(app, ["compare", "--baseline", "base", *names, "--json"])
+    assert result.exit_code == 0, result.output
+    shown = json.loads(result.output)
+    assert [p["b"] for p in shown["pairs"]] == ["other"] and shown["pairs"][0]["b_only_correct"] == 5
+    reasons = {r["name"]: r["reason"] for r in shown["left_out"]}
+    assert list(reasons) == ["before-predictions", "damaged-lock", "old-format", "workspace"]
+    assert reasons["before-predictions"].startswith("has no metrics/evaluate/predictions.csv: it was not evaluated")
+    assert reasons["damaged-lock"].startswith("has a dvc.lock that is not valid YAML (")
+    assert reasons["old-format"].startswith("has a metrics/evaluate/predictions.csv written by an older evaluate "
+                                            "stage: it has no columns image")
+    assert "differs from the file dvc.lock records (edited by hand?)" in reasons["workspace"]
+    lines = CliRunner().invoke(app, ["compare", "--baseline", "base", *names]).output.splitlines()
+    assert "2 runs on the same 40 test images, against the baseline base; best first" in lines
+    assert [line for line in lines if line.startswith("left out ")] == [
+        f"left out {name}: {reason}" for name, reason in reasons.items()]
+    from stages.compare.command import gather  # the function the command reads the runs with
+
+    runs, left_out = gather(Repository(), names, False, None)
+    assert [run.name for run in runs] == ["other"] and left_out == shown["left_out"]
+
+    for name in ("before-predictions", "damaged-lock", "old-format", "workspace"):
+        refused = CliRunner().invoke(app, ["compare", "base", name])
+        assert refused.exit_code == 2 and refused.output.count("\n") == 1, refused.output
+        assert refused.output.startswith("error: ") and reasons[name].split(" (")[0] in refused.output
+    refused = CliRunner().invoke(app, ["compare", "--baseline", "base", "damaged-lock"])
+    assert refused.exit_code == 2 and refused.output.startswith(
+        "error: nothing to compare with 'base': every other run was left out (damaged-lock: has a dvc.lock"), (
+        refused.output)
+    refused = CliRunner().invoke(app, ["compare", "--baseline", "old-format", "other"])  # the baseline must be read
+    assert refused.exit_code == 2 and "'old-format' (" in refused.output and "older evaluate stage" in refused.output
+
+
 @pytest.mark.slow
 def test_compare_reads_revisions_recorded_by_dvc_and_refuses_bad_input(toy):
     a = predictions_csv([True] * 300 + [False] * 40 + [True] * 4 + [False] * 15)
@@ -315,8 +431,18 @@ def test_all_experiments_leaves_out_each_run_on_another_test_split_and_compares_
 
     # Two runs named: the one-line refusal; a baseline with nothing comparable: one line too.
     assert "'HEAD' and 'other-split' were evaluated on different test images" in refusal(toy, "HEAD", "other-split")
-    assert "nothing to compare with 'HEAD': other-split was evaluated on different test images" in refusal(
+    assert ("nothing to compare with 'HEAD': every other run was left out (other-split: evaluated on different test "
+            "images (40 against HEAD's 40; 5 differ)); compare only runs on the same test split") in refusal(
         toy, "--baseline", "HEAD", "other-split")
+
+    # A commit from before evaluate wrote predictions (the toy's first): left out with the others, one line.
+    proc = compare(toy, "--baseline", "HEAD", "--all-experiments", "HEAD~1")
+    assert proc.returncode == 0 and "error" not in proc.stderr, proc.stderr
+    assert "2 runs on the same 40 test images" in proc.stdout and "| same-split |" in proc.stdout
+    assert [line for line in proc.stdout.splitlines() if line.startswith("left out")] == [
+        "left out HEAD~1: has no metrics/evaluate/predictions.csv: it was not evaluated (run `dvc repro` and commit "
+        "its outputs there)", "left out other-split: evaluated on different test images (40 against HEAD's 40; 5 "
+        "differ)"]
 
 
 @pytest.mark.slow

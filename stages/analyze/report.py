@@ -10,6 +10,7 @@ from dataclasses import fields
 
 from ..params import TrainParams, listed, plural, show_value
 from ..run_summary import RunSummary
+from ..stats import wilson_interval
 
 FIGURES_DIR = "figures"
 # Thresholds of the lessons; each lesson line quotes the number it was derived from.
@@ -29,6 +30,8 @@ MOST_CONFUSED_PAIRS = 20  # rows of that table
 # Lessons about the model.
 LARGE_GAP = 0.10  # train minus val accuracy at the last epoch; a few points are normal (train batches are
 #                   measured while the weights change, with augmentation and dropout on), ten are overfitting
+#                   when the curves or the number of validation images back it (overfitting_evidence)
+DIVERGED_EPOCHS = 2  # epochs validation loss must have stayed above its best (one uptick on a small split is noise)
 ONE_CLASS_SHARE = 0.90  # one class predicted for this share of the test images (and more than it holds): collapse
 LOW_RECALL = 0.10  # a class found in under 1 of 10 of its test images
 MAX_NAMED_CLASSES = 10  # classes named in one lesson line; the per-class table has them all
@@ -424,19 +427,67 @@ def kept_epoch_note(run: RunSummary, train_acc: list[float], val_acc: list[float
             f"validation {val_acc[best - 1]:.3f} there")
 
 
-def model_lessons(curves: dict, per_class: dict, predictions: list[dict], run: RunSummary) -> list[str]:
+def overfitting_evidence(curves: dict, val_images: int, ema: float) -> tuple[str, str]:
+    """Whether a train/val accuracy gap over LARGE_GAP at the last epoch shows overfitting: (evidence, doubt).
+
+    A gap alone does not: after an epoch or two on a few dozen validation images (BatchNorm's running
+    statistics still settling), train accuracy leads while both curves still improve. Evidence is the curves
+    diverging (validation loss above its best for DIVERGED_EPOCHS epochs or more while train loss fell), or a gap
+    over LARGE_GAP even at the top of validation accuracy's 95% interval (enough images that it is not noise).
+    With train.ema, validation runs on the average of the weights and train accuracy on the live ones, and
+    run.json has no train accuracy of the average to compare like with like: the gap holds the average's
+    lag, so only the diverging curves count, and the line says so. evidence is "" when there is none; doubt
+    says why a large gap is no evidence, or what it includes."""
+    train_acc, val_acc = curves["accuracy"]["train"], curves["accuracy"]["val"]
+    train_loss, val_loss = curves["loss"]["train"], curves["loss"]["val"]
+    gap = train_acc[-1] - val_acc[-1]
+    lag = (f"the gap includes the lag of train.ema's moving average ({ema:g}): validation runs on the average of "
+           "the weights, train accuracy on the live weights" if ema else "")
+    evidence = []
+    if len(val_loss) == len(train_loss) == len(val_acc) >= 2:
+        best = min(range(len(val_loss)), key=val_loss.__getitem__)
+        if len(val_loss) - 1 - best >= DIVERGED_EPOCHS and train_loss[-1] < train_loss[best]:
+            evidence.append(f"validation loss rose from its best {val_loss[best]:.3f} (epoch {best + 1}) to "
+                            f"{val_loss[-1]:.3f} while train loss fell from {train_loss[best]:.3f} to "
+                            f"{train_loss[-1]:.3f}")
+    low, high = wilson_interval(round(val_acc[-1] * val_images), val_images) if val_images else (0.0, 1.0)
+    beyond_noise = train_acc[-1] - high > LARGE_GAP
+    if beyond_noise and not ema:
+        evidence.append(f"on {val_images} validation images the 95% interval of validation accuracy reaches only "
+                        f"{high:.3f}")
+    if evidence:
+        return "; ".join(evidence), lag
+    if gap <= LARGE_GAP:
+        return "", ""
+    reasons = ["validation loss fell to its lowest at the last epoch" if val_loss and val_loss[-1] <= min(val_loss)
+               else f"validation loss was not above its best for {DIVERGED_EPOCHS} epochs while train loss fell"]
+    if not beyond_noise:
+        reasons.append(f"{val_images} validation images put validation accuracy anywhere in {low:.3f}–{high:.3f}")
+    if lag:
+        reasons.append(lag)
+    return "", "; ".join(reasons)
+
+
+def model_lessons(curves: dict, per_class: dict, predictions: list[dict], run: RunSummary,
+                  val_images: int) -> list[str]:
     """What the curves and the test predictions say about the model; every line quotes its numbers.
 
     curves: per-epoch {"loss"|"accuracy": {"train"|"val": [...]}}; per_class: evaluate's per_class.json;
-    predictions: predictions.csv rows; run: run.json (the train params, which epoch's weights were kept)."""
+    predictions: predictions.csv rows; run: run.json (the train params, which epoch's weights were kept);
+    val_images: the size of the validation split (info.json), which sets the noise of validation accuracy."""
     out = []
     train_acc, val_acc = curves["accuracy"]["train"], curves["accuracy"]["val"]
+    doubt = ""
     if train_acc and val_acc and train_acc[-1] - val_acc[-1] > LARGE_GAP:
         gap = train_acc[-1] - val_acc[-1]
-        out.append(f"Train accuracy {train_acc[-1]:.3f} against validation {val_acc[-1]:.3f} at the last epoch "
-                   f"({len(val_acc)}){kept_epoch_note(run, train_acc, val_acc)}. A gap of {100 * gap:.0f} points "
-                   f"(over {100 * LARGE_GAP:.0f}): the model fits its training images much better than new ones "
-                   f"(overfitting). {overfitting_remedies(run.train_params)}")
+        evidence, doubt = overfitting_evidence(curves, val_images, run.train_params.get("ema", 0.0))
+        if evidence:
+            out.append(f"Train accuracy {train_acc[-1]:.3f} against validation {val_acc[-1]:.3f} at the last epoch "
+                       f"({len(val_acc)}){kept_epoch_note(run, train_acc, val_acc)}. A gap of {100 * gap:.0f} points "
+                       f"(over {100 * LARGE_GAP:.0f}), and {evidence}: the model fits its training images much "
+                       f"better than new ones (overfitting).{f' {doubt[0].upper()}{doubt[1:]}.' if doubt else ''} "
+                       f"{overfitting_remedies(run.train_params)}")
+            doubt = ""
     total = len(predictions)
     counts = predicted_counts(predictions)
     top = max(counts, key=counts.get, default=None)
@@ -475,8 +526,8 @@ def model_lessons(curves: dict, per_class: dict, predictions: list[dict], run: R
                        f"{first + 1}, {val_acc[-1]:.3f} at epoch {len(val_acc)} (+{100 * per_epoch:.1f} points an "
                        f"epoch, over {100 * RISING_PER_EPOCH:.1f}), its best; more `train.epochs` would likely help.")
     if not out and predictions:
-        gap = (f"train/val accuracy gap {100 * (train_acc[-1] - val_acc[-1]):.1f} points at the last epoch, "
-               if train_acc and val_acc else "")
+        gap = (f"train/val accuracy gap {100 * (train_acc[-1] - val_acc[-1]):.1f} points at the last epoch"
+               f"{f' (not overfitting on this evidence: {doubt})' if doubt else ''}, " if train_acc and val_acc else "")
         present = [(name, s) for name, s in per_class.items() if s["support"] > 0]
         worst = min(present, key=lambda item: item[1]["recall"])
         out.append(f"Nothing to flag in the model: {gap}lowest recall {worst[1]['recall']:.2f} ({worst[0]!r}), "

@@ -136,7 +136,7 @@ def analyze_stage(p: Params, params_path: Path, data_dir: Path, model_path: Path
             *run_summary_section(run, info),
             *quality_section(test, per_class, predictions, curves),
             *scaling_section(probe, rows, run, skipped),
-            *lessons_section(model_lessons(curves, per_class, predictions, run)
+            *lessons_section(model_lessons(curves, per_class, predictions, run, info["counts"]["val"])
                              + lessons(run, rows, gpus, has_batchnorm(model_path), probe and probe["data_on_device"])),
         ]
     write_text(out_dir / "report.md", "\n".join(report))

@@ -6,7 +6,7 @@ import json
 
 from ..errors import UserError
 from .pairs import against_baseline, pair
-from .runs import Repository
+from .runs import Repository, Run, Unreadable
 from .show import baseline_lines, pair_lines
 
 
@@ -21,17 +21,33 @@ def compare(names: list[str], baseline: str | None, all_experiments: bool, as_js
         return json.dumps(result, indent=2) if as_json else "\n".join(pair_lines(result["pairs"][0]))
 
     base = repo.run(baseline or "HEAD")
-    others = [repo.run(name) for name in names]
-    if all_experiments:
-        # What `dvc exp show` lists: the experiments' commit (HEAD) and every experiment made from it.
-        seen = {base.rev, *(run.rev for run in others)}
-        head = repo.resolve("HEAD")
-        if head not in seen:
-            others.append(repo.run("HEAD", head))
-            seen.add(head)
-        others += [repo.run(name, rev) for name, rev in repo.experiments("HEAD") if rev not in seen]
-    if not others:
+    others, left_out = gather(repo, names, all_experiments, base.rev)
+    if not others and not left_out:
         raise UserError("nothing to compare with the baseline: name runs after --baseline REV, or add "
                         "--all-experiments (with experiments made from HEAD)")
-    result = against_baseline(base, others)
+    result = against_baseline(base, others, left_out)
     return json.dumps(result, indent=2) if as_json else "\n".join(baseline_lines(result))
+
+
+def gather(repo: Repository, names: list[str], all_experiments: bool, baseline_rev: str | None
+           ) -> tuple[list[Run], list[dict]]:
+    """The runs to compare with the baseline, and those left out: the runs named, then with all_experiments
+    what `dvc exp show` lists (the experiments' commit HEAD and every experiment made from it) once each.
+
+    A name that names nothing is refused, but a run whose files cannot be read (never evaluated, committed
+    before predictions existed, a damaged or hand-edited file) is left out with the reason, so that one such
+    experiment does not stop the comparison of all the others."""
+    candidates = [(name, repo.resolve(name)) for name in names]
+    if all_experiments:
+        seen = {baseline_rev, *(rev for _, rev in candidates)}
+        for name, rev in [("HEAD", repo.resolve("HEAD")), *repo.experiments("HEAD")]:
+            if rev not in seen:
+                candidates.append((name, rev))
+                seen.add(rev)
+    runs, left_out = [], []
+    for name, rev in candidates:
+        try:
+            runs.append(repo.run(name, rev))
+        except Unreadable as exc:
+            left_out.append({"name": name, "rev": rev, "reason": exc.why})
+    return runs, left_out

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 from ..errors import UserError
+from ..params import listed
 from ..stats import holm, mcnemar_exact, spread, wilson_interval
 from .runs import Run
 
@@ -23,15 +26,41 @@ def same_images(a: Run, b: Run) -> bool:
     return a.images == b.images and a.actual == b.actual
 
 
-def images_differing(a: Run, b: Run) -> int:
-    return sum(x != y for x, y in zip(a.images, b.images)) + abs(len(a.images) - len(b.images))
+def how_test_sets_differ(a: Run, b: Run, reference: str | None = None) -> str:
+    """How b's test set differs from a's, to follow "evaluated on" (`reference`: a's name, said when given).
+
+    The digests tell whether the images are the same; their labels may still differ: renaming (or adding)
+    a class folder of an image folder renumbers the classes and relabels the same files."""
+    as_a = f" as {reference}" if reference else ""
+    if Counter(a.images) != Counter(b.images):
+        differ = max(sum((Counter(a.images) - Counter(b.images)).values()),
+                     sum((Counter(b.images) - Counter(a.images)).values()))
+        counts = (f"{len(b.images)} against {reference}'s {len(a.images)}" if reference
+                  else f"{len(a.images)} and {len(b.images)} images")
+        return f"different test images ({counts}; {differ} differ)"
+    labels_a, labels_b = labels_by_image(a), labels_by_image(b)
+    relabelled = sum(x != y for image in labels_a for x, y in zip(labels_a[image], labels_b[image]))
+    if not relabelled:
+        return f"the same {len(a.images)} test images{as_a}, in another order"
+    only_a, only_b = sorted(set(a.actual) - set(b.actual)), sorted(set(b.actual) - set(a.actual))
+    names = "; ".join([*([f"only in {a.name}: {listed([repr(n) for n in only_a], 10)}"] if only_a else []),
+                       *([f"only in {b.name}: {listed([repr(n) for n in only_b], 10)}"] if only_b else [])])
+    why = f"classes renamed or added: {names}" if names else "the same class names on other images"
+    return f"the same {len(a.images)} test images{as_a}, but with other labels on {relabelled} of them ({why})"
+
+
+def labels_by_image(run: Run) -> dict[str, list[str]]:
+    """Each image's digest -> its labels, in test-set order (an image may be in the test split twice)."""
+    found: dict[str, list[str]] = {}
+    for image, label in zip(run.images, run.actual):
+        found.setdefault(image, []).append(label)
+    return found
 
 
 def check_same_images(a: Run, b: Run) -> None:
     if not same_images(a, b):
-        raise UserError(f"'{a.name}' and '{b.name}' were evaluated on different test images ({len(a.images)} and "
-                        f"{len(b.images)} images, {images_differing(a, b)} differ): compare only runs on the same "
-                        "test split")
+        raise UserError(f"'{a.name}' and '{b.name}' were evaluated on {how_test_sets_differ(a, b)}; compare only "
+                        "runs on the same test split, with the same classes")
 
 
 def pair(a: Run, b: Run) -> dict:
@@ -47,21 +76,22 @@ def pair(a: Run, b: Run) -> dict:
             "a_only_correct": a_only, "b_only_correct": b_only, "p_value": mcnemar_exact(a_only, b_only)}
 
 
-def against_baseline(baseline: Run, others: list[Run]) -> dict:
+def against_baseline(baseline: Run, others: list[Run], unreadable: list[dict] = ()) -> dict:
     """Every run against `baseline`: the runs sorted by accuracy, the pairs with Holm-adjusted p-values
     (as many comparisons make some small p-values by chance), and the groups of seeds.
 
     A run evaluated on other test images than the baseline's is left out, with the reason, so that one
-    experiment on another split (say data.skip_bad_images) does not stop the comparison of all the others."""
-    left_out = [{"name": run.name, "rev": run.rev,
-                 "reason": f"evaluated on different test images ({len(run.images)} against {baseline.name}'s "
-                           f"{len(baseline.images)}; {images_differing(baseline, run)} differ)"}
-                for run in others if not same_images(baseline, run)]
+    experiment on another split (say data.skip_bad_images) does not stop the comparison of all the others;
+    so are the `unreadable` runs ({"name", "rev", "reason"}) the caller could not read."""
+    left_out = [*unreadable, *({"name": run.name, "rev": run.rev,
+                                "reason": f"evaluated on {how_test_sets_differ(baseline, run, baseline.name)}"}
+                               for run in others if not same_images(baseline, run))]
     others = [run for run in others if same_images(baseline, run)]
     if not others:
-        raise UserError(f"nothing to compare with '{baseline.name}': "
-                        f"{', '.join(r['name'] for r in left_out)} {'was' if len(left_out) == 1 else 'were'} "
-                        "evaluated on different test images; compare only runs on the same test split")
+        split = "; compare only runs on the same test split, with the same classes" if len(left_out) > len(
+            unreadable) else ""
+        why = "; ".join(f"{r['name']}: {r['reason']}" for r in left_out)
+        raise UserError(f"nothing to compare with '{baseline.name}': every other run was left out ({why}){split}")
     pairs = [pair(baseline, run) for run in others]
     for p, adjusted in zip(pairs, holm([p["p_value"] for p in pairs])):
         p["p_value_holm"] = adjusted

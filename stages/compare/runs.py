@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 
 PREDICTIONS = "metrics/evaluate/predictions.csv"
 PARAMS = "params.yaml"
@@ -90,21 +90,23 @@ class Repository:
         return fs.cat_file(path) if fs.isfile(path) else None
 
     def run(self, name: str, rev: str | None = None) -> Run:
-        """The run `name` (resolved here unless its commit `rev` is given), checked against dvc.lock."""
+        """The run `name` (resolved here unless its commit `rev` is given), checked against dvc.lock.
+
+        A run that names nothing raises UserError; one whose files cannot be read, Unreadable."""
         rev = rev if rev is not None else self.resolve(name)
         where = "the workspace" if rev is None else f"'{name}' ({rev[:7]})"
         raw = self.read_file(rev, PREDICTIONS)
         if raw is None:
-            raise UserError(f"{where} has no {PREDICTIONS}: it was not evaluated (run `dvc repro` and commit "
-                            "its outputs there)")
-        recorded = lock_md5(self.read_file(rev, LOCK), PREDICTIONS)
+            raise Unreadable(where, f"has no {PREDICTIONS}: it was not evaluated (run `dvc repro` and commit its "
+                                    "outputs there)")
+        recorded = lock_md5(read_yaml(self.read_file(rev, LOCK), LOCK, where), PREDICTIONS)
         if recorded is None:
-            raise UserError(f"{where}: dvc.lock records no {PREDICTIONS}; run `dvc repro` and commit dvc.lock")
+            raise Unreadable(where, f"has a {LOCK} that records no {PREDICTIONS}; run `dvc repro` and commit {LOCK}")
         if hashlib.md5(raw).hexdigest() != recorded:
-            raise UserError(f"{where}: {PREDICTIONS} differs from the file dvc.lock records (edited by hand?); "
-                            "compare reads only predictions written by `dvc repro`")
+            raise Unreadable(where, f"has a {PREDICTIONS} that differs from the file {LOCK} records (edited by "
+                                    "hand?); compare reads only predictions written by `dvc repro`")
         actual, predicted, images = read_predictions(raw, where)
-        params = yaml.safe_load(self.read_file(rev, PARAMS) or b"") or {}
+        params = read_yaml(self.read_file(rev, PARAMS), PARAMS, where)
         return Run(name, rev, actual, predicted, images, flatten(params))
 
     def experiments(self, baseline: str = "HEAD") -> list[tuple[str, str]]:
@@ -115,22 +117,48 @@ class Repository:
         return sorted((name, rev) for runs in found.values() for name, rev in runs if rev)
 
 
-def lock_md5(lock: bytes | None, path: str) -> str | None:
-    """The md5 dvc.lock records for the out `path`, or None."""
-    stages = (yaml.safe_load(lock) or {}).get("stages", {}) if lock else {}
+class Unreadable(UserError):
+    """A run whose evaluation cannot be read: no predictions, a damaged or hand-edited file. Against a
+    baseline it is left out with `why`; named as one of two runs, it is refused."""
+
+    def __init__(self, where: str, why: str):
+        super().__init__(f"{where} {why}")
+        self.why = why
+
+
+def read_yaml(raw: bytes | None, path: str, where: str) -> dict:
+    """A YAML file of the run as a mapping ({} when absent); a damaged one is Unreadable."""
+    try:
+        tree = yaml.safe_load(raw) if raw else {}
+    except yaml.YAMLError as exc:
+        raise Unreadable(where, f"has a {path} that is not valid YAML ({first_line(exc)})") from None
+    if not isinstance(tree, dict | None):
+        raise Unreadable(where, f"has a {path} that is not a YAML mapping")
+    return tree or {}
+
+
+def lock_md5(lock: dict, path: str) -> str | None:
+    """The md5 dvc.lock (parsed) records for the out `path`, or None."""
+    stages = lock.get("stages") if isinstance(lock.get("stages"), dict) else {}
     for stage in stages.values():
-        for out in stage.get("outs", []) or []:
-            if out.get("path") == path:
+        outs = stage.get("outs") if isinstance(stage, dict) else None
+        for out in outs if isinstance(outs, list) else []:
+            if isinstance(out, dict) and out.get("path") == path:
                 return out.get("md5")
     return None
 
 
 def read_predictions(raw: bytes, where: str) -> tuple[list[str], list[str], list[str]]:
-    rows = list(csv.DictReader(io.StringIO(raw.decode("utf-8", errors="replace"))))
-    header = set(rows[0]) if rows else set()
+    try:
+        rows = list(csv.DictReader(io.StringIO(raw.decode("utf-8", errors="replace"))))
+    except csv.Error as exc:  # a damaged file: a field over csv's size limit, say
+        raise Unreadable(where, f"has a {PREDICTIONS} that is not a CSV file ({exc})") from None
+    if not rows:
+        raise Unreadable(where, f"has a {PREDICTIONS} that lists no test images; rerun `dvc repro` there")
+    header = set(rows[0])
     if not set(COLUMNS) <= header:
-        raise UserError(f"{where}: {PREDICTIONS} has no columns {', '.join(sorted(set(COLUMNS) - header))}; "
-                        "it was written by an older evaluate stage, so rerun `dvc repro` there")
+        raise Unreadable(where, f"has a {PREDICTIONS} written by an older evaluate stage: it has no columns "
+                                f"{', '.join(sorted(set(COLUMNS) - header))}; rerun `dvc repro` there")
     return [r["actual"] for r in rows], [r["predicted"] for r in rows], [r["image"] for r in rows]
 
 
