@@ -24,8 +24,8 @@ def run_all(*argvs: list[str]) -> list[subprocess.CompletedProcess]:
     env = dict(os.environ, PYTHONPATH=str(ROOT), COLUMNS="80")
     procs = [subprocess.Popen([sys.executable, "-m", "stages", *argv], cwd=ROOT, env=env, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for argv in argvs]
-    return [subprocess.CompletedProcess(proc.args, proc.returncode, *proc.communicate(timeout=120))
-            for proc in procs]
+    outputs = [proc.communicate(timeout=120) for proc in procs]  # sets each returncode
+    return [subprocess.CompletedProcess(proc.args, proc.returncode, *output) for proc, output in zip(procs, outputs)]
 
 
 def refusal(proc: subprocess.CompletedProcess) -> str:
