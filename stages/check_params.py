@@ -12,10 +12,10 @@ one process on whatever is there, which nothing can refuse). The default params 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from .errors import UserError
+from .exp_workspace import in_queue_copy, in_workspace_exp_run, show_hidden_changes
 from .params import BUILT_IN_MODELS, DATASETS, IMAGE_FOLDER, DataParams, Params, TrainParams, check_weights_available
 
 
@@ -56,20 +56,30 @@ def check_data_root(d: DataParams) -> list[str]:
 def in_queue_hint() -> str:
     """Queued experiments run in a temporary copy of the repo (.dvc/tmp/exps/...) that holds only what git
     and DVC track: a folder that is in the workspace only is missing there."""
-    parts = Path.cwd().parts
-    if any(parts[i:i + 3] == (".dvc", "tmp", "exps") for i in range(len(parts))):
+    if in_queue_copy():
         return " (queued experiments see only what git and DVC track: `dvc add` the folder and commit its .dvc file)"
     return ""
 
 
 def kept_values_hint() -> str:
     """Under `dvc exp run` in the workspace, DVC has written the `-S` values into params.yaml, and they stay
-    there after this refusal: the next run starts from them. `git checkout` can miss that rewrite
-    (docs/experiments.md), so the hint names the command that restores the commit's file."""
-    if os.environ.get("DVC_EXP_NAME") and not in_queue_hint():
-        return " (params.yaml keeps the values `dvc exp run -S` wrote: `git show HEAD:params.yaml > params.yaml` " \
-               "restores the commit's)"
+    there after this refusal: the next run starts from them. The hint names the command that puts back the
+    values the workspace's outputs were made with (dvc.lock's, which are the commit's only when the workspace
+    holds the commit's results; stages/exp_workspace.py)."""
+    if in_workspace_exp_run() and Path("dvc.lock").is_file():
+        return " (params.yaml keeps the values `dvc exp run -S` wrote: `python -m stages params --from-lock > " \
+               "params.yaml` puts back those the workspace's outputs were made with)"
+    if in_workspace_exp_run():
+        return " (params.yaml keeps the values `dvc exp run -S` wrote: `git checkout params.yaml` puts back the " \
+               "commit's)"
     return ""
+
+
+def show_changes_dvc_hid() -> None:
+    """In a workspace `dvc exp run`, make `git status` true again after DVC's stash (stages/exp_workspace.py):
+    done by check-params, the first stage, so that a refusal here or in a later stage leaves it true."""
+    if in_workspace_exp_run():
+        show_hidden_changes(Path.cwd())
 
 
 def check_devices(t: TrainParams) -> None:

@@ -89,7 +89,7 @@ def check_params(
 
     def stage() -> None:
         from .check_params import check_params as run
-        from .check_params import kept_values_hint
+        from .check_params import kept_values_hint, show_changes_dvc_hid
         from .io import write_text
         from .params import load_params
 
@@ -97,6 +97,8 @@ def check_params(
             notes = run(load_params(params))
         except UserError as exc:
             raise UserError(f"{exc}{kept_values_hint()}") from None
+        finally:
+            show_changes_dvc_hid()
         for note in notes:
             typer.echo(note)
         # Constant content: a valid change of params does not look like a change to later stages.
@@ -107,11 +109,25 @@ def check_params(
 
 
 @app.command("params")
-def show_params() -> None:
+def show_params(
+    from_lock: Annotated[bool, typer.Option(
+        "--from-lock", help="Each key at the value dvc.lock records, the one the workspace's outputs were made "
+        "with, instead of its default: `python -m stages params --from-lock > params.yaml` puts params.yaml "
+        "back after a refused `dvc exp run -S`.")] = False,
+) -> None:
     """Print every params.yaml key at its default, with what it does: the repo's params.yaml is this."""
-    from .params import default_params_yaml
 
-    typer.echo(default_params_yaml(), nl=False)
+    def command() -> None:
+        from .params import default_params_yaml, params_yaml
+
+        if from_lock:
+            from .exp_workspace import locked_params
+
+            typer.echo(params_yaml(locked_params(Path("dvc.lock"))), nl=False)
+        else:
+            typer.echo(default_params_yaml(), nl=False)
+
+    _run(command)
 
 
 @app.command("models")

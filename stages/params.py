@@ -596,7 +596,14 @@ def plain_value_start(text: str, mark) -> int | None:
 def default_params_yaml() -> str:
     """params.yaml with every key at its default and its help as the comment: the repo's params.yaml
     is exactly this (a test keeps it so), and `python -m stages params` prints it."""
-    sections = {name: [(f"  {f.name}: {show_value(f.default)}", f.metadata["help"]) for f in fields(cls)]
+    return params_yaml({})
+
+
+def params_yaml(values: dict[str, dict[str, Any]]) -> str:
+    """params.yaml in the layout of the repo's, with `values` ({section: {key: value}}) in place of the
+    defaults where given (`python -m stages params --from-lock`)."""
+    sections = {name: [(f"  {f.name}: {show_value(values.get(name, {}).get(f.name, f.default))}", f.metadata["help"])
+                       for f in fields(cls)]
                 for name, cls in SECTIONS.items()}
     width = max(len(text) for entries in sections.values() for text, _ in entries)
     blocks = ["\n".join([f"{name}:", *(f"{text.ljust(width)}  # {help}" for text, help in entries)])

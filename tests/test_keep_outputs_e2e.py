@@ -116,18 +116,29 @@ def test_train_refusing_a_batch_keeps_the_weights_and_metrics_and_checkout_resto
     assert outputs(repo) == project["good"]
 
 
-def test_a_refused_exp_run_value_keeps_the_outputs_and_the_readmes_command_restores_params(repo, project):
-    restore = "git show HEAD:params.yaml > params.yaml"
-    assert restore in (Path(__file__).parents[1] / "README.md").read_text()
-    committed = (repo / "params.yaml").read_text()
+def test_a_refused_exp_run_value_keeps_the_outputs_and_the_command_it_names_restores_their_params(repo, project):
+    # The workspace holds results made with other params than the commit's, as after a successful `dvc exp run`
+    # (made here by hand), and every changed file kept its size: git's index cannot tell them by their stat data.
+    for name, old, new in (("params.yaml", "lr: 0.002", "lr: 0.003"), ("dvc.lock", "lr: 0.002", "lr: 0.003"),
+                           ("metrics/evaluate/predictions.csv", "\n0,", "\n9,")):
+        text = (repo / name).read_text()
+        assert old in text
+        (repo / name).write_text(text.replace(old, new, 1 if name.endswith(".csv") else -1))
+    workspace = outputs(repo)
     proc = sh(repo, "dvc", "exp", "run", "-S", "train.lr=0", check=False)
     line = refused(proc)
-    assert "train.lr = 0 is not allowed" in line and line.endswith(f"`{restore}` restores the commit's)")
-    assert outputs(repo) == project["good"]
+    restore = "python -m stages params --from-lock > params.yaml"
+    assert "train.lr = 0 is not allowed" in line and line.endswith(f"`{restore}` puts back those the workspace's "
+                                                                   "outputs were made with)")
+    assert outputs(repo) == workspace
     assert yaml.safe_load((repo / "params.yaml").read_text())["train"]["lr"] == 0  # DVC leaves the value there
+    # DVC's stash wrote the files back in the same second as git's index; check-params made git look again.
+    changed = sh(repo, "git", "status", "--porcelain").stdout
+    assert {" M params.yaml", " M dvc.lock", " M metrics/evaluate/predictions.csv"} <= set(changed.splitlines())
     sh(repo, "sh", "-c", restore)
-    assert (repo / "params.yaml").read_text() == committed
-    assert sh(repo, "git", "status", "--porcelain", "params.yaml").stdout == ""
+    assert yaml.safe_load((repo / "params.yaml").read_text())["train"]["lr"] == 0.003
+    assert "train.lr" not in sh(repo, "dvc", "status").stdout  # the params are those dvc.lock records
+    assert restore in (Path(__file__).parents[1] / "README.md").read_text()
     # A refusal of `dvc repro` (no -S values written by DVC) has no such hint.
     set_param(repo, "train", "lr", 0)
     assert refused(sh(repo, "dvc", "repro", check=False)).endswith("expected a number in (0.0, 10.0]")
