@@ -61,20 +61,6 @@ def in_queue_hint() -> str:
     return ""
 
 
-def kept_values_hint() -> str:
-    """Under `dvc exp run` in the workspace, DVC has written the `-S` values into params.yaml, and they stay
-    there after this refusal: the next run starts from them. The hint names the command that puts back the
-    values the workspace's outputs were made with (dvc.lock's, which are the commit's only when the workspace
-    holds the commit's results; stages/exp_workspace.py)."""
-    if in_workspace_exp_run() and Path("dvc.lock").is_file():
-        return " (params.yaml keeps the values `dvc exp run -S` wrote: `python -m stages params --from-lock > " \
-               "params.yaml` puts back those the workspace's outputs were made with)"
-    if in_workspace_exp_run():
-        return " (params.yaml keeps the values `dvc exp run -S` wrote: `git checkout params.yaml` puts back the " \
-               "commit's)"
-    return ""
-
-
 def show_changes_dvc_hid() -> None:
     """In a workspace `dvc exp run`, make `git status` true again after DVC's stash (stages/exp_workspace.py):
     done by check-params, the first stage, so that a refusal here or in a later stage leaves it true."""

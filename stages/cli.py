@@ -71,7 +71,9 @@ def _run(fn, *args) -> None:
     try:
         fn(*args)
     except UserError as exc:
-        raise _fail(str(exc)) from None
+        from .exp_workspace import kept_values_hint
+
+        raise _fail(f"{exc}{kept_values_hint()}") from None
     except KeyboardInterrupt:
         raise _fail("interrupted") from None
 
@@ -89,14 +91,12 @@ def check_params(
 
     def stage() -> None:
         from .check_params import check_params as run
-        from .check_params import kept_values_hint, show_changes_dvc_hid
+        from .check_params import show_changes_dvc_hid
         from .io import write_text
         from .params import load_params
 
         try:
             notes = run(load_params(params))
-        except UserError as exc:
-            raise UserError(f"{exc}{kept_values_hint()}") from None
         finally:
             show_changes_dvc_hid()
         for note in notes:

@@ -34,6 +34,32 @@ def in_workspace_exp_run() -> bool:
     return bool(os.environ.get("DVC_EXP_NAME")) and not in_queue_copy()
 
 
+def kept_values_hint() -> str:
+    """Under `dvc exp run` in the workspace, DVC has written the `-S` values into params.yaml, and they stay
+    there after this refusal: the next run starts from them. The hint names the command that puts back the
+    values the workspace's outputs were made with (dvc.lock's, which are the commit's only when the workspace
+    holds the commit's results; the module docstring); every stage's refusal ends with it."""
+    if not in_workspace_exp_run():
+        return ""
+    if not Path("dvc.lock").is_file():
+        return " (params.yaml keeps the values `dvc exp run -S` wrote: `git checkout params.yaml` puts back the " \
+               "commit's)"
+    if not differs_from_lock(Path("params.yaml"), Path("dvc.lock")):
+        return ""  # e.g. a refused image under a plain `dvc exp run`: nothing to put back
+    return " (params.yaml keeps the values `dvc exp run -S` wrote: `python -m stages params --from-lock > " \
+           "params.yaml` puts back those the workspace's outputs were made with)"
+
+
+def differs_from_lock(params: Path, lock: Path) -> bool:
+    """Whether a value in `params` differs from the one `lock` records (True where either cannot be read)."""
+    try:
+        current = read_params_file(params)
+        return any(not isinstance(current.get(section), dict) or current[section].get(key, object()) != value
+                   for section, values in locked_params(lock).items() for key, value in values.items())
+    except (UserError, AttributeError):
+        return True
+
+
 def show_hidden_changes(root: Path) -> list[str]:
     """Give every tracked file whose content differs from git's index a new mtime, so that git compares
     its content again instead of trusting the stat data DVC's stash left (module docstring); return them.

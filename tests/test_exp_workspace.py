@@ -74,3 +74,31 @@ def test_params_from_lock_command_prints_a_params_file_that_check_params_accepts
                           capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.strip() == "error: dvc.lock does not exist: no stage has run " \
                                                            "here yet (dvc repro)"
+
+
+def test_a_refusal_under_a_workspace_exp_run_names_the_command_when_params_differ_from_the_lock(tmp_path):
+    (tmp_path / "params.yaml").write_text(params_yaml({"train": {"lr": 0.5}}))
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"stages": {"train": {"cmd": "x", "params": {
+        "params.yaml": {"train": {"lr": 0.003}}}}}}))
+    refuse = ["python", "-m", "stages", "evaluate", "--params", "params.yaml", "--data", "data/prepared",
+              "--model", "models/model.safetensors", "--out", "metrics/evaluate"]
+
+    def refusal(cwd: Path, **env: str) -> str:
+        proc = subprocess.run(refuse, cwd=cwd, env=dict(os.environ, PYTHONPATH=str(ROOT), **env),
+                              capture_output=True, text=True)
+        assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
+        return proc.stderr.strip()
+
+    hint = ("(params.yaml keeps the values `dvc exp run -S` wrote: `python -m stages params --from-lock > "
+            "params.yaml` puts back those the workspace's outputs were made with)")
+    assert refusal(tmp_path, DVC_EXP_NAME="exp-1").endswith(hint)
+    assert "params.yaml keeps" not in refusal(tmp_path)  # `dvc repro`: the user's own params.yaml
+    queue_copy = tmp_path / ".dvc" / "tmp" / "exps" / "run1"
+    queue_copy.mkdir(parents=True)
+    for name in ("params.yaml", "dvc.lock"):
+        (queue_copy / name).write_text((tmp_path / name).read_text())
+    assert "params.yaml keeps" not in refusal(queue_copy, DVC_EXP_NAME="exp-1")  # a queue's copy is thrown away
+    (tmp_path / "params.yaml").write_text(params_yaml({"train": {"lr": 0.003}}))
+    assert "params.yaml keeps" not in refusal(tmp_path, DVC_EXP_NAME="exp-1")  # nothing to put back
+    (tmp_path / "dvc.lock").unlink()
+    assert refusal(tmp_path, DVC_EXP_NAME="exp-1").endswith("`git checkout params.yaml` puts back the commit's)")
