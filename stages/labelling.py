@@ -133,7 +133,7 @@ def label_files(paths: list[str], decode: Callable[[str], np.ndarray | str], top
             if labelled == 0:  # every file skipped: say why here, as no CSV is written
                 path, reason = skipped[0]
                 if len(paths) == 1:
-                    raise UserError(f"the one file given, {path}, could not be read as an image: {reason}")
+                    raise UserError(f"{path}, the only file to label, could not be read as an image: {reason}")
                 raise UserError(f"none of the {len(paths):,} files could be read as an image (the first, {path}: "
                                 f"{reason})")
     finally:

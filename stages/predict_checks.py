@@ -42,7 +42,8 @@ def similar_file(path: Path) -> Path | None:
 def check_model_path(path: Path) -> None:
     """Refuse a --model that is a folder or does not exist, saying what to give instead."""
     if path.is_dir():
-        inside = sorted(p.name for p in path.iterdir() if p.suffix.lower() in MODEL_SUFFIXES and p.is_file())
+        inside = sorted((p.name for p in path.iterdir() if p.suffix.lower() in MODEL_SUFFIXES and p.is_file()),
+                        key=lambda name: (MODEL_SUFFIXES.index(Path(name).suffix.lower()), name))  # weights first
         holds = f" holding {', '.join(inside)}" if inside else ""
         raise UserError(f"--model {path} is a folder{holds}; give a model file: {MODEL_FILES}, "
                         f"e.g. --model {path / (inside[0] if inside else 'model.safetensors')}")

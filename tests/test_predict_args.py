@@ -141,6 +141,11 @@ def test_a_model_folder_or_missing_model_file_says_what_to_give(workspace):
     line = error_line(predict("imgs", "--model", "models", "--out", "p.csv"))
     assert line == ("error: --model models is a folder holding model.onnx; give a model file: the .safetensors "
                     "weights the train stage wrote or their .onnx export, e.g. --model models/model.onnx")
+    empty = Path("empty")
+    empty.mkdir()
+    line = error_line(predict("imgs", "--model", "empty", "--out", "p.csv"))
+    assert line.endswith("is a folder; give a model file: the .safetensors weights the train stage wrote or their "
+                         ".onnx export, e.g. --model empty/model.safetensors"), line
     line = error_line(predict("imgs", "--model", "models/model.onx", "--out", "p.csv"))
     assert line == "error: --model models/model.onx does not exist; did you mean models/model.onnx?"
     line = error_line(predict("imgs", "--model", "elsewhere.safetensors", "--out", "p.csv"))
@@ -152,6 +157,10 @@ def test_a_model_folder_or_missing_model_file_says_what_to_give(workspace):
         assert "models/model.safetensors does not exist yet: fetch it with `dvc pull` (if your team shares a DVC " \
                "remote) or make it with `dvc repro`" in line, line
     assert not Path("p.csv").exists()
+    weights_file(Path("models/model.safetensors"))
+    line = error_line(predict("imgs", "--model", "models", "--out", "p.csv"))
+    assert "models is a folder holding model.safetensors, model.onnx;" in line and \
+           line.endswith("e.g. --model models/model.safetensors"), line  # the default model first
 
 
 SHIM = """import sys
@@ -208,7 +217,7 @@ def test_unreadable_files_are_named_with_their_reason_in_one_sentence(workspace,
     bad = workspace / "bad.png"
     bad.write_bytes(b"not a png")
     line = error_line(predict(str(bad), "--model", "w.safetensors", "--out", "p.csv", "--skip-bad-images"))
-    assert line.startswith(f"error: the one file given, {bad}, could not be read as an image: "), line
+    assert line.startswith(f"error: {bad}, the only file to label, could not be read as an image: "), line
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # 8x8 images are then over twice the limit
     line = error_line(predict("imgs", "--model", "w.safetensors", "--out", "p.csv"))
     assert line.startswith(f"error: cannot read image {Path('imgs/1.png')}: Image size (64 pixels) exceeds limit"), line
