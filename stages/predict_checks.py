@@ -65,13 +65,19 @@ def first_bytes(path: Path, size: int) -> bytes:
         return b""
 
 
+def same_file(a: Path, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def check_out(out: Path, images: list[str]) -> None:
     """Refuse an --out that predict must not write (see the module's docstring), before any work."""
     example = "e.g. --out predictions.csv"
     if out.is_dir():  # `--out ''` is the current folder
         raise UserError(f"--out {out} is a folder; give the CSV file to write, e.g. --out {out / 'predictions.csv'}")
-    target = out.resolve()
-    if any(Path(image).resolve() == target for image in images):
+    if out.exists() and any(same_file(out, image) for image in images):  # under any name: links too
         raise UserError(f"--out {out} is one of the images to label; give another file for the CSV, {example}")
     if out.suffix.lower() in image_extensions():
         raise UserError(f"--out {out} has an image file's extension; the output is a CSV: give a .csv file, "

@@ -112,9 +112,11 @@ def test_an_out_that_is_an_input_image_or_a_file_predict_did_not_write_is_left_a
     notes.write_text("the user's own notes\n")
     before = {path: path.read_bytes() for path in (gray, rgb, notes)}
     os.mkfifo(workspace / "pipe")
+    (workspace / "link.csv").symlink_to(gray)
     cases = [
         ([str(gray)], str(rgb), "has an image file's extension; the output is a CSV: give a .csv file"),
         ([str(gray), str(rgb)], str(rgb), "is one of the images to label; give another file for the CSV"),
+        (["imgs"], "link.csv", "is one of the images to label"),  # a link to one of them
         (["imgs"], "imgs/0.png", "has an image file's extension"),  # would be read as an image next time
         (["imgs"], str(notes), "exists and is not a CSV that predict wrote (its first line is not "
                                "path,predicted,probability,...); predict overwrites only its own CSVs"),
