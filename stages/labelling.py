@@ -11,6 +11,8 @@ Before any image is read, both paths check the model against a params file with 
 (`check_model_params`): the params record that the train stage writes into the weights file and the
 export stage copies into the ONNX file's metadata_props, compared with `--params`, or by default,
 for the pipeline's own models/model.safetensors and models/model.onnx, with ./params.yaml.
+An ONNX file that fails it is named as the stale one when the weights file beside it passes (an
+export that failed or did not run after a retraining).
 """
 
 from __future__ import annotations

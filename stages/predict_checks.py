@@ -99,7 +99,6 @@ def check_out(out: Path, images: list[str]) -> None:
         raise UserError(f"--out {out} cannot be written: no permission to write in {folder}; {example}")
 
 
-
 def torch_missing(model: Path, exc: ImportError) -> str | None:
     """The one-line refusal of a weights file where PyTorch cannot be imported (the ONNX path needs none),
     or None for an ImportError of anything else (a bug, to be raised as it is)."""
