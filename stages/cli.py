@@ -309,16 +309,27 @@ def predict(
     """Label new images with a trained model, prepared exactly as prepare-data prepared the training images."""
 
     def command() -> None:
+        from .images import find_images
         from .params import plural
+        from .predict_checks import check_model_path, check_out, torch_missing
 
+        check_model_path(model)  # refusals of the arguments come before any model or image is read
+        paths = find_images(images)
+        check_out(out, paths)
         if model.suffix.lower() == ".onnx":
             from .predict_onnx import predict as run_onnx  # ONNX Runtime: torch is never imported on this path
 
-            summary = run_onnx(model, images, out, top_k, batch_size, skip_bad_images, params, check_params)
+            summary = run_onnx(model, paths, out, top_k, batch_size, skip_bad_images, params, check_params)
         else:
-            from .predict import predict as run
+            try:
+                from .predict import predict as run
+            except ImportError as exc:
+                refusal = torch_missing(model, exc)
+                if refusal is None:
+                    raise
+                raise UserError(refusal) from None
 
-            summary = run(model, images, out, top_k, batch_size, skip_bad_images, params, check_params)
+            summary = run(model, paths, out, top_k, batch_size, skip_bad_images, params, check_params)
         skipped = f", {plural(summary['skipped'], 'unreadable file')} skipped" if summary["skipped"] else ""
         typer.echo(f"labelled {plural(summary['labelled'], 'image')} on the {summary['device']} -> {out}{skipped}")
 

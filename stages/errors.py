@@ -10,6 +10,10 @@ class UserError(Exception):
 
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (its type's name when it has none): how a library's
-    error is quoted in a one-line refusal."""
+    error is quoted in a one-line refusal. A sentence's final period is dropped (an ellipsis kept), as
+    the refusal goes on after it ("... DOS attack; fix or remove it", not "attack.; fix")."""
     text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    if not text:
+        return type(exc).__name__
+    line = text.splitlines()[0].rstrip()
+    return line[:-1] if line.endswith(".") and not line.endswith("..") else line

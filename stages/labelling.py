@@ -11,6 +11,8 @@ Before any image is read, both paths check the model against a params file with 
 (`check_model_params`): the params record that the train stage writes into the weights file and the
 export stage copies into the ONNX file's metadata_props, compared with `--params`, or by default,
 for the pipeline's own models/model.safetensors and models/model.onnx, with ./params.yaml.
+An ONNX file that fails it is named as the stale one when the weights file beside it passes (an
+export that failed or did not run after a retraining).
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ import numpy as np
 from .console import cpu_count, progress_bar, report_skipped
 from .errors import UserError
 from .io import atomic_path
-from .model_file import check_trained_with
-from .params import load_params
+from .model_file import RECORDED_SECTIONS, check_trained_with, read_metadata
+from .onnx_model import FORMAT as ONNX_FORMAT
+from .params import NOT_SET, Params, first_difference, load_params, show_value
 
 # The pipeline's own model files (the train and export stages' outs in dvc.yaml): without --params,
 # these are checked against ./params.yaml; any other file (an artifact fetched from elsewhere, a copy)
@@ -47,9 +50,44 @@ def check_model_params(meta: dict, model_path: Path, params_path: Path | None) -
         if not params_path.is_file() or Path(model_path).resolve() not in own:
             return
     try:
-        check_trained_with(meta, load_params(params_path), params_path, model_path)
+        if meta.get("format") == ONNX_FORMAT:
+            check_exported_with(meta, load_params(params_path), params_path, Path(model_path))
+        else:
+            check_trained_with(meta, load_params(params_path), params_path, model_path)
     except UserError as exc:
         raise UserError(f"{exc}; or pass --no-check-params to label with it anyway") from None
+
+
+def recorded_params(weights: Path) -> dict | None:
+    """The params record of a weights file, or None where there is no readable one."""
+    try:
+        return read_metadata(weights).get("params") if weights.is_file() else None
+    except (UserError, ImportError):  # damaged, or no safetensors where only the ONNX path is installed
+        return None
+
+
+def check_exported_with(meta: dict, p: Params, params_path: Path, path: Path) -> None:
+    """Refuse an ONNX export (its metadata_props) of weights that other params trained, naming which file is
+    out of date: the export alone, when the weights file beside it (model.onnx -> model.safetensors) has
+    `p`'s values (a failed or skipped export after a retraining), or the weights it came from too."""
+    recorded = meta.get("params")
+    if not isinstance(recorded, dict):
+        raise UserError(f"{path} does not record the params that trained its weights (an older export); export it "
+                        "again with `dvc repro`")
+    difference = first_difference(recorded, p, RECORDED_SECTIONS)
+    if difference is None:
+        return
+    key, made_with, has = difference
+    now = f"no {key}" if has is NOT_SET else f"{key} = {show_value(has)}"
+    exported = f"{path} was exported from weights trained with {key} = {show_value(made_with)}"
+    weights = path.with_suffix(".safetensors")
+    weights_params = recorded_params(weights)
+    if isinstance(weights_params, dict) and first_difference(weights_params, p, RECORDED_SECTIONS) is None:
+        raise UserError(f"{exported}, but {weights} and {params_path} have {now}: the ONNX export is older than "
+                        "the weights (the export stage failed or has not run since they were trained); export "
+                        "again with `dvc repro`, which reruns the export stage")
+    raise UserError(f"{exported} but {params_path} has {now}; retrain and export again with `dvc repro` "
+                    "(or `dvc exp run`) so that the model matches the params")
 
 
 def csv_header(top_k: int) -> list[str]:
@@ -94,8 +132,12 @@ def label_files(paths: list[str], decode: Callable[[str], np.ndarray | str], top
                         writer.writerow(row)
                     labelled += len(good)
                 bar.update(len(chunk))
-            if labelled == 0:
-                raise UserError(f"none of the {len(paths)} files could be read as an image")
+            if labelled == 0:  # every file skipped: say why here, as no CSV is written
+                path, reason = skipped[0]
+                if len(paths) == 1:
+                    raise UserError(f"{path}, the only file to label, could not be read as an image: {reason}")
+                raise UserError(f"none of the {len(paths):,} files could be read as an image (the first, {path}: "
+                                f"{reason})")
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     report_skipped(skipped)

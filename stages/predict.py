@@ -28,7 +28,7 @@ import torch
 from .core.transforms import normalize, stats_tensors
 from .core.weights import load_model
 from .errors import UserError
-from .images import decode_image, find_images
+from .images import decode_image
 from .labelling import check_model_params, label_files
 from .model_file import read_metadata
 from .params import RESIZE_MODES
@@ -54,9 +54,10 @@ def class_probabilities(model: torch.nn.Module, images: torch.Tensor, mean: torc
     return torch.softmax(logits.float(), dim=1).cpu()
 
 
-def predict(model_path: Path, inputs: list[Path], out: Path, top_k: int = 1, batch_size: int = 256,
+def predict(model_path: Path, paths: list[str], out: Path, top_k: int = 1, batch_size: int = 256,
             skip_bad_images: bool = False, params_path: Path | None = None, check_params: bool = True) -> dict:
-    """Label every image in `inputs`; write one CSV row per readable image; return a summary."""
+    """Label the image files `paths` (the command found them and checked --out: stages/predict_checks.py);
+    write one CSV row per readable image; return a summary."""
     meta = read_metadata(model_path)  # a model file of this project, before anything else
     if check_params:
         check_model_params(meta, model_path, params_path)
@@ -68,7 +69,6 @@ def predict(model_path: Path, inputs: list[Path], out: Path, top_k: int = 1, bat
         raise UserError(f"--top-k {top_k} is more than the model's {len(names)} classes")
     decode = preprocessing(meta, model_path)
     mean, std = stats_tensors(meta["mean"], meta["std"], device)
-    paths = find_images(inputs)
 
     def top_classes(pixels: np.ndarray) -> tuple[list[list[int]], list[list[float]]]:
         top = class_probabilities(model, torch.from_numpy(pixels), mean, std, device).topk(top_k, dim=1)

@@ -18,15 +18,15 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
-from .images import decode_image, find_images
+from .images import decode_image
 from .labelling import check_model_params, label_files
 from .onnx_model import INPUT_NAME, normalized, open_onnx, softmax
 from .params import RESIZE_MODES
 
 
-def predict(model_path: Path, inputs: list[Path], out: Path, top_k: int = 1, batch_size: int = 256,
+def predict(model_path: Path, paths: list[str], out: Path, top_k: int = 1, batch_size: int = 256,
             skip_bad_images: bool = False, params_path: Path | None = None, check_params: bool = True) -> dict:
-    """Label every image in `inputs` with the ONNX model; one CSV row per readable image; a summary."""
+    """Label every image file of `paths` with the ONNX model; one CSV row per readable image; a summary."""
     session, meta = open_onnx(model_path)
     if check_params:
         check_model_params(meta, model_path, params_path)
@@ -38,7 +38,6 @@ def predict(model_path: Path, inputs: list[Path], out: Path, top_k: int = 1, bat
                         f"knows {', '.join(RESIZE_MODES)}")
     _, height, _ = meta["input_shape"]
     decode = partial(decode_image, mode=meta["image_mode"], size=height, resize=meta["resize"])
-    paths = find_images(inputs)
 
     def top_classes(pixels: np.ndarray) -> tuple[list[list[int]], list[list[float]]]:
         probs = softmax(session.run(None, {INPUT_NAME: normalized(pixels, meta["mean"], meta["std"])})[0])

@@ -224,10 +224,12 @@ def test_the_onnx_file_is_checked_against_the_params_as_the_weights_file_is(digi
         return runner.invoke(app, ["predict", str(image), "--model", str(model_file), "--out", "p.csv", *args])
 
     monkeypatch.chdir(tmp_path)
-    for model_file in (weights, model):  # the same refusal, word for word, for both formats
-        line = error_line(predict(model_file, "--params", str(other)))
-        assert line == (f"error: {model_file} was trained with train.epochs = 2 but {other} has train.epochs = 3; "
-                        "retrain with `dvc repro` (or `dvc exp run`) so that the weights match the params; "
+    for model_file, made in ((weights, "was trained"), (model, "was exported from weights trained")):
+        line = error_line(predict(model_file, "--params", str(other)))  # the same rule for both formats
+        fix = "retrain" if model_file == weights else "retrain and export again"
+        what = "weights match" if model_file == weights else "model matches"
+        assert line == (f"error: {model_file} {made} with train.epochs = 2 but {other} has train.epochs = 3; "
+                        f"{fix} with `dvc repro` (or `dvc exp run`) so that the {what} the params; "
                         "or pass --no-check-params to label with it anyway")
         assert not Path("p.csv").exists()  # refused before anything is written
         assert predict(model_file, "--params", str(other), "--no-check-params").exit_code == 0

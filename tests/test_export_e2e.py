@@ -71,6 +71,6 @@ def test_repro_exports_and_reruns_export_only_for_its_params(tmp_path):
     refused = sh(repo, "python", "-m", "stages", "predict", str(user / "digits"), "--model", "models/model.onnx",
                  "--out", str(user / "p.csv"), check=False)
     assert refused.returncode == 2 and refused.stderr.strip() == (
-        "error: models/model.onnx was trained with train.epochs = 2 but params.yaml has train.epochs = 3; retrain "
-        "with `dvc repro` (or `dvc exp run`) so that the weights match the params; or pass --no-check-params to "
-        "label with it anyway")
+        "error: models/model.onnx was exported from weights trained with train.epochs = 2 but params.yaml has "
+        "train.epochs = 3; retrain and export again with `dvc repro` (or `dvc exp run`) so that the model matches "
+        "the params; or pass --no-check-params to label with it anyway")

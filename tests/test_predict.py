@@ -141,13 +141,14 @@ def test_unreadable_files_are_refused_by_name_or_skipped_on_request(tmp_path, di
     write_digit_files(folder, digits_model["images"][:5], size=8, mode="L", ext=".png")
     bad = write_bad_images(folder / "bad")
     out = tmp_path / "p.csv"
-    out.write_text("an earlier result\n")
+    earlier = "path,predicted,probability\nold.png,3,0.500000\n"  # an earlier run's CSV
+    out.write_text(earlier)
     refused = run_stages("predict", str(folder), "--model", str(digits_model["model"]), "--out", str(out),
                          "--params", str(digits_model["params"]), check=False)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert refused.stderr.strip().splitlines()[-1].startswith(f"error: cannot read image {folder / 'bad'}")
     assert "--skip-bad-images" in refused.stderr
-    assert out.read_text() == "an earlier result\n"  # nothing written over it
+    assert out.read_text() == earlier  # nothing written over it
     skipped = run_stages("predict", str(folder), "--model", str(digits_model["model"]), "--out", str(out),
                          "--skip-bad-images", "--params", str(digits_model["params"]))
     for path in bad:
@@ -165,7 +166,7 @@ def test_bad_arguments_are_one_line_errors(tmp_path, digits_model):
     cases = [
         ([str(tmp_path / "missing.png")], f"{tmp_path / 'missing.png'} does not exist"),
         ([str(image), "--top-k", "11"], "--top-k 11 is more than the model's 10 classes"),
-        ([str(tmp_path / "one"), "--model", str(tmp_path / "none.safetensors")], "file not found"),
+        ([str(tmp_path / "one"), "--model", str(tmp_path / "none.safetensors")], "none.safetensors does not exist"),
     ]
     empty = tmp_path / "empty"
     empty.mkdir()
