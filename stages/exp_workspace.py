@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 from .errors import UserError
 from .params import read_params_file
+
+RECENT_SECONDS = 600  # files DVC's stash wrote are this recent when check-params starts
 
 
 def in_queue_copy() -> bool:
@@ -69,8 +72,12 @@ def show_hidden_changes(root: Path) -> list[str]:
     try:
         listed = run_git(root, "ls-files", "--stage", "-z").split("\0")
         entries = [line.split("\t", 1) for line in listed if line]
+        # Only files written in the last minutes (DVC's stash writes them just before the stages run): hashing
+        # every tracked file would cost seconds in a repo that keeps large files in git.
+        since = time.time() - RECENT_SECONDS
         tracked = [(path, info.split()[1]) for info, path in entries
-                   if info.startswith(("100644", "100755")) and "\n" not in path and (root / path).is_file()]
+                   if info.startswith(("100644", "100755")) and "\n" not in path and (root / path).is_file()
+                   and (root / path).stat().st_mtime > since]
         if not tracked:
             return []
         digests = run_git(root, "hash-object", "--stdin-paths", stdin="\n".join(path for path, _ in tracked))
