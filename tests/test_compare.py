@@ -528,6 +528,12 @@ def test_compare_reads_revisions_recorded_by_dvc_and_refuses_bad_input(toy):
     edited.write_text(edited.read_text().replace("\n0,0,0,", "\n0,0,1,", 1))
     assert "differs from the file dvc.lock records" in refusal(toy, "HEAD", "workspace")
     assert compare(toy, "HEAD", "HEAD~4").returncode == 0  # the committed files are still fine
+    # params.yaml edited by hand after `dvc repro`: dvc.lock, as dvc wrote it, says what made the results.
+    sh(toy, "git", "checkout", "--", "metrics/evaluate/predictions.csv")
+    (toy / "params.yaml").write_text(yaml.safe_dump({"train": {"lr": 0.05, "seed": 0}}))
+    assert refusal(toy, "HEAD", "workspace") == (
+        "error: the workspace has a params.yaml that differs from the params its results were made with (train.lr "
+        "0.05 in params.yaml, 0.002 in dvc.lock); run `dvc repro` to make results with them")
 
 
 @pytest.mark.slow
