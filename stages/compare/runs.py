@@ -103,12 +103,18 @@ class Repository:
     def without_results(self) -> dict[str, tuple[str, str, str]]:
         """{name: (state, stash commit, baseline commit)} of the queued experiments that have no results, as
         `dvc queue status` and `dvc exp show` list them: queued, running, failed."""
+        from dvc.exceptions import DvcException
+
         queue = self.repo.experiments.celery_queue
         found: dict[str, tuple[str, str, str]] = {}
-        for state, entries in (("running", queue.iter_active()), ("queued", queue.iter_queued()),
-                               ("failed", (entry for entry, _ in queue.iter_failed()))):
-            for entry in entries:
-                found.setdefault(entry.name or entry.stash_rev[:7], (state, entry.stash_rev, entry.baseline_rev))
+        try:
+            for state, in_state in (("running", queue.iter_active()), ("queued", queue.iter_queued()),
+                                   ("failed", (entry for entry, _ in queue.iter_failed()))):
+                for entry in in_state:
+                    found.setdefault(entry.name or entry.stash_rev[:7], (state, entry.stash_rev, entry.baseline_rev))
+        except DvcException as exc:  # a queue entry whose result DVC lost: `dvc queue status` fails on it too
+            raise UserError(f"cannot read DVC's experiment queue ({first_line(exc)}); `dvc queue status` shows "
+                            "it") from None
         return found
 
     def unfinished(self, baseline: str = "HEAD") -> list[dict]:
@@ -227,8 +233,9 @@ def made_with(lock: dict) -> dict:
     if evaluate is None:
         return {}
     found = {}
-    for name in [producer(lock, dep.get("path"), dep.get("md5")) for dep in entries(stages[evaluate], "deps")] + [
-            evaluate]:  # evaluate's own last, so that its values win
+    read = [producer(lock, dep["path"], dep["md5"]) for dep in entries(stages[evaluate], "deps")
+            if dep.get("path") and dep.get("md5")]
+    for name in [*read, evaluate]:  # evaluate's own last, so that its values win
         recorded = stages[name].get("params") if name else None
         if isinstance(recorded, dict) and isinstance(recorded.get(PARAMS), dict):
             found.update(flatten(recorded[PARAMS]))
