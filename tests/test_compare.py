@@ -207,6 +207,24 @@ def test_seeds_are_grouped_by_the_other_params():
     assert list(groups[0.002]["params"]) == ["train.lr"]  # only what differs between groups labels them
 
 
+def test_a_run_with_the_same_params_and_seed_as_another_is_one_draw_not_two():
+    """An experiment that reran HEAD's params and seed: one run for the seed statistics, named as merged."""
+    from stages.compare.show import baseline_lines
+
+    base = make_run("HEAD~1", [True] * 95 + [False] * 5, lr=0.002)
+    head = make_run("HEAD", [True] * 90 + [False] * 10, lr=0.003)
+    again = make_run("exp-again", [True] * 90 + [False] * 10, lr=0.003)
+    seed1 = make_run("exp-seed1", [True] * 80 + [False] * 20, lr=0.003, seed=1)
+    (group,) = [g for g in seed_groups([base, head, again, seed1]) if g["params"]["train.lr"] == 0.003]
+    assert (group["n"], group["seeds"], group["runs"]) == (2, [0, 1], ["HEAD", "exp-seed1"])
+    assert group["mean"] == pytest.approx(0.85) and group["same_seed"] == {"HEAD": ["exp-again"]}
+    lines = baseline_lines(against_baseline(base, [head, again, seed1]))
+    assert "| train.lr=0.003 | 2 | 0, 1 | 85.00% | 7.07 | 80.00% | 90.00% |" in lines
+    assert "exp-again counted once with HEAD: the same params and seed" in lines
+    (alone,) = [g for g in seed_groups([base, head, again]) if g["params"]["train.lr"] == 0.003]
+    assert (alone["n"], alone["seeds"], alone["std"]) == (1, [0], None)
+
+
 def test_against_baseline_sorts_by_accuracy_and_adjusts_for_many_comparisons():
     base = make_run("base", [True] * 80 + [False] * 20)
     others = [make_run("worse", [True] * 70 + [False] * 30), make_run("better", [True] * 95 + [False] * 5, seed=1)]
@@ -363,6 +381,114 @@ def test_runs_that_cannot_be_read_are_left_out_against_a_baseline_and_refused_as
     assert refused.exit_code == 2 and "'old-format' (" in refused.output and "older evaluate stage" in refused.output
 
 
+def commit_run(repo: Path, tag: str, predictions: str, lr: float, seed: int = 0, train_lr: float | None = None,
+               weights: str = "w1") -> None:
+    """Commit (and tag) a run as `dvc repro` leaves it: params.yaml, predictions.csv, and a dvc.lock whose train
+    stage records the params it trained the weights `weights` with (train_lr, when not lr) and whose evaluate
+    stage records the weights it read, its params and the predictions' md5."""
+    import hashlib
+
+    params = {"train": {"lr": lr, "seed": seed}, "evaluate": {"batch_size": 256}}
+    trained = {"train": {"lr": lr if train_lr is None else train_lr, "seed": seed}}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    lock = {"schema": "2.0", "stages": {
+        "train": {"cmd": "train", "params": {"params.yaml": trained},
+                  "outs": [{"path": "models/model.safetensors", "md5": weights}]},
+        "evaluate": {"cmd": "evaluate", "deps": [{"path": "models/model.safetensors", "md5": "w1"}],
+                     "params": {"params.yaml": {"evaluate": {"batch_size": 256}}},
+                     "outs": [{"path": "metrics/evaluate/predictions.csv",
+                               "md5": hashlib.md5(predictions.encode()).hexdigest()}]}}}
+    commit_evaluation(repo, tag, predictions, lock=yaml.safe_dump(lock))
+
+
+def test_a_run_is_shown_only_with_the_params_its_results_were_made_with(tmp_path, monkeypatch):
+    """params.yaml edited after `dvc repro` (in the workspace, or committed so) is not what made the results
+    dvc.lock records: that run is left out against a baseline, refused as one of two, naming the keys. The
+    params of a stage rerun since evaluate read its out (weights made again) say nothing of the results."""
+    from typer.testing import CliRunner
+
+    from stages.cli import app
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for cmd in (("git", "init", "-q"), ("git", "config", "user.email", "t@example.com"),
+                ("git", "config", "user.name", "T"), ("dvc", "init", "-q")):
+        sh(repo, *cmd)
+    base, other = predictions_csv([True] * 30 + [False] * 10), predictions_csv([True] * 35 + [False] * 5)
+    commit_run(repo, "base", base, lr=0.002)
+    commit_run(repo, "retrained", other, lr=0.01, train_lr=0.5, weights="w2")  # train reran, evaluate did not
+    commit_run(repo, "stale-commit", other, lr=0.01, train_lr=0.003)  # lr edited, then committed with no repro
+    commit_run(repo, "other", other, lr=0.003)
+    (repo / "params.yaml").write_text(yaml.safe_dump({"train": {"lr": 0.05, "seed": 0}}))  # by hand, no repro
+    monkeypatch.chdir(repo)
+
+    shown = CliRunner().invoke(app, ["compare", "--baseline", "base", "retrained", "stale-commit", "other",
+                                     "workspace", "--json"])
+    assert shown.exit_code == 0, shown.output
+    result = json.loads(shown.output)
+    assert [p["b"] for p in result["pairs"]] == ["retrained", "other"]
+    reasons = {r["name"]: r["reason"] for r in result["left_out"]}
+    assert reasons == {
+        "stale-commit": "has a params.yaml that differs from the params its results were made with (train.lr 0.01 "
+                        "in params.yaml, 0.003 in dvc.lock); run `dvc repro` to make results with them and commit them",
+        "workspace": "has a params.yaml that differs from the params its results were made with (train.lr 0.05 in "
+                     "params.yaml, 0.003 in dvc.lock, evaluate.batch_size absent in params.yaml, 256 in dvc.lock); "
+                     "run `dvc repro` to make results with them"}
+    lines = CliRunner().invoke(app, ["compare", "--baseline", "base", "other", "workspace"]).output.splitlines()
+    assert f"left out workspace: {reasons['workspace']}" in lines and not any("0.05" in line for line in lines
+                                                                               if line.startswith("|"))
+    refused = CliRunner().invoke(app, ["compare", "other", "workspace"])
+    assert refused.exit_code == 2 and refused.output == f"error: the workspace {reasons['workspace']}\n"
+    (repo / "params.yaml").write_text(yaml.safe_dump({"train": {"lr": 0.003, "seed": 0}, "evaluate": {
+        "batch_size": 256}}))  # back as `dvc repro` left it: compared
+    same = CliRunner().invoke(app, ["compare", "other", "workspace", "--json"])
+    assert same.exit_code == 0 and json.loads(same.output)["pairs"][0]["p_value"] == 1.0, same.output
+
+
+def test_a_run_must_be_named_by_a_commit_an_experiment_or_workspace(tmp_path, monkeypatch):
+    """Git objects that are no commit (a tree, a file), an empty name, and a queued experiment, which
+    `dvc exp show` lists with no results yet: each refused in one line; --all-experiments leaves it out."""
+    from typer.testing import CliRunner
+
+    from stages.cli import app
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for cmd in (("git", "init", "-q"), ("git", "config", "user.email", "t@example.com"),
+                ("git", "config", "user.name", "T"), ("dvc", "init", "-q")):
+        sh(repo, *cmd)
+    commit_run(repo, "base", predictions_csv([True] * 30 + [False] * 10), lr=0.002)
+    commit_run(repo, "other", predictions_csv([True] * 35 + [False] * 5), lr=0.003)
+    sh(repo, "dvc", "exp", "run", "--queue", "-n", "waiting", "-S", "train.seed=5")
+    monkeypatch.chdir(repo)
+
+    def refused(*args: str) -> str:
+        result = CliRunner().invoke(app, ["compare", *args])
+        assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+        assert result.output.startswith("error: ") and "Traceback" not in result.output
+        return result.output.strip()
+
+    allowed = "a run is a commit (HEAD~1, a tag, a branch), an experiment name from `dvc exp show`, or workspace"
+    assert refused("HEAD^{tree}", "HEAD") == (
+        f"error: 'HEAD^{{tree}}' names a folder (git tree), not a commit: {allowed}")
+    assert refused("HEAD:params.yaml", "HEAD") == (
+        f"error: 'HEAD:params.yaml' names a file (git blob), not a commit: {allowed}")
+    assert refused("--baseline", "base", "HEAD^{tree}").startswith("error: 'HEAD^{tree}' names a folder")
+    empty = ("error: a run's name is empty (''): give a git revision (HEAD~1, a tag, a branch), an experiment name "
+             "from `dvc exp show`, or workspace")
+    assert refused("", "base") == refused("base", "") == refused("--baseline", "", "base") == empty
+    assert refused("base", "waiting") == ("error: 'waiting' is a queued experiment: it has no results yet (`dvc "
+                                          "queue start` runs it; `dvc queue status` shows it)")
+    result = CliRunner().invoke(app, ["compare", "--baseline", "base", "--all-experiments"])
+    assert result.exit_code == 0 and "2 runs on the same 40 test images" in result.output, result.output
+    assert [line for line in result.output.splitlines() if line.startswith("left out")] == [
+        "left out waiting: still queued"]
+    result = CliRunner().invoke(app, ["compare", "--baseline", "base", "--all-experiments", "--json"])
+    listed = json.loads(sh(repo, "dvc", "exp", "show", "--json").stdout)[1]["experiments"][0]["revs"][0]
+    assert json.loads(result.output)["left_out"] == [
+        {"name": "waiting", "rev": listed["rev"], "reason": "still queued"}]
+
+
 @pytest.mark.slow
 def test_compare_reads_revisions_recorded_by_dvc_and_refuses_bad_input(toy):
     a = predictions_csv([True] * 300 + [False] * 40 + [True] * 4 + [False] * 15)
@@ -402,6 +528,12 @@ def test_compare_reads_revisions_recorded_by_dvc_and_refuses_bad_input(toy):
     edited.write_text(edited.read_text().replace("\n0,0,0,", "\n0,0,1,", 1))
     assert "differs from the file dvc.lock records" in refusal(toy, "HEAD", "workspace")
     assert compare(toy, "HEAD", "HEAD~4").returncode == 0  # the committed files are still fine
+    # params.yaml edited by hand after `dvc repro`: dvc.lock, as dvc wrote it, says what made the results.
+    sh(toy, "git", "checkout", "--", "metrics/evaluate/predictions.csv")
+    (toy / "params.yaml").write_text(yaml.safe_dump({"train": {"lr": 0.05, "seed": 0}}))
+    assert refusal(toy, "HEAD", "workspace") == (
+        "error: the workspace has a params.yaml that differs from the params its results were made with (train.lr "
+        "0.05 in params.yaml, 0.002 in dvc.lock); run `dvc repro` to make results with them")
 
 
 @pytest.mark.slow
@@ -463,3 +595,9 @@ def test_a_failed_queued_experiment_is_named_as_failed(toy):
     # By the commit `dvc exp show` lists for it: DVC's stash of the workspace, not results of its own.
     assert "is a failed experiment" in refusal(toy, "HEAD", failed["rev"][:7])
     assert "unknown revision or experiment 'nope'" in refusal(toy, "HEAD", "nope")
+    # --all-experiments: each experiment `dvc exp show` lists with no results left out, one line each.
+    sh(toy, "dvc", "exp", "run", "--queue", "-n", "waiting", "-S", "train.seed=4")
+    assert refusal(toy, "--baseline", "HEAD", "--all-experiments") == (
+        "error: nothing to compare with 'HEAD': every other run was left out (balky-hate: failed (see `dvc queue "
+        "logs balky-hate`); waiting: still queued)")
+    assert "error: 'waiting' is a queued experiment: it has no results yet" in refusal(toy, "HEAD", "waiting")

@@ -137,3 +137,9 @@ def test_compare_refuses_with_one_line(runs):
     assert proc.returncode == 2 and "different test images" in proc.stderr, proc.stderr
     restore_params(repo)
     assert yaml.safe_load((repo / "params.yaml").read_text())["data"]["split_seed"] == 0
+    # params.yaml back to HEAD's by hand, with no `dvc repro`: the workspace's results were made with the
+    # other split_seed (prepare-data's params in dvc.lock), and are not shown beside these params.
+    proc = compare(repo, "HEAD", "workspace", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "error: the workspace has a params.yaml that differs from the params its results were made with "
+        "(data.split_seed 0 in params.yaml, 1 in dvc.lock); run `dvc repro` to make results with them"), proc.stderr

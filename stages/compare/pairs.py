@@ -103,9 +103,11 @@ def against_baseline(baseline: Run, others: list[Run], unreadable: list[dict] = 
 
 
 def seed_groups(runs: list[Run]) -> list[dict]:
-    """Runs whose params are equal but for train.seed, grouped: the spread of their test accuracy.
+    """Runs whose params are equal but for train.seed, grouped: the spread of their test accuracy over seeds.
 
-    Each group is labelled by the params that differ between groups (all of them equal within one)."""
+    Each group is labelled by the params that differ between groups (all of them equal within one). Runs with
+    the same params and the same seed (an experiment that reran HEAD's params) are one draw, not two: the
+    first of them (the baseline, then the order given) is counted, and `same_seed` names the others."""
     groups: dict[tuple, list[Run]] = {}
     for run in runs:
         key = tuple(sorted((k, repr(v)) for k, v in run.params.items() if k != SEED))
@@ -114,8 +116,14 @@ def seed_groups(runs: list[Run]) -> list[dict]:
     varying = [k for k in keys if len({repr(r.params.get(k)) for r in runs}) > 1]
     found = []
     for members in groups.values():
-        members.sort(key=lambda r: r.params.get(SEED) if isinstance(r.params.get(SEED), int) else -1)
-        accuracy = [summary(r)["accuracy"] for r in members]
-        found.append({"params": {k: members[0].params.get(k) for k in varying}, "runs": [r.name for r in members],
-                      "seeds": [r.params.get(SEED) for r in members], "n": len(members), **spread(accuracy)})
+        by_seed: dict[str, list[Run]] = {}
+        for run in members:
+            by_seed.setdefault(repr(run.params.get(SEED)), []).append(run)
+        counted = sorted((same[0] for same in by_seed.values()),
+                         key=lambda r: r.params.get(SEED) if isinstance(r.params.get(SEED), int) else -1)
+        accuracy = [summary(r)["accuracy"] for r in counted]
+        found.append({"params": {k: counted[0].params.get(k) for k in varying}, "runs": [r.name for r in counted],
+                      "seeds": [r.params.get(SEED) for r in counted], "n": len(counted),
+                      "same_seed": {same[0].name: [r.name for r in same[1:]] for same in by_seed.values()
+                                    if len(same) > 1}, **spread(accuracy)})
     return sorted(found, key=lambda g: -g["mean"])

@@ -83,4 +83,7 @@ def baseline_lines(result: dict) -> list[str]:
                  "" if g["std"] is None else f"{100 * g['std']:.2f}", pct(g["min"]), pct(g["max"])] for g in groups]
         lines += ["", "Runs that differ only in train.seed, grouped (test accuracy; std in points):", "",
                   *table(["params", "runs", "seeds", "mean", "std", "min", "max"], rows)]
+        merged = [f"{', '.join(others)} counted once with {first}: the same params and seed"
+                  for g in groups for first, others in g["same_seed"].items()]
+        lines += ["", *merged] if merged else []  # a blank line first: a line right after a table is one of its rows
     return lines
