@@ -220,7 +220,9 @@ def test_metrics_params_and_plots_diff_across_commits(project, tmp_path):
     sh(repo, "dvc", "plots", "diff", "HEAD~1", "-o", str(out))
     html = (out / "index.html").read_text()
     # no scaling.png: on one device (as here, without GPUs) the probe has nothing to compare and draws nothing
-    for name in ("Loss", "Accuracy", "predictions.csv", "confusion.png", "learning_curves.png"):
+    # the confusion matrix by its title in dvc.yaml, not its file's path, with its axes named
+    for name in ("Loss", "Accuracy", "Confusion matrix (test split)", "predicted class", "actual class",
+                 "confusion.png", "learning_curves.png"):
         assert name in html
     assert "HEAD~1" in html and "workspace" in html
 
