@@ -8,7 +8,10 @@ test names each one. README stays short enough that its first screen is the one 
 
 from __future__ import annotations
 
+import inspect
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -90,3 +93,23 @@ def test_readme_is_short_and_its_first_screen_sets_up_runs_and_tests():
     first_screen = "\n".join(lines[:30])
     for command in ("pip install -r requirements.lock -e .", "dvc repro", 'pytest -m "not slow"', "\npytest "):
         assert command in first_screen, f"README's first screen lacks {command.strip()!r}"
+
+
+def test_what_the_readme_writes_into_the_repo_root_is_git_ignored(tmp_path):
+    """README's commands that write a file into the repo root (`> grid.csv`, `--out predictions.csv`) and predict's
+    default --out: README's `git add -A` must not commit them. Evaluate's predictions.csv stays tracked."""
+    from stages import cli
+
+    readme = "\n".join(FENCE.findall((ROOT / "README.md").read_text()))
+    written = set(re.findall(r"(?:> |--out )([\w.-]+\.csv)\b", readme))
+    written.add(str(inspect.signature(cli.predict).parameters["out"].default))
+    assert {"grid.csv", "predictions.csv"} <= written, written
+    shutil.copy(ROOT / ".gitignore", tmp_path / ".gitignore")
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    tracked = "metrics/evaluate/predictions.csv"
+    for name in [*written, tracked]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x\n")
+    check = subprocess.run(["git", "check-ignore", *sorted(written), tracked], cwd=tmp_path, capture_output=True,
+                           text=True)
+    assert set(check.stdout.split()) == written, check.stdout

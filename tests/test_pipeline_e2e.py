@@ -220,7 +220,9 @@ def test_metrics_params_and_plots_diff_across_commits(project, tmp_path):
     sh(repo, "dvc", "plots", "diff", "HEAD~1", "-o", str(out))
     html = (out / "index.html").read_text()
     # no scaling.png: on one device (as here, without GPUs) the probe has nothing to compare and draws nothing
-    for name in ("Loss", "Accuracy", "predictions.csv", "confusion.png", "learning_curves.png"):
+    # the confusion matrix by its title in dvc.yaml, not its file's path, with its axes named
+    for name in ("Loss", "Accuracy", "Confusion matrix (test split)", "predicted class", "actual class",
+                 "confusion.png", "learning_curves.png"):
         assert name in html
     assert "HEAD~1" in html and "workspace" in html
 
@@ -362,14 +364,16 @@ def test_a_grid_of_queued_experiments_runs_and_compares(project, tmp_path):
     accuracy = [float(row["test.accuracy"]) for row in rows]
     assert len(rows) >= 2 and accuracy == sorted(accuracy, reverse=True)
     # README's grid table, as written there: it keeps the State column, which tells a failed experiment
-    # (listed with its baseline's metrics) from one that ran
+    # (listed with its baseline's metrics) from one that ran, and rev, which names the rows that are no experiment
     recipe = next(line for line in (ROOT / "README.md").read_text().splitlines()
-                  if line.startswith("dvc exp show --drop '.*' --keep"))
+                  if line.startswith("dvc exp show --drop '.*' --keep") and "--csv" in line)
     table = sh(repo, *shlex.split(recipe.split(" > ")[0])).stdout
     header = next(csv.reader(io.StringIO(table)))
-    assert header[:2] == ["Experiment", "State"] and {"train.lr", "test.accuracy"} <= set(header)
-    states = {row["Experiment"]: row["State"] for row in csv.DictReader(io.StringIO(table)) if row["Experiment"]}
+    assert header[:3] == ["Experiment", "rev", "State"] and {"train.lr", "test.accuracy", "test.loss"} <= set(header)
+    rows = list(csv.DictReader(io.StringIO(table)))
+    states = {row["Experiment"]: row["State"] for row in rows if row["Experiment"]}
     assert {states[grid[lr]["name"]] for lr in grid} == {"Success"}
+    assert "workspace" in {row["rev"] for row in rows if not row["Experiment"]} and all(row["rev"] for row in rows)
     names = [grid[lr]["name"] for lr in sorted(grid)]
     shown = json.loads(sh(repo, "dvc", "plots", "diff", *names, "--json").stdout)["data"]
     assert shown["Loss"][0]["revisions"] == names  # one chart, a curve per experiment

@@ -431,6 +431,36 @@ def test_val_curve_still_rising_at_the_last_epoch(tmp_path, val_accuracy, val_lo
         assert "0.600 at epoch 2, 0.800 at epoch 4 (+10.0 points an epoch" in found[0] and "train.epochs" in found[0]
 
 
+
+# A real run of `dvc exp run -S train.epochs=1` on the digits (small-cnn, the default lr; CPU): under-trained, and
+# one point is no curve, so neither the still-rising lesson nor "Nothing to flag" can be said.
+ONE_EPOCH = {"accuracy": {"train": [0.804], "val": [0.839]}, "loss": {"train": [1.035], "val": [1.470]}}
+
+
+def test_one_epoch_says_it_gives_no_curve_to_judge_rather_than_nothing_to_flag(tmp_path):
+    classes = ["a", "b", "c"]
+    lines = model_lessons(files(tmp_path, classes, balanced(classes, 10, wrong={"b": "c"}), ONE_EPOCH, epochs=1,
+                                epochs_run=1, best_epoch=1, kept="last (epoch 1)"))
+    assert not any(line.startswith("Nothing to flag") for line in lines), lines
+    [line] = [line for line in lines if "1 epoch" in line]
+    assert line.startswith("Trained for 1 epoch (validation accuracy 0.839, validation loss 1.470): one epoch gives "
+                           "no learning curve to judge whether more epochs would help") and \
+        "`dvc exp run -S train.epochs=15`" in line, line
+    # Two epochs are a curve: the lessons judge it (here still rising), and say nothing about one epoch.
+    two = {"accuracy": {"train": [0.804, 0.93], "val": [0.839, 0.95]}, "loss": {"train": [1.035, 0.3],
+                                                                                "val": [1.470, 0.25]}}
+    lines = model_lessons(files(tmp_path, classes, balanced(classes, 10), two))
+    assert not any("1 epoch" in line for line in lines) and any("still rising" in line for line in lines)
+
+
+def test_the_epoch_time_of_one_epoch_is_one_number():
+    info = {"dataset": "digits", "counts": {"train": 1078, "val": 143, "test": 359}, "shape": [1, 8, 8],
+            "num_classes": 10}
+    summary = "\n".join(report.run_summary_section(run_summary(epoch_seconds=[4.744], epochs=1), info))
+    assert "| wall time per epoch | 4.744 s (1 epoch) |" in summary
+    summary = "\n".join(report.run_summary_section(run_summary(epoch_seconds=[1.0, 0.5]), info))
+    assert "0.750 s mean over 2 epochs (first 1.000 s, min 0.500 s, max 1.000 s; 1.50 s in all)" in summary
+
 # --- the scaling probe --------------------------------------------------------------
 
 

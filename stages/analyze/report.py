@@ -81,6 +81,8 @@ def run_summary_section(run: RunSummary, info: dict) -> list[str]:
     mean_epoch = sum(epochs) / len(epochs) if epochs else 0.0
     epoch_time = (f"{mean_epoch:.3f} s mean over {len(epochs)} epochs (first {epochs[0]:.3f} s, "
                   f"min {min(epochs):.3f} s, max {max(epochs):.3f} s; {sum(epochs):.2f} s in all)") if epochs else "—"
+    if len(epochs) == 1:  # one number: its mean, first, min and max would all repeat it
+        epoch_time = f"{epochs[0]:.3f} s (1 epoch)"
     counts = info["counts"]
     train_params = run.train_params
     keys = ("epochs", "batch_size", "lr", "optimizer", "weight_decay", "precision", "augment", "compile", "seed")
@@ -525,6 +527,15 @@ def model_lessons(curves: dict, per_class: dict, predictions: list[dict], run: R
             out.append(f"Validation accuracy was still rising at the last epoch: {val_acc[first]:.3f} at epoch "
                        f"{first + 1}, {val_acc[-1]:.3f} at epoch {len(val_acc)} (+{100 * per_epoch:.1f} points an "
                        f"epoch, over {100 * RISING_PER_EPOCH:.1f}), its best; more `train.epochs` would likely help.")
+    # One epoch is one point, no curve: neither "still rising" nor "flat" can be told, so say that rather than
+    # "Nothing to flag" (a 1-epoch run is usually under-trained, and a new user's first quick try).
+    if len(val_acc) == 1:
+        val_loss = curves["loss"]["val"]
+        loss = f", validation loss {val_loss[0]:.3f}" if val_loss else ""
+        default = {f.name: f.default for f in fields(TrainParams)}["epochs"]
+        out.append(f"Trained for 1 epoch (validation accuracy {val_acc[0]:.3f}{loss}): one epoch gives no learning "
+                   "curve to judge whether more epochs would help. Train for more and compare: "
+                   f"`dvc exp run -S train.epochs={default}` (the default).")
     if not out and predictions:
         gap = (f"train/val accuracy gap {100 * (train_acc[-1] - val_acc[-1]):.1f} points at the last epoch"
                f"{f' (not overfitting on this evidence: {doubt})' if doubt else ''}, " if train_acc and val_acc else "")
