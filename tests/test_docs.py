@@ -90,3 +90,12 @@ def test_readme_is_short_and_its_first_screen_sets_up_runs_and_tests():
     first_screen = "\n".join(lines[:30])
     for command in ("pip install -r requirements.lock -e .", "dvc repro", 'pytest -m "not slow"', "\npytest "):
         assert command in first_screen, f"README's first screen lacks {command.strip()!r}"
+
+
+def test_advice_to_rerun_one_stage_forces_that_stage_alone():
+    """`dvc repro -f <stage>` forces every stage before it too (train: a new training run); the advice to
+    rerun one stage is `dvc repro -f -s <stage>`, in the docs and in every message the code prints."""
+    texts = [*PAGES, *sorted((ROOT / "stages").rglob("*.py"))]
+    forced = [f"{path.relative_to(ROOT)}: {match.group(0)}" for path in texts
+              for match in re.finditer(r"repro (?:-f|--force) (?!-s\b|--single-item\b)[\w-]+", path.read_text())]
+    assert forced == []
