@@ -343,7 +343,10 @@ class TrainParams:
 
 @dataclass(frozen=True)
 class EvaluateParams:
-    batch_size: int = param(512, Int(1), "batch for the test pass")
+    # The train stage validates each epoch with this batch too (its val loss and accuracy are train's
+    # metrics, and pick the weights with keep: best), so it is one of train's params in dvc.yaml.
+    batch_size: int = param(512, Int(1),
+                            "batch of the test pass and of train's validation: changing it reruns train too")
 
 
 @dataclass(frozen=True)

@@ -168,6 +168,20 @@ def test_a_section_or_key_written_twice_names_both_lines(tmp_path):
     assert str(err.value) == f"{params} has two `train.epochs` keys (lines 2 and 4): keep one"
 
 
+def test_each_key_that_retrains_outside_model_and_train_says_so():
+    """dvc.yaml's train stage depends on more than model.* and train.*: each key it reads elsewhere
+    (evaluate.batch_size, its validation batch) reruns training when changed, and params.yaml's comment
+    for it says so rather than leaving a user to find out from an hour's retraining."""
+    entries = [entry.partition(".") for entry in read_params_file(ROOT / "dvc.yaml")["stages"]["train"]["params"]]
+    others = [(section, key) for section, _, key in entries if section not in ("model", "train")]
+    assert others, "train reads only model.* and train.*: nothing to check"
+    text = default_params_yaml()
+    for section, key in others:  # a whole section (evaluate) or one key of it (evaluate.batch_size)
+        lines = text.split(f"\n{section}:\n")[1].split("\n\n")[0].splitlines()
+        for line in lines if not key else [line for line in lines if line.startswith(f"  {key}:")]:
+            assert "reruns train" in line, line
+
+
 def test_unknown_section_and_valid_values():
     with pytest.raises(UserError, match=r"unknown section 'trian' \(did you mean train\?\); allowed sections: data,"):
         validate({"trian": {}})
