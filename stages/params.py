@@ -87,6 +87,10 @@ class OneOf:
     def __str__(self) -> str:
         return "one of " + ", ".join(show_value(o) for o in self.options)
 
+    def names(self) -> list[str]:
+        """The options a misspelled string may mean (did you mean ...?)."""
+        return [o for o in self.options if isinstance(o, str)]
+
 
 @dataclass(frozen=True)
 class Bool:
@@ -159,6 +163,10 @@ class ModelName:
     def __str__(self) -> str:
         return (f"{', '.join(BUILT_IN_MODELS)} or one of torchvision's classification models such as resnet18 "
                 "(`python -m stages models` lists them)")
+
+    def names(self) -> list[str]:
+        """The names a misspelled one may mean (did you mean ...?): read only for a name that is refused."""
+        return [*BUILT_IN_MODELS, *torchvision_model_names()]
 
 
 @dataclass(frozen=True)
@@ -335,7 +343,10 @@ class TrainParams:
 
 @dataclass(frozen=True)
 class EvaluateParams:
-    batch_size: int = param(512, Int(1), "batch for the test pass")
+    # The train stage validates each epoch with this batch too (its val loss and accuracy are train's
+    # metrics, and pick the weights with keep: best), so it is one of train's params in dvc.yaml.
+    batch_size: int = param(512, Int(1),
+                            "batch of the test pass and of train's validation: changing it reruns train too")
 
 
 @dataclass(frozen=True)
@@ -437,7 +448,8 @@ def validate(raw: Any, source: str = "params.yaml") -> Params:
         raise UserError(f"{source}: expected a mapping of sections ({', '.join(SECTIONS)}), got {type(raw).__name__}")
     for name in raw:
         if name not in SECTIONS:
-            raise UserError(f"{source}: unknown section '{name}'{did_you_mean(str(name), SECTIONS)}; "
+            guess = closest(str(name), list(SECTIONS))
+            raise UserError(f"{source}: unknown section '{name}'{did_you_mean(guess)}; "
                             f"allowed sections: {', '.join(SECTIONS)}")
     built = {}
     for name, cls in SECTIONS.items():
@@ -447,13 +459,17 @@ def validate(raw: Any, source: str = "params.yaml") -> Params:
         declared = {f.name: f for f in fields(cls)}
         for key, value in values.items():
             if key not in declared:
-                allowed = [f"{name}.{k}" for k in declared]
-                guess = did_you_mean(str(key), declared, prefix=f"{name}.") or in_other_section(str(key))
-                what = "`python -m stages params` lists every key" if guess else f"allowed keys: {', '.join(allowed)}"
-                raise UserError(f"{source}: unknown key '{name}.{key}'{guess}; {what}")
+                # The list of keys is long (train has 30): the line names where it is instead.
+                raise UserError(f"{source}: unknown key '{name}.{key}'{did_you_mean(closest_key(name, str(key)))}; "
+                                "`python -m stages params` lists every key with what it does")
             allowed = declared[key].metadata["allowed"]
+            if value is None:  # `epochs:` with nothing after it, or `epochs: null`
+                raise UserError(f"{source}: {name}.{key} is empty (null); expected {allowed}")
             if not allowed.allows(value):
-                raise UserError(f"{source}: {name}.{key} = {show_in_error(value)} is not allowed; expected {allowed}")
+                named = isinstance(value, str) and hasattr(allowed, "names")  # OneOf, ModelName
+                guess = closest(value, allowed.names()) if named else None
+                raise UserError(f"{source}: {name}.{key} = {show_in_error(value)} is not allowed{did_you_mean(guess)}; "
+                                f"expected {allowed}")
         built[name] = cls(**{k: same_value_declared_type(v, declared[k]) for k, v in values.items()})
     params = Params(**built)
     check_combinations(params, source)
@@ -472,17 +488,50 @@ def same_value_declared_type(value: Any, declared) -> Any:
     return value
 
 
-def did_you_mean(name: str, allowed, prefix: str = "") -> str:
-    """' (did you mean train.epochs?)' for the allowed name closest to a misspelled one (difflib's ratio
-    >= 0.6), or '' when none is close."""
-    close = difflib.get_close_matches(name, list(allowed), n=1, cutoff=0.6)
-    return f" (did you mean {prefix}{close[0]}?)" if close else ""
+def did_you_mean(guess: str | None) -> str:
+    return f" (did you mean {guess}?)" if guess else ""
 
 
-def in_other_section(key: str) -> str:
-    """' (did you mean data.dataset?)' for a key written under the wrong section, or ''."""
-    found = [f"{name}.{key}" for name, cls in SECTIONS.items() if key in {f.name for f in fields(cls)}]
-    return f" (did you mean {' or '.join(found)}?)" if found else ""
+# Names users bring from other tools, for the keys they mean (difflib finds none of them: too far).
+KEY_SYNONYMS = {
+    "learning_rate": "train.lr", "learningrate": "train.lr", "lr_rate": "train.lr", "batch": "train.batch_size",
+    "bs": "train.batch_size", "num_epochs": "train.epochs", "n_epochs": "train.epochs", "max_epochs": "train.epochs",
+    "wd": "train.weight_decay", "gpus": "train.devices", "model": "model.name", "arch": "model.name",
+    "architecture": "model.name", "dataset_name": "data.dataset", "eval_batch_size": "evaluate.batch_size",
+    "augmentation": "train.augment",
+}
+# difflib's similarity (2 * matching characters / both lengths) from which a name counts as a typo of
+# another: `epoch`, `btach_size`, `devcies`, `trian` are above it, `extra` -> train (0.6) is not.
+CLOSE = 0.75
+
+
+def closest(name: str, allowed: list[str]) -> str | None:
+    """The allowed name a misspelled one means, or None when none is close: the same name in another case
+    (`lR` -> lr, `ResNet18` -> resnet18), else the one most like it (difflib, case ignored) at CLOSE or
+    above, and only where no other is as close (`vgg` is as close to vgg11 as to vgg19: no guess)."""
+    lower = {a.lower(): a for a in reversed(allowed)}  # the first of names that differ only in case
+    if name.lower() in lower:
+        return lower[name.lower()]
+    scores = sorted(((difflib.SequenceMatcher(None, name.lower(), a).ratio(), a) for a in lower), reverse=True)
+    if not scores or scores[0][0] < CLOSE or (len(scores) > 1 and scores[1][0] == scores[0][0]):
+        return None
+    return lower[scores[0][1]]
+
+
+def closest_key(section: str, key: str) -> str | None:
+    """The declared key ('train.lr') an unknown one under `section` means (or keys: 'data.download or
+    model.download'), or None: a key of the same
+    section first, then a well-known synonym, then the same key in another section (`dataset` under
+    train: data.dataset). Each step tries the same name in another case before a close one."""
+    keys = {name: [f.name for f in fields(cls)] for name, cls in SECTIONS.items()}
+    if section in keys and (same_section := closest(key, keys[section])):
+        return f"{section}.{same_section}"
+    if key.lower() in KEY_SYNONYMS:
+        return KEY_SYNONYMS[key.lower()]
+    others = {name: names for name, names in keys.items() if name != section}
+    meant = closest(key, [k for names in others.values() for k in names])
+    found = [f"{name}.{meant}" for name, names in others.items() if meant in names]
+    return " or ".join(found) or None  # batch_size: train.batch_size or evaluate.batch_size
 
 
 def plural(count: int, noun: str, nouns: str | None = None) -> str:
@@ -534,6 +583,7 @@ def read_params_file(path: str | Path) -> Any:
     (YAML 1.1, PyYAML's, needs a dot), and `yes` is a string, not true. Every reader of params.yaml in the
     project goes through here. A syntax error is one line naming the line where it is."""
     from ruamel.yaml import YAML, YAMLError  # imported here so that `--help` stays light
+    from ruamel.yaml.constructor import DuplicateKeyError
 
     path = Path(path)
     if not path.exists() or path.is_dir():
@@ -543,12 +593,47 @@ def read_params_file(path: str | Path) -> Any:
         # DVC's loader and resolver; the pure-Python parser (the one DVC gets where ruamel's C parser is not
         # installed) for the same error marks everywhere, and for `scan`, which error_lines reads.
         return YAML(typ="safe", pure=True).load(text)
+    except DuplicateKeyError as exc:
+        raise UserError(duplicate_key_message(path, exc, text)) from None
     except YAMLError as exc:
         where = error_lines(exc, text)
         problem = getattr(exc, "problem", None) or str(exc).strip().splitlines()[0]
         if getattr(exc, "context", None) and getattr(exc, "context_mark", None):
             problem += f" ({exc.context})"  # what the parser was reading: a quoted scalar, a flow sequence, ...
         raise UserError(f"{path}: not valid YAML at{where}: {problem}") from None
+
+
+def duplicate_key_message(path: Path, exc: Exception, text: str) -> str:
+    """A key written twice in one mapping, as the user sees it: "has two `train:` sections (lines 1 and 9):
+    merge them" (ruamel's own words show both sections as "{}" and give only the second one's line). The
+    file is composed again (composing keeps duplicates) to find the key's lines and its section."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.nodes import MappingNode, SequenceNode
+
+    def find(node, keys: tuple[str, ...]) -> tuple[tuple[str, ...], list[int]] | None:
+        """(the key's path, its lines) in the mapping where the error is, searched for from `node` down."""
+        if isinstance(node, SequenceNode):
+            return next((found for child in node.value if (found := find(child, keys))), None)
+        if not isinstance(node, MappingNode):
+            return None
+        if (node.start_mark.line, node.start_mark.column) == (exc.context_mark.line, exc.context_mark.column):
+            lines: dict[str, list[int]] = {}
+            for key, _ in node.value:
+                lines.setdefault(str(key.value), []).append(key.start_mark.line + 1)
+            second = exc.problem_mark.line + 1
+            return next((((*keys, k), at) for k, at in lines.items() if second in at and len(at) > 1), None)
+        return next((found for key, value in node.value if (found := find(value, (*keys, str(key.value))))), None)
+
+    found = find(YAML(typ="safe", pure=True).compose(text), ())
+    if found is None:  # not where the error says: ruamel's words, with the line
+        return f"{path}: not valid YAML at{error_lines(exc, text)}: {exc.problem}"
+    keys, lines = found
+    twice = "two" if len(lines) == 2 else str(len(lines))
+    distinct = sorted(set(lines))
+    at = f"line {lines[0]}" if len(distinct) == 1 else f"lines {', '.join(map(str, distinct[:-1]))} and {distinct[-1]}"
+    if len(keys) == 1:
+        return f"{path} has {twice} `{keys[0]}:` sections ({at}): merge them into one"
+    return f"{path} has {twice} `{'.'.join(keys)}` keys ({at}): keep one"
 
 
 def error_lines(exc: Exception, text: str) -> str:

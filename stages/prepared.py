@@ -239,7 +239,7 @@ def check_prepared_with(info: dict, p: Params, params_path: str | Path, data_dir
     recorded = info.get("params")
     if not isinstance(recorded, dict):
         raise UserError(f"{data_dir} does not record the data params that prepared it (prepared by an older "
-                        "version); prepare it again with `python -m stages prepare-data` (or `dvc repro -f "
+                        "version); prepare it again with `python -m stages prepare-data` (or `dvc repro -f -s "
                         "prepare-data`)")
     difference = first_difference(recorded, p, (RECORDED_SECTION,))
     if difference is None:

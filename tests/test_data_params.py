@@ -86,6 +86,6 @@ def test_prepared_data_without_the_record_is_refused_with_how_to_prepare_it_agai
                       "--metrics", str(tmp_path / "metrics"), "--checkpoint", str(tmp_path / "ck.safetensors"),
                       check=False)
     assert refusal(proc) == (f"error: {old} does not record the data params that prepared it (prepared by an older "
-                             "version); prepare it again with `python -m stages prepare-data` (or `dvc repro -f "
+                             "version); prepare it again with `python -m stages prepare-data` (or `dvc repro -f -s "
                              "prepare-data`)")
     assert not (tmp_path / "m.safetensors").exists() and not (tmp_path / "metrics").exists()

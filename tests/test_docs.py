@@ -113,3 +113,14 @@ def test_what_the_readme_writes_into_the_repo_root_is_git_ignored(tmp_path):
     check = subprocess.run(["git", "check-ignore", *sorted(written), tracked], cwd=tmp_path, capture_output=True,
                            text=True)
     assert set(check.stdout.split()) == written, check.stdout
+
+
+def test_advice_to_rerun_one_stage_forces_that_stage_alone():
+    """`dvc repro -f <stage>` forces every stage before it too (train: a new training run); the advice to
+    rerun one stage is `dvc repro -f -s <stage>`, in the docs and in every message the code prints."""
+    texts = [*PAGES, *sorted((ROOT / "stages").rglob("*.py"))]
+    # After -f: spaces, a line break, or the end of one string literal and the start of the next.
+    forced_stage = re.compile(r'repro\s+(?:-f|--force)(?:\s|"\s*")+(?!-s\b|--single-item\b)[\w-]+')
+    forced = [f"{path.relative_to(ROOT)}: {match.group(0)}" for path in texts
+              for match in forced_stage.finditer(path.read_text())]
+    assert forced == []

@@ -39,7 +39,7 @@ def test_params_yaml_is_the_schema_rendered():
         ("train", "epoch", 3, "unknown key 'train.epoch' (did you mean train.epochs?)"),
         ("train", "weightdecay", 3, "unknown key 'train.weightdecay' (did you mean train.weight_decay?)"),
         ("train", "dataset", "mnist", "unknown key 'train.dataset' (did you mean data.dataset?)"),
-        ("train", "zzz", 3, "unknown key 'train.zzz'; allowed keys: train.epochs, train.batch_size"),
+        ("train", "zzz", 3, "unknown key 'train.zzz'; `python -m stages params` lists every key with what it does"),
         ("train", "lr", "fast", "train.lr = 'fast' is not allowed; expected a number in (0.0, 10.0]"),
         ("train", "epochs", -1, "train.epochs = -1 is not allowed; expected an integer from 1 to 100000"),
         ("train", "batch_size", 0, "train.batch_size = 0 is not allowed; expected an integer >= 1"),
@@ -116,6 +116,70 @@ def test_default_params_do_not_import_torchvision():
             "assert 'torchvision' not in sys.modules and 'torch' not in sys.modules")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize(
+    "raw, guess",
+    [
+        ({"train": {"lR": 0.1}}, "unknown key 'train.lR' (did you mean train.lr?)"),  # case only
+        ({"train": {"Epochs": 3}}, "unknown key 'train.Epochs' (did you mean train.epochs?)"),
+        ({"train": {"epoch": 3}}, "unknown key 'train.epoch' (did you mean train.epochs?)"),
+        ({"train": {"learning_rate": 0.1}}, "unknown key 'train.learning_rate' (did you mean train.lr?)"),  # synonym
+        ({"train": {"batch": 32}}, "unknown key 'train.batch' (did you mean train.batch_size?)"),
+        ({"data": {"batch_size": 32}}, "(did you mean train.batch_size or evaluate.batch_size?)"),
+        ({"model": {"name": "ResNet18"}}, "model.name = 'ResNet18' is not allowed (did you mean resnet18?); expected"),
+        ({"data": {"dataset": "MNIST"}}, "data.dataset = 'MNIST' is not allowed (did you mean mnist?); expected"),
+        ({"train": {"zzz": 3}}, None),
+        ({"extra": {}}, None),  # an unknown section: train is not close (difflib's ratio 0.6)
+        ({"model": {"name": "vgg"}}, None),  # as close to vgg11 as to vgg19: no guess
+    ],
+)
+def test_typos_get_one_close_guess_or_none_and_a_short_line(raw, guess):
+    """A suggestion is the same name in another case, a well-known synonym or a close name, never a far
+    guess; without one the line names where the keys are listed rather than listing train's 30 keys."""
+    with pytest.raises(UserError) as err:
+        validate(raw)
+    message = str(err.value)
+    if guess is None:
+        assert "did you mean" not in message
+    else:
+        assert guess in message
+    assert len(message) < 240 and "\n" not in message and "train.batch_size, " not in message
+
+
+def test_an_empty_value_is_named_empty():
+    for value in (None, ""):  # `epochs:` with nothing after it is null
+        with pytest.raises(UserError) as err:
+            validate({"train": {"epochs": value}})
+        assert "None" not in str(err.value) and "expected an integer from 1 to 100000" in str(err.value)
+    with pytest.raises(UserError, match=r"^params.yaml: train.epochs is empty \(null\); expected an integer"):
+        validate({"train": {"epochs": None}})
+
+
+def test_a_section_or_key_written_twice_names_both_lines(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("train:\n  epochs: 3\n\ndata:\n  dataset: digits\ntrain:\n  lr: 0.1\n")
+    with pytest.raises(UserError) as err:
+        load_params(params)
+    assert str(err.value) == f"{params} has two `train:` sections (lines 1 and 6): merge them into one"
+    params.write_text("train:\n  epochs: 3\n  lr: 0.1\n  epochs: 4\n")
+    with pytest.raises(UserError) as err:
+        load_params(params)
+    assert str(err.value) == f"{params} has two `train.epochs` keys (lines 2 and 4): keep one"
+
+
+def test_each_key_that_retrains_outside_model_and_train_says_so():
+    """dvc.yaml's train stage depends on more than model.* and train.*: each key it reads elsewhere
+    (evaluate.batch_size, its validation batch) reruns training when changed, and params.yaml's comment
+    for it says so rather than leaving a user to find out from an hour's retraining."""
+    entries = [entry.partition(".") for entry in read_params_file(ROOT / "dvc.yaml")["stages"]["train"]["params"]]
+    others = [(section, key) for section, _, key in entries if section not in ("model", "train")]
+    assert others, "train reads only model.* and train.*: nothing to check"
+    text = default_params_yaml()
+    for section, key in others:  # a whole section (evaluate) or one key of it (evaluate.batch_size)
+        lines = text.split(f"\n{section}:\n")[1].split("\n\n")[0].splitlines()
+        for line in lines if not key else [line for line in lines if line.startswith(f"  {key}:")]:
+            assert "reruns train" in line, line
 
 
 def test_unknown_section_and_valid_values():

@@ -484,6 +484,15 @@ CPU_PROBE = {"probe": "ran", "accelerator": "cpu", "device_names": ["cpu"], "ste
              "per_device_batch": 64, "global_batch": 64, "seconds": 30.0, "step_seconds": 28.0, "notes": []}
 
 
+def test_the_reports_rerun_advice_reruns_one_stage_without_retraining():
+    """`dvc repro -f analyze` (or probe) would force check-params, prepare-data and train too."""
+    note = report.missing_glyphs_note(["正"], figures.font_list_files())
+    assert note.endswith("run `dvc repro -f -s analyze` (-s: that stage alone, without retraining).")
+    run = replace(CPU_RUN, samples_per_second=1295 * 4 / sum(CPU_RUN.epoch_seconds))
+    far = report.probe_far_from_training([probe_row("dp", 1, 64, 46.0)], run)
+    assert "rerun `dvc repro -f -s probe` (-s: that stage alone, without retraining), then `dvc repro`" in far
+
+
 def test_a_probe_rate_far_from_trainings_is_flagged():
     run = replace(CPU_RUN, samples_per_second=1295 * 4 / sum(CPU_RUN.epoch_seconds))
     busy = [probe_row("dp", 1, 64, 46.0), probe_row("ddp", 2, 128, 80.0)]

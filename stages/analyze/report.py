@@ -72,7 +72,7 @@ def missing_glyphs_note(characters: list[str], font_list: str) -> str | None:
     return (f"the figures draw {listed(characters, 10)} (in class names) as empty boxes: no font matplotlib knows "
             f"has {them}; the tables spell the names out. Install a font that has {them} (for Chinese, Japanese "
             f"and Korean on Debian or Ubuntu: `apt install fonts-noto-cjk`), delete matplotlib's list of fonts "
-            f"(`rm {font_list}`) and run `dvc repro -f analyze`.")
+            f"(`rm {font_list}`) and run `dvc repro -f -s analyze` (-s: that stage alone, without retraining).")
 
 
 def run_summary_section(run: RunSummary, info: dict) -> list[str]:
@@ -274,8 +274,8 @@ def probe_far_from_training(rows: list[dict], run: RunSummary) -> str | None:
             f"{plural(point['devices'], 'device')}, global batch {point['global_batch']}), "
             f"{factor:.1f}× {'slower' if probed < trained else 'faster'} than training's {fmt_rate(trained)} "
             f"samples/s ({how}). The same steps should run at about the same rate: the machine may have been busy "
-            "with other work while one of them ran; rerun `dvc repro -f probe` on a quiet machine before "
-            "trusting these numbers.")
+            "with other work while one of them ran; rerun `dvc repro -f -s probe` (-s: that stage alone, without "
+            "retraining), then `dvc repro`, on a quiet machine before trusting these numbers.")
 
 
 def merge_identical_modes(rows: list[dict]) -> list[dict]:
