@@ -7,8 +7,10 @@ Layouts under `data.root` (folder names are matched case-insensitively):
 
 Class names are the train folder's class folders, sorted. A class may be missing from
 val/ or test/; a class folder there that train/ lacks is an error. Images may sit in
-nested folders below their class folder. Hidden files and folders (".name") are skipped,
-and so are files whose extension is not one PIL can open here (README.md, Thumbs.db, ...).
+nested folders below their class folder. Hidden files and folders (".name") are skipped (a hidden
+folder where classes or splits are looked for, such as ".cats", with a warning), and so are files
+whose extension is not one PIL can open here (README.md, Thumbs.db, ...). Folders named like a split
+(train, test, ...) directly under the root make it the split layout, whatever they hold.
 
 Each image is decoded (JPEGs in Pillow's draft mode, which shrinks large photos while
 decoding), turned upright by its EXIF orientation, flattened onto white where it has
