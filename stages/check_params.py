@@ -42,7 +42,8 @@ def check_data_root(d: DataParams) -> list[str]:
                         f"prepare-data's dependency in dvc.yaml; set data.root to a folder that exists, such as "
                         f"{DataParams.root}{in_queue_hint()}")
     if root.exists():
-        raise UserError(f"data.root = {where} is a file; set data.root to the folder that holds {d.dataset}")
+        holds = "your images, one subfolder per class" if d.dataset == IMAGE_FOLDER else f"{d.dataset}'s files"
+        raise UserError(f"data.root = {where} is a file; set data.root to the folder that holds {holds}")
     if d.download and DATASETS[d.dataset].downloads:
         root.mkdir(parents=True)
         return [f"created data.root {d.root} for torchvision to download {d.dataset} into"]

@@ -106,11 +106,13 @@ def parallel_map(workers: int):
 
 def fill_splits(writers: dict[str, SplitWriter], rows: Rows, items: dict[str, tuple[str, np.ndarray]],
                 skip_bad: bool, stats: ChannelStats) -> list[tuple[str, str]]:
-    """Fill every split file with its items' rows; returns the skipped (name, reason). Without `skip_bad`,
-    unreadable items are refused together once all are read, so a folder's bad files are all named by one run.
+    """Fill every split file with its items' rows; returns the skipped (name, reason), sorted by name. Without
+    `skip_bad`, unreadable items are refused together once all are read, so a folder's bad files are all named
+    by one run.
 
-    One stream of tasks covers all splits (train first), so the decoders never wait between splits;
-    results come back in task order, so unreadable files are named in the same order every time. When
+    One stream of tasks covers all splits (train first), so the decoders never wait between splits. Unreadable
+    files are named sorted by path, not in split order: the split a file lands in depends on the seed and on
+    the other files, and the files of one folder belong together in the warnings. When
     a split's last task is in, its unreadable rows are dropped while the decoders go on with the next
     split. Pixel values of the train split are counted on the way, for mean/std. The files are flushed
     to disk when they are committed, not here: a flush while decoders write the next split cost them
@@ -147,8 +149,10 @@ def fill_splits(writers: dict[str, SplitWriter], rows: Rows, items: dict[str, tu
         seconds = time.perf_counter() - started
         how = "1 process" if workers == 1 else \
             f"{workers} {'processes' if sys.platform.startswith('linux') else 'threads'}"
-        print(f"decoded {total:,} images in {seconds:.2f} s ({total / max(seconds, 1e-9):,.0f} images/s, {how})")
-    return skipped
+        decoded = total - len(skipped)  # the files that failed were tried, not decoded
+        print(f"decoded {decoded:,} images in {seconds:.2f} s ({decoded / max(seconds, 1e-9):,.0f} images/s, {how})"
+              + (f"; skipped {plural(len(skipped), 'unreadable file')}" if skipped else ""))
+    return sorted(skipped)
 
 
 def refuse_unreadable(bad: list[tuple[str, str]]) -> None:

@@ -64,14 +64,11 @@ def choose_rows(source: Source, p: DataParams) -> dict[str, tuple[str, np.ndarra
     if "train" not in source.labels:
         raise UserError(f"data.dataset = {p.dataset!r} gave no training images")
     rows = {name: (name, np.arange(len(labels))) for name, labels in source.labels.items()}
-    carved = []
     for split, fraction, seed in (("test", p.test_fraction, p.split_seed), ("val", p.val_fraction, p.split_seed + 1)):
         if split not in rows:
             train_rows = rows["train"][1]
             keep, take = stratified_split(source.labels["train"][train_rows], fraction, seed)
             rows["train"], rows[split] = ("train", train_rows[keep]), ("train", train_rows[take])
-            carved.append(split)
-    warn_classes_left_out(source, rows, carved)
     for name in SPLITS:
         if len(rows[name][1]) == 0:
             raise UserError(f"the {name} split is empty; use more images or change data.val_fraction / "
@@ -79,18 +76,52 @@ def choose_rows(source: Source, p: DataParams) -> dict[str, tuple[str, np.ndarra
     return {name: rows[name] for name in SPLITS}
 
 
-def warn_classes_left_out(source: Source, rows: dict[str, tuple[str, np.ndarray]], carved: list[str]) -> None:
+def from_train(rows: dict[str, tuple[str, np.ndarray]]) -> list[str]:
+    """The splits drawn from the source's train split: train, and test and val where they were carved from it."""
+    return [split for split in ("train", "test", "val") if rows[split][0] == "train"]
+
+
+def refuse_classes_left_unreadable(source: Source, rows: dict[str, tuple[str, np.ndarray]],
+                                   written: dict[str, np.ndarray], skipped: int) -> None:
+    """With data.skip_bad_images, a class whose training files were all unreadable would be trained as a
+    class without an image; refused as a class folder without images is (sources/imagefolder.py)."""
+    if not skipped:
+        return
+    n = len(source.class_names)
+    listed_files = np.bincount(source.labels["train"], minlength=n)
+    readable = sum(np.bincount(written[split], minlength=n) for split in from_train(rows))
+    empty = np.flatnonzero((readable == 0) & (listed_files > 0)).tolist()
+    if not empty:
+        return
+    root = Path(source.class_root) if source.class_root else None
+
+    def where(c: int) -> str:
+        name = source.class_names[c]
+        return f"{root / name} (class {name})" if root else f"class {name}"
+
+    if len(empty) == 1:
+        c = empty[0]
+        files = "its one file was" if listed_files[c] == 1 else f"its {listed_files[c]:,} files were all"
+        raise UserError(f"no readable images in {where(c)}: {files} skipped as unreadable "
+                        "(data.skip_bad_images); fix or replace them, or remove the class folder")
+    named = listed([f"{where(c)}: {plural(int(listed_files[c]), 'file')}" for c in empty], 10)
+    raise UserError(f"no readable images in {len(empty)} classes, whose files were all skipped as unreadable "
+                    f"(data.skip_bad_images): {named}; fix or replace them, or remove those class folders")
+
+
+def warn_classes_left_out(source: Source, rows: dict[str, tuple[str, np.ndarray]],
+                          written: dict[str, np.ndarray]) -> None:
     """One warning naming the classes too small to give each carved split an image (a class of one
-    image stays in train alone): val and test say nothing about them."""
+    image stays in train alone): val and test say nothing about them. Counted on the images written,
+    so a class whose only test image was skipped as unreadable is named too."""
     n = len(source.class_names)
     left_out: dict[int, list[str]] = {}
-    for split in carved:
-        native, idx = rows[split]
-        for c in np.flatnonzero(np.bincount(source.labels[native][idx], minlength=n) == 0).tolist():
+    for split in from_train(rows)[1:]:
+        for c in np.flatnonzero(np.bincount(written[split], minlength=n) == 0).tolist():
             left_out.setdefault(c, []).append(split)
     if not left_out:
         return
-    totals = np.bincount(source.labels["train"], minlength=n).tolist()
+    totals = sum(np.bincount(written[split], minlength=n) for split in from_train(rows)).tolist()
     named = [f"{source.class_names[c]} ({plural(totals[c], 'image')}: no {' or '.join(splits)} image)"
              for c, splits in sorted(left_out.items())]
     warn(f"{plural(len(named), 'class', 'classes')} too small to split: {listed(named, 10)}; "
@@ -105,12 +136,14 @@ def prepare_data(p: DataParams, out_dir: str | Path) -> dict:
     stats = ChannelStats(source.shape[0])  # of the train split, counted while it is written
     with staged_dir(out_dir) as staged, PreparedWriter(staged, labels, source.shape) as out:
         skipped = fill_splits(out.splits, source.rows, rows, p.skip_bad_images, stats)
-        report_skipped(skipped)
         written = {split: writer.labels for split, writer in out.splits.items()}
         for split in SPLITS:
             if len(written[split]) == 0:  # every file of the split was unreadable
                 raise UserError(f"no readable images in the {split} split under {p.root} "
                                 f"({plural(len(skipped), 'unreadable file')} skipped)")
+        refuse_classes_left_unreadable(source, rows, written, len(skipped))
+        report_skipped(skipped)  # after the refusals, which are one line each
+        warn_classes_left_out(source, rows, written)
         mean, std = stats.mean_std()
         num_classes = len(source.class_names)
         info = {

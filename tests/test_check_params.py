@@ -174,6 +174,15 @@ def test_a_missing_data_root_is_refused_naming_the_key_the_path_and_what_to_do(t
     assert not root.exists()
 
 
+@pytest.mark.parametrize("dataset, holds", [("imagefolder", "your images, one subfolder per class"),
+                                            ("mnist", "mnist's files")])
+def test_a_data_root_that_is_a_file_says_what_folder_to_name(tmp_path, dataset, holds):
+    root = tmp_path / "photos.zip"
+    root.write_bytes(b"PK")
+    line = refused(tmp_path, data={"dataset": dataset, "root": str(root)})
+    assert line == f"error: data.root = '{root}' is a file; set data.root to the folder that holds {holds}"
+
+
 def test_a_missing_data_root_to_download_into_is_created(tmp_path):
     root = tmp_path / "raw" / "mnist"
     code, lines = check(tmp_path, data={"dataset": "mnist", "root": str(root), "download": True})

@@ -652,6 +652,30 @@ def test_test_class_unknown_to_train_is_refused(tmp_path):
     assert_user_error(result, str(root / "test" / "light"), "train")
 
 
+def test_classes_named_train_and_test_say_why_they_are_read_as_splits(tmp_path):
+    root = tmp_path / "photos"
+    write_class(root / "train", 40, 5)  # classes of a flat layout that happen to be named like splits
+    write_class(root / "test", 220, 5)
+    _, result = prepare(tmp_path, dataset="imagefolder", root=str(root))
+    assert_user_error(result, f"{root} has folders named test/, train/, which are read as a split layout "
+                              "(data.root/train/<class>/...", f"{root / 'test'} holds no class folders",
+                      "rename their folders", "or use the split layout")
+
+
+def test_hidden_class_folders_are_left_out_with_one_warning(tmp_path):
+    root = tmp_path / "photos"
+    for name in ("dark", "light", ".mid", ".cache"):
+        write_class(root / name, 100, 3)
+    (root / ".DS_Store").write_bytes(b"junk")  # a hidden file: left out without a word
+    (root / "dark" / ".DS_Store").write_bytes(b"junk")
+    prepared, result = prepare(tmp_path, dataset="imagefolder", root=str(root), image_size=8)
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: left out 2 hidden folders under {root} (.cache, .mid): folders whose name "
+                        "starts with '.' are not read; rename any that is a class or a split"]
+    assert load_prepared(prepared, "train")[2]["class_names"] == ["dark", "light"]
+
+
 def test_split_folders_without_train_are_refused(tmp_path):
     root = tmp_path / "photos"
     write_class(root / "test" / "dark", 40, 3)
@@ -749,6 +773,58 @@ def test_skip_bad_images_counts_and_warns(tmp_path):
     assert info["skipped_bad_images"] == 3
     assert sum(info["counts"].values()) == 20
     check_grey_levels(splits, info["class_names"])
+
+
+def test_a_class_whose_files_are_all_unreadable_is_refused_like_an_empty_one(tmp_path):
+    root = tmp_path / "photos"
+    write_class(root / "dark", 40, 20)
+    write_class(root / "light", 220, 20)
+    (root / "mid").mkdir()
+    for i in range(5):
+        (root / "mid" / f"scan{i}.png").write_text("not a PNG")
+    prepared, result = prepare(tmp_path, dataset="imagefolder", root=str(root), image_size=8, skip_bad_images=True)
+    assert_user_error(result, f"no readable images in {root / 'mid'} (class mid): its 5 files were all skipped "
+                              "as unreadable")
+    assert not prepared.exists()
+    (root / "mid" / "scan0.png").unlink()
+    write_class(root / "mid", 128, 1)  # one readable image: a class of one image, kept in train
+    _, result = prepare(tmp_path, dataset="imagefolder", root=str(root), image_size=8, skip_bad_images=True)
+    assert result.exit_code == 0, result.output
+    assert "warning: 1 class too small to split: mid (1 image: no test or val image)" in result.stderr
+
+
+def test_a_class_that_loses_its_test_image_to_skipping_is_named_too_small(tmp_path):
+    root = tmp_path / "photos"
+    write_class(root / "dark", 40, 10)
+    write_class(root / "light", 220, 10)
+    (root / "mid").mkdir()
+    for level in (100, 150):  # two images: one drawn into test, one left in train (no val image)
+        Image.new("L", (8, 8), level).save(root / "mid" / f"{level}.png")
+    prepared = prepare_ok(tmp_path, dataset="imagefolder", root=str(root), image_size=8)
+    test_images, test_labels, info = load_prepared(prepared, "test")
+    [in_test] = {int(img.max()) for img, label in zip(test_images, test_labels) if label == 2}
+    (root / "mid" / f"{in_test}.png").write_text("not a PNG")
+    prepared, result = prepare(tmp_path, dataset="imagefolder", root=str(root), image_size=8, skip_bad_images=True)
+    assert result.exit_code == 0, result.output
+    assert "warning: 1 class too small to split: mid (1 image: no test or val image)" in result.stderr
+    assert load_prepared(prepared, "test")[2]["class_counts"]["test"] == [2, 2, 0]
+
+
+def test_skipped_files_are_warned_about_in_path_order_and_not_counted_as_decoded(tmp_path):
+    root = tmp_path / "photos"
+    write_class(root / "dark", 40, 20)
+    write_class(root / "light", 220, 20)
+    bad = []
+    for i in range(6):
+        bad.append(root / "dark" / f"scan{i}.png")
+        bad[-1].write_text("not a PNG")
+    _, result = prepare(tmp_path, dataset="imagefolder", root=str(root), image_size=8, skip_bad_images=True)
+    assert result.exit_code == 0, result.output
+    named = [line.split()[4].rstrip(":") for line in result.stderr.splitlines()
+             if line.startswith("warning: skipped unreadable image ")]
+    assert named == [str(path) for path in bad]  # spread over the three splits, named in path order
+    [decoded] = [line for line in result.stdout.splitlines() if line.startswith("decoded ")]
+    assert decoded.startswith("decoded 40 images in ") and decoded.endswith("; skipped 6 unreadable files")
 
 
 def test_bad_image_through_python_m_stages_is_one_line_without_traceback(tmp_path):

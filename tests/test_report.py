@@ -153,6 +153,50 @@ def test_few_classes_keep_the_heatmap_and_list_the_pairs(tmp_path):
     assert "No test image was misclassified." in quality(perfect)
 
 
+def rendered_tables(markdown: str) -> list[list[list[str]]]:
+    """The text of every table cell as a GitHub-flavoured Markdown renderer (markdown-it-py) shows it."""
+    from html.parser import HTMLParser
+
+    from markdown_it import MarkdownIt
+
+    class Cells(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.tables, self.cell = [], None
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "table":
+                self.tables.append([])
+            elif tag == "tr":
+                self.tables[-1].append([])
+            elif tag in ("td", "th"):
+                self.cell = ""
+
+        def handle_endtag(self, tag):
+            if tag in ("td", "th"):
+                self.tables[-1][-1].append(self.cell)
+                self.cell = None
+
+        def handle_data(self, data):
+            if self.cell is not None:
+                self.cell += data
+
+    parser = Cells()
+    parser.feed(MarkdownIt("commonmark").enable("table").render(markdown))
+    return parser.tables
+
+
+def test_class_names_with_pipes_and_backslashes_stay_one_cell(tmp_path):
+    classes = ["cat|dog", "back\\slash|", "bird"]  # folder names: anything but '/' goes
+    pairs = balanced(classes, 4, wrong={"cat|dog": "back\\slash|", "bird": "cat|dog"})
+    text = quality(files(tmp_path, classes, pairs))
+    per_class, confused = rendered_tables(text)
+    assert per_class[0] == ["class", "precision", "recall", "F1", "support"]
+    assert [row[0] for row in per_class[1:]] == classes and {len(row) for row in per_class} == {5}
+    assert sorted(row[:3] for row in confused[1:]) == [["bird", "cat|dog", "1"], ["cat|dog", "back\\slash|", "1"]]
+    assert {len(row) for row in confused} == {4}
+
+
 def test_per_class_figure_with_many_classes_draws_the_lowest_f1(tmp_path, monkeypatch):
     classes = [f"c{i:03d}" for i in range(200)]
     pairs = balanced(classes, 4, wrong={"c150": "c151", "c007": "c008"})

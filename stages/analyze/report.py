@@ -42,9 +42,17 @@ RISING_PER_EPOCH = 0.005  # half a point of val accuracy per epoch, about 1 imag
 # --- Markdown helpers --------------------------------------------------------------
 
 
-def md_table(headers: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    return lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+def md_cell(value: object) -> str:
+    """A table cell that shows `value` as it is: class names are folder names, which may hold '|' (a column
+    break in a GitHub table) or a backslash (which would escape the character after it), or even a newline
+    (which would end the row)."""
+    text = str(value).replace("\\", "\\\\").replace("|", "\\|")
+    return " ".join(text.splitlines())
+
+
+def md_table(headers: list[str], rows: list[list[object]]) -> list[str]:
+    lines = ["| " + " | ".join(map(md_cell, headers)) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    return lines + ["| " + " | ".join(map(md_cell, row)) + " |" for row in rows]
 
 
 def fmt_rate(value: float | None) -> str:

@@ -135,6 +135,9 @@ class Source:
     # How a new image file is brought to `shape` (predict reads it from the model file): data.resize for
     # an image folder; for arrays, how predict fits a photo to them.
     resize: str = "stretch"
+    # An image folder's folder of train class folders (class c's images are under class_root/c): what a
+    # refusal of a class names.
+    class_root: str | None = None
 
     @property
     def image_mode(self) -> str:
