@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import UserError, first_line
+from ..errors import UserError, first_line, reraise_interrupt
 from ..params import (
     ModelParams,
     check_weights_available,
@@ -153,6 +153,7 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
                 return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # safetensors and torch.load raise many types for damaged or foreign files
+        reraise_interrupt(exc)  # a Ctrl-C while reading is not a damaged file
         # weights_only refused a Python object (a whole model, or worse): torch's message suggests
         # weights_only=False, which would run the file's code, so it is not quoted.
         refused = re.search(r"Weights only load failed.*?GLOBAL ([\w.]+)", str(exc), re.S)
