@@ -70,12 +70,18 @@ def show_changes_dvc_hid() -> None:
 
 def check_devices(t: TrainParams) -> None:
     """The train stage's own device plan (core/devices.py), refused here as it would be refused there:
-    cuda without CUDA, CUDA ids or GPU claims on the cpu, a batch the DDP processes cannot split."""
-    if t.devices == "all" and t.strategy == "dp" and t.accelerator != "cuda":
+    cuda without CUDA, CUDA ids or GPU claims on the cpu, a batch the DDP processes cannot split, fp16 on the
+    cpu, more CPU threads than this machine's cores can run."""
+    if (t.devices == "all" and t.strategy == "dp" and t.accelerator != "cuda" and t.precision != "fp16"
+            and t.threads == "auto"):
         return  # one process on whatever this machine has: nothing to refuse, and no torch to import
     from .core.devices import plan_training
+    from .core.precision import check_precision
+    from .core.threads import check_thread_count
 
-    plan_training(t)
+    plan = plan_training(t)
+    check_precision(t.precision, t.accelerator, plan.accelerator)
+    check_thread_count(t.threads, plan.world_size)  # the processes train starts on this machine
 
 
 def check_model_takes_images(p: Params) -> None:

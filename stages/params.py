@@ -142,6 +142,8 @@ class AutoOrCount:
     """auto, or a whole number >= 1 (train.threads)."""
 
     def allows(self, v: Any) -> bool:
+        if isinstance(v, float) and v.is_integer():  # a count written as 2e0 (-S writes 2.0), as Int allows it
+            v = int(v)
         return v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1)
 
     def __str__(self) -> str:
