@@ -159,9 +159,8 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         reraise_interrupt(exc)  # a Ctrl-C while reading is not a damaged file
         refused = weights_only_refusal(exc)
         if refused:
-            raise UserError(f"model.weights = {str(path)!r} {refused}: such a file is never loaded, since "
-                            "loading it could run code; save the weights alone, torch.save(model.state_dict(), path) "
-                            "or a .safetensors file") from None
+            raise UserError(f"model.weights = {str(path)!r} {refused}; save the weights alone, "
+                            "torch.save(model.state_dict(), path) or a .safetensors file") from None
         reason = first_line(exc)
         raise UserError(f"model.weights = {str(path)!r} cannot be read as a state dict: {reason}") from None
     for wrapper in ("state_dict", "model"):  # a training checkpoint around the weights
@@ -175,7 +174,7 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def weights_only_refusal(exc: Exception) -> str | None:
-    """What torch.load(weights_only=True) refused in a file ("holds ..."), for our own one line; None for
+    """What torch.load(weights_only=True) refused in a file, for our own one line ("holds ..."); None for
     any other error.
 
     torch's message advises loading with weights_only=False, which would run the file's code, so it is
@@ -188,16 +187,16 @@ def weights_only_refusal(exc: Exception) -> str | None:
     text = str(exc)
     if not isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" not in text:
         return None
+    never = "such a file is never loaded, since loading it could run code"
     named = re.search(r"GLOBAL ([\w.]+)", text)
     if named:
-        return f"holds a pickled Python object ({named[1]}), not only tensors"
+        return f"holds a pickled Python object ({named[1]}), not only tensors: {never}"
     opcode = re.search(r"Unsupported operand (\d+)", text)
     if opcode and chr(int(opcode[1])) in pickletools.code2op:
         name = pickletools.code2op[chr(int(opcode[1]))].name
-        return f"is a plain pickle (torch's weights-only reader stops at its {name} instruction), not torch.save's " \
-               "tensors"
-    return "holds a pickle that torch's weights-only reader refuses, not only tensors"
-
+        return (f"is a plain pickle (torch's weights-only reader stops at its {name} instruction), not torch.save's "
+                f"tensors: {never}")
+    return "cannot be read as a state dict: it is not a file torch.save wrote (nor pickled tensors)"
 
 def file_stats(meta: dict) -> tuple[list[float] | None, list[float] | None]:
     """mean and std from a safetensors file's metadata (this project's model files carry them)."""
