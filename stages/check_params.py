@@ -3,11 +3,13 @@
 DVC deletes a stage's outputs just before it runs the stage, so a value the train stage refuses would
 cost the last good model. Everything that params.yaml and this machine decide is checked here, each
 refusal one line: the schema (stages/params.py, while loading), the weights to read, data.root, the
-device plan with the global batch split over its processes, and that the model takes the data's images.
+device plan with the global batch split over its processes, the precision and CPU thread count against
+where training runs, and that the model takes the data's images.
 
 torch is imported only by the checks that need it: a torchvision model (built on the meta device, no
-memory, for one shape-only forward pass), or device settings other than the default's (auto, all, dp:
-one process on whatever is there, which nothing can refuse). The default params need neither.
+memory, for one shape-only forward pass), or device settings other than the default's (auto, all, dp,
+threads auto, no fp16: one process on whatever is there, which nothing can refuse). The default params
+need neither.
 """
 
 from __future__ import annotations
