@@ -3,11 +3,13 @@
 DVC deletes a stage's outputs just before it runs the stage, so a value the train stage refuses would
 cost the last good model. Everything that params.yaml and this machine decide is checked here, each
 refusal one line: the schema (stages/params.py, while loading), the weights to read, data.root, the
-device plan with the global batch split over its processes, and that the model takes the data's images.
+device plan with the global batch split over its processes, the precision and CPU thread count against
+where training runs, and that the model takes the data's images.
 
 torch is imported only by the checks that need it: a torchvision model (built on the meta device, no
-memory, for one shape-only forward pass), or device settings other than the default's (auto, all, dp:
-one process on whatever is there, which nothing can refuse). The default params need neither.
+memory, for one shape-only forward pass), or device settings other than the default's (auto, all, dp,
+threads auto, no fp16: one process on whatever is there, which nothing can refuse). The default params
+need neither.
 """
 
 from __future__ import annotations
@@ -71,12 +73,18 @@ def show_changes_dvc_hid() -> None:
 
 def check_devices(t: TrainParams) -> None:
     """The train stage's own device plan (core/devices.py), refused here as it would be refused there:
-    cuda without CUDA, CUDA ids or GPU claims on the cpu, a batch the DDP processes cannot split."""
-    if t.devices == "all" and t.strategy == "dp" and t.accelerator != "cuda":
+    cuda without CUDA, CUDA ids or GPU claims on the cpu, a batch the DDP processes cannot split, fp16 on the
+    cpu, more CPU threads than this machine's cores can run."""
+    if (t.devices == "all" and t.strategy == "dp" and t.accelerator != "cuda" and t.precision != "fp16"
+            and t.threads == "auto"):
         return  # one process on whatever this machine has: nothing to refuse, and no torch to import
     from .core.devices import plan_training
+    from .core.precision import check_precision
+    from .core.threads import check_thread_count
 
-    plan_training(t)
+    plan = plan_training(t)
+    check_precision(t.precision, t.accelerator, plan.accelerator)
+    check_thread_count(t.threads, plan.world_size)  # the processes train starts on this machine
 
 
 def check_model_takes_images(p: Params) -> None:

@@ -17,3 +17,21 @@ def first_line(exc: BaseException) -> str:
         return type(exc).__name__
     line = text.splitlines()[0].rstrip()
     return line[:-1] if line.endswith(".") and not line.endswith("..") else line
+
+
+def reraise_interrupt(exc: BaseException) -> None:
+    """Raise KeyboardInterrupt when `exc` was caused by one, anywhere in its __cause__ / __context__ chain.
+
+    Some libraries catch everything their callee raises, Ctrl-C included, and raise their own error
+    from it (torch's dynamo ONNX exporter raises a TorchExportError); a stage that turns a library's
+    errors into a refusal calls this first, so that Ctrl-C is reported as an interruption, never as a
+    bad file or a model that cannot be exported."""
+    pending, seen = [exc], set()
+    while pending:
+        link = pending.pop()
+        if link is None or id(link) in seen:
+            continue
+        if isinstance(link, KeyboardInterrupt):
+            raise KeyboardInterrupt from exc
+        seen.add(id(link))
+        pending += [link.__cause__, link.__context__]

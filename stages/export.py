@@ -23,7 +23,7 @@ import torch
 from .core.pretrained import file_sha256
 from .core.transforms import normalize, stats_tensors
 from .core.weights import load_model
-from .errors import UserError, first_line
+from .errors import UserError, first_line, reraise_interrupt
 from .io import atomic_path
 from .model_file import check_weights_use, read_metadata
 from .onnx_model import INPUT_NAME, OUTPUT_NAME, onnx_metadata
@@ -41,6 +41,7 @@ def to_onnx(model: torch.nn.Module, example: torch.Tensor, opset: int | None, na
                                     input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                                     dynamic_shapes=({0: batch},), verbose=False)
     except Exception as exc:  # torch.export and the exporter raise many types for what they cannot convert
+        reraise_interrupt(exc)  # the exporter wraps a Ctrl-C during tracing in its own error
         reason = first_line(exc)
         raise UserError(f"model.name {name!r} cannot be exported to ONNX by torch {torch.__version__}'s dynamo "
                         f"exporter ({type(exc).__name__}: {reason[:300]}); models/model.onnx was not written") from None
@@ -116,6 +117,7 @@ def export_stage(params: Params, params_path: str | Path, weights: str | Path, d
     try:
         session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
     except Exception as exc:
+        reraise_interrupt(exc)
         reason = first_line(exc)
         raise UserError(f"model.name {name!r}: ONNX Runtime {ort.__version__} cannot run its ONNX export "
                         f"({reason[:300]}); models/model.onnx was not written") from None

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .console import warn
-from .errors import UserError, first_line
+from .errors import UserError, first_line, reraise_interrupt
 from .params import plural
 
 
@@ -121,6 +121,7 @@ def decode_image(path: str, mode: str, size: int, resize: str) -> np.ndarray | s
     try:
         img = open_resized(path, mode, size, resize)
     except Exception as exc:  # any damage a file can have: the reason goes into the one-line message
+        reraise_interrupt(exc)  # a Ctrl-C while decoding is not a damaged file
         return first_line(exc)
     pixels = np.empty((len(img.getbands()), *img.size[::-1]), dtype=np.uint8)
     channels_first(img, pixels)

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError, first_line
+from .errors import UserError, first_line, reraise_interrupt
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -230,6 +230,7 @@ def open_tensors(path: str | Path, framework: str = "pt", device: str = "cpu"):
     try:
         return safe_open(str(path), framework=framework, device=device)
     except Exception as exc:  # safetensors raises several types for damaged files
+        reraise_interrupt(exc)
         raise _damaged(path, exc) from None
 
 
@@ -252,6 +253,7 @@ def load_tensors(path: str | Path, device: str = "cpu", metadata_only: bool = Fa
             tensors = {} if metadata_only else {k: f.get_tensor(k) for k in f.keys()}
             metadata = {k: json.loads(v) for k, v in raw_meta.items()}
         except Exception as exc:  # safetensors raises several types for damaged files
+            reraise_interrupt(exc)
             raise _damaged(path, exc) from None
     return tensors, metadata
 

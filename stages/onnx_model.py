@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError, first_line
+from .errors import UserError, first_line, reraise_interrupt
 
 FORMAT = "stages.onnx/1"
 INPUT_NAME = "images"
@@ -53,6 +53,7 @@ def open_onnx(path: str | Path, threads: int = 0):
     try:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ONNX Runtime raises InvalidProtobuf, Fail, InvalidGraph, ... for damaged files
+        reraise_interrupt(exc)
         reason = first_line(exc)
         raise UserError(f"{path} is damaged or not an ONNX model: {reason}") from None
     raw = session.get_modelmeta().custom_metadata_map

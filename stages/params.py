@@ -146,6 +146,8 @@ class AutoOrCount:
     """auto, or a whole number >= 1 (train.threads)."""
 
     def allows(self, v: Any) -> bool:
+        if isinstance(v, float) and v.is_integer():  # a count written as 2e0 (-S writes 2.0), as Int allows it
+            v = int(v)
         return v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1)
 
     def __str__(self) -> str:
@@ -300,7 +302,7 @@ class TrainParams:
     strategy: str = param("dp", OneOf(("dp", "ddp")),
                           "dp = nn.DataParallel in one process | ddp = one process per device")
     precision: str = param("auto", OneOf(PRECISIONS),
-                           "auto (bf16 on GPUs that support it, fp32 on the cpu) | bf16 | fp16 | fp32")
+                           "auto (bf16 on GPUs that support it, fp32 on the cpu) | bf16 | fp16 (CUDA only) | fp32")
     compile: bool | str = param(False, OneOf(COMPILE_MODES),
                                 "torch.compile: false | true | reduce-overhead (CUDA graphs) | max-autotune")
     augment: bool = param(False, Bool(), "random crop with padding (+ horizontal flip: train.hflip), on the device")
@@ -333,7 +335,7 @@ class TrainParams:
                                 affects_result=False)
     threads: Any = param("auto", AutoOrCount(),
                          "CPU threads per process: auto (usable cores / ranks on this machine; OMP_NUM_THREADS wins) "
-                         "| a count; results are byte-identical for the same count")
+                         "| a count (at most 4 per usable core); results are byte-identical for the same count")
 
     @property
     def pass_batch(self) -> int:

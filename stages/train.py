@@ -63,11 +63,11 @@ from .core.gpu_claims import claim_gpus
 from .core.launch import Stopped, launch_ranks, launched_plan, refuse_once, run_as_rank
 from .core.loop import LoopState, build_loop_state, compile_mode, evaluate, prepare_model, train_one_epoch, unwrap
 from .core.models import build_model, check_input_size, count_parameters, set_backbone_trainable, uses_small_stem
-from .core.precision import precision_name
+from .core.precision import check_precision, precision_name
 from .core.pretrained import Pretrained, fetch_weights, fit_pretrained, pretrained_normalization, read_pretrained
 from .core.rank_status import RestartReport, describe
 from .core.readout import LatestValue
-from .core.threads import oversubscription, set_threads
+from .core.threads import check_thread_count, oversubscription, set_threads
 from .core.transforms import augmentations
 from .core.weights import save_model
 from .errors import UserError
@@ -101,6 +101,8 @@ def train_stage(p: Params, paths: TrainPaths, argv: list[str]) -> None:
         run_rank(p, paths, started)
         return
     plan = plan_training(cfg)  # refused here once, before any rank starts
+    check_precision(cfg.precision, cfg.accelerator, plan.accelerator)
+    check_thread_count(cfg.threads, plan.world_size)
     # Data that other params prepared: said before GPUs are waited for and weights fetched (`load_data`
     # checks it again in every rank, which is all a run started by torchrun has).
     check_prepared_with(read_info(paths.data), p, paths.params, paths.data)
@@ -180,6 +182,9 @@ def train(p: Params, plan: DevicePlan, ctx: DistContext, paths: TrainPaths, star
     configure_determinism(cfg.deterministic)
     device = process_device(plan, ctx)
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
+    with same_on_every_rank():  # checked in train_stage before a run this command starts; torchrun's here
+        check_precision(cfg.precision, cfg.accelerator, device.type)
+        check_thread_count(cfg.threads, local_ranks)
     extra = {**extra, **set_threads(cfg.threads, local_ranks)}
     log = print if ctx.is_main else (lambda *a, **k: None)
     too_many = oversubscription(extra["threads"], extra["threads_from"], local_ranks) if device.type == "cpu" else None

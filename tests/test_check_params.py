@@ -197,3 +197,23 @@ def test_default_params_are_checked_without_torch(tmp_path):
             "assert 'torch' not in sys.modules, 'check-params imported torch for the default params'")
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "ok")], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_fp16_is_refused_where_training_runs_on_the_cpu(tmp_path, prepared_digits):
+    """fp16 autocast on the CPU trained the digits 10 to 70 times slower than fp32, without gradient scaling."""
+    line = refused(tmp_path, train={"precision": "fp16", "accelerator": "cpu"})
+    assert line == ("error: train.precision = 'fp16' is not allowed when training runs on the cpu (train.accelerator "
+                    "= cpu): fp16 is for CUDA GPUs, and runs many times slower than fp32 on a CPU; use auto (fp32 on "
+                    "the cpu), fp32 or bf16")
+    if not torch.cuda.is_available():  # auto trains on the cpu here
+        assert "(no CUDA device is visible here)" in refused(tmp_path, train={"precision": "fp16"})
+    for allowed in ("bf16", "fp32", "auto"):
+        assert check(tmp_path, train={"precision": allowed, "accelerator": "cpu"})[0] == 0
+    # the train command refuses the same before it trains (and before it starts any rank)
+    params = write_params(tmp_path / "p.yaml", train={"precision": "fp16", "accelerator": "cpu", "epochs": 1})
+    proc = run_stages("train", "--params", str(params), "--data", str(prepared_digits), "--model",
+                      str(tmp_path / "m.safetensors"), "--metrics", str(tmp_path / "metrics"), "--checkpoint",
+                      str(tmp_path / "ck.safetensors"), check=False)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout
+    assert proc.stderr.strip() == line
+    assert not (tmp_path / "m.safetensors").exists()

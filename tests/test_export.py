@@ -278,3 +278,21 @@ def test_the_serve_requirements_are_the_serve_extra():
     listed = [line.strip() for line in (ROOT / "requirements-serve.txt").read_text().splitlines()
               if line.strip() and not line.startswith("#")]
     assert listed == extra
+
+
+def test_ctrl_c_during_the_export_is_an_interruption_not_a_refused_model(digits_onnx, prepared_digits, tmp_path,
+                                                                         monkeypatch):
+    """torch's dynamo exporter catches a KeyboardInterrupt while it traces and raises its own error from it."""
+    out = tmp_path / "model.onnx"
+    out.write_bytes(b"the last good export")
+
+    def interrupted_export(*args, **kwargs):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as exc:  # as torch.export wraps it: raised from, inside a handler
+            raise RuntimeError("Failed to export the model with torch.export. This is step 1/3") from exc
+
+    monkeypatch.setattr(torch.onnx, "export", interrupted_export)
+    result = export(tmp_path, digits_onnx["weights"], prepared_digits, out)
+    assert error_line(result) == "error: interrupted"
+    assert out.read_bytes() == b"the last good export"

@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -168,8 +170,9 @@ def test_checkpoint_wrappers_and_module_prefixes_are_unwrapped(tmp_path):
     tensors, _ = read_state_dict(tmp_path / "ck.pth")
     assert set(tensors) == {"fc.weight", "fc.bias"}
     (tmp_path / "bad.pth").write_bytes(b"not a torch file")
-    with pytest.raises(UserError, match="'.*bad.pth' cannot be read as a state dict"):
+    with pytest.raises(UserError, match="'.*bad.pth' cannot be read as a state dict") as err:
         read_state_dict(tmp_path / "bad.pth")
+    assert "weights_only" not in str(err.value)  # torch's advice to load it with weights_only=False is not quoted
 
 
 class RunsCode:
@@ -184,14 +187,28 @@ class RunsCode:
 
 def test_a_file_holding_python_objects_is_refused_without_running_them(tmp_path):
     marker = tmp_path / "ran"
-    torch.save({"fc.weight": torch.ones(2, 3), "hook": RunsCode(marker)}, tmp_path / "evil.pth")
+    evil = {"fc.weight": torch.ones(2, 3), "hook": RunsCode(marker)}
+    torch.save(evil, tmp_path / "evil.pth")
+    torch.save(evil, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)  # torch's pre-1.6 format
     torch.save(nn.Linear(3, 2), tmp_path / "whole.pth")  # a whole model rather than its state dict
-    for name, what in (("evil.pth", "posix.system"), ("whole.pth", "torch.nn.modules.linear.Linear")):
-        with pytest.raises(UserError) as err:
-            read_state_dict(tmp_path / name)
+    for protocol in (0, 2, pickle.DEFAULT_PROTOCOL):  # a plain pickle.dump: no torch format at all
+        with open(tmp_path / f"pickle{protocol}.pth", "wb") as f:
+            pickle.dump(evil, f, protocol=protocol)
+    named = {"evil.pth": "posix.system", "legacy.pth": "posix.system", "whole.pth": "torch.nn.modules.linear.Linear",
+             "pickle2.pth": "torch.storage._load_from_bytes"}  # the first object torch refuses: the tensor's
+    for name in [*named, "pickle0.pth", f"pickle{pickle.DEFAULT_PROTOCOL}.pth"]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # torch's UserWarning about the pickle protocol is not shown either
+            with pytest.raises(UserError) as err:
+                read_state_dict(tmp_path / name)
         message = str(err.value)
-        assert message.startswith(f"model.weights = '{tmp_path / name}' holds a pickled Python object ({what}), "
-                                  "not only tensors: such a file is never loaded")
+        if name in named:
+            what = f"holds a pickled Python object ({named[name]}), not only tensors"
+        else:
+            what = "is a plain pickle (torch's weights-only reader stops at its "
+        assert message.startswith(f"model.weights = '{tmp_path / name}' {what}"), message
+        assert "such a file is never loaded, since loading it could run code" in message
+        assert "torch.save(model.state_dict(), path)" in message
         assert "weights_only" not in message and "\n" not in message  # not torch's advice to load it anyway
     assert not marker.exists()
 

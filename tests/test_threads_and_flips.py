@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from stages.cli import app
 from stages.core.distributed import DistContext
 from stages.core.loop import build_loop_state
 from stages.core.models import build_model
@@ -19,9 +21,10 @@ from stages.core.threads import choose_threads, usable_cores
 from stages.errors import UserError
 from stages.params import TrainParams, validate
 
-from .helpers import ROOT, run_stages, write_params
+from .helpers import ROOT, error_line, run_stages, write_params
 
 CPU = torch.device("cpu")
+runner = CliRunner()
 
 
 def test_auto_shares_the_usable_cores_between_the_ranks_and_omp_num_threads_wins(monkeypatch):
@@ -40,6 +43,42 @@ def test_auto_shares_the_usable_cores_between_the_ranks_and_omp_num_threads_wins
 def test_threads_refuses_what_is_not_auto_or_a_count(value):
     with pytest.raises(UserError, match=r"train.threads = .* is not allowed; expected auto or an integer >= 1"):
         validate({"train": {"threads": value}})
+
+
+def test_threads_takes_a_count_written_as_a_whole_float_like_every_integer_param():
+    """`dvc exp run -S train.threads=2e0` writes 2.0, as -S train.epochs=1e1 writes 10.0."""
+    p = validate({"train": {"threads": 2.0, "epochs": 10.0}})
+    assert (p.train.threads, p.train.epochs) == (2, 10)
+    assert type(p.train.threads) is int
+
+
+def test_threads_far_beyond_the_usable_cores_are_refused_by_check_params_and_train(tmp_path, prepared_digits):
+    """1000 threads on 2 cores did not finish an epoch of 0.1 s in 5 minutes: refused, naming the cores and auto."""
+    from stages.core.threads import MAX_THREADS_PER_CORE
+
+    cores = usable_cores()
+    most = MAX_THREADS_PER_CORE * cores
+    assert check_params(tmp_path, train={"threads": most, "accelerator": "cpu"}).exit_code == 0
+    result = check_params(tmp_path, train={"threads": most + 1, "accelerator": "cpu"})
+    assert error_line(result) == (
+        f"error: train.threads = {most + 1} is not allowed on this machine: {most + 1} CPU threads on {cores} "
+        "usable cores would wait for one another at every step, and training would seem to hang; use auto "
+        f"({cores} here; each machine's own cores elsewhere) or at most {most}")
+    # DDP ranks on this machine share its cores: the bound is per process
+    ddp = {"threads": most, "accelerator": "cpu", "strategy": "ddp", "devices": 2}
+    assert f"{most} CPU threads x 2 processes on {cores} usable cores" in error_line(check_params(tmp_path, train=ddp))
+    params = write_params(tmp_path / "train.yaml", train={"threads": 1000, "accelerator": "cpu", "epochs": 1})
+    proc = run_stages("train", "--params", str(params), "--data", str(prepared_digits), "--model",
+                      str(tmp_path / "m.safetensors"), "--metrics", str(tmp_path / "metrics"), "--checkpoint",
+                      str(tmp_path / "ck.safetensors"), check=False)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout
+    assert proc.stderr.startswith("error: train.threads = 1000 is not allowed on this machine")
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def check_params(tmp_path, **sections):
+    params = write_params(tmp_path / "params.yaml", **sections)
+    return runner.invoke(app, ["check-params", "--params", str(params), "--out", str(tmp_path / "params.ok")])
 
 
 def test_the_thread_count_is_set_recorded_in_run_json_and_gives_the_same_bytes(tmp_path, prepared_digits):

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..errors import UserError, first_line
+from ..errors import UserError, first_line, reraise_interrupt
 from ..params import (
     ModelParams,
     check_weights_available,
@@ -151,15 +152,15 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a plain pickle.dump file: torch warns of its protocol, then refuses it
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # safetensors and torch.load raise many types for damaged or foreign files
-        # weights_only refused a Python object (a whole model, or worse): torch's message suggests
-        # weights_only=False, which would run the file's code, so it is not quoted.
-        refused = re.search(r"Weights only load failed.*?GLOBAL ([\w.]+)", str(exc), re.S)
+        reraise_interrupt(exc)  # a Ctrl-C while reading is not a damaged file
+        refused = weights_only_refusal(exc)
         if refused:
-            raise UserError(f"model.weights = {str(path)!r} holds a pickled Python object ({refused[1]}), not only "
-                            "tensors: such a file is never loaded, since loading it could run code; save the "
-                            "weights alone, torch.save(model.state_dict(), path) or a .safetensors file") from None
+            raise UserError(f"model.weights = {str(path)!r} {refused}; save the weights alone, "
+                            "torch.save(model.state_dict(), path) or a .safetensors file") from None
         reason = first_line(exc)
         raise UserError(f"model.weights = {str(path)!r} cannot be read as a state dict: {reason}") from None
     for wrapper in ("state_dict", "model"):  # a training checkpoint around the weights
@@ -171,6 +172,31 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         state = {k.removeprefix("module."): v for k, v in state.items()}
     return state, {}
 
+
+def weights_only_refusal(exc: Exception) -> str | None:
+    """What torch.load(weights_only=True) refused in a file, for our own one line ("holds ..."); None for
+    any other error.
+
+    torch's message advises loading with weights_only=False, which would run the file's code, so it is
+    never quoted: it is recognised by its first words (torch has no exception type of its own for it),
+    and what it names is kept: the object (a GLOBAL, from a torch.save or a pickle.dump of protocols
+    1-3), or the pickle instruction its reader does not take (a plain pickle.dump of protocol 0, 4 or 5)."""
+    import pickle
+    import pickletools
+
+    text = str(exc)
+    if not isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" not in text:
+        return None
+    never = "such a file is never loaded, since loading it could run code"
+    named = re.search(r"GLOBAL ([\w.]+)", text)
+    if named:
+        return f"holds a pickled Python object ({named[1]}), not only tensors: {never}"
+    opcode = re.search(r"Unsupported operand (\d+)", text)
+    if opcode and chr(int(opcode[1])) in pickletools.code2op:
+        name = pickletools.code2op[chr(int(opcode[1]))].name
+        return (f"is a plain pickle (torch's weights-only reader stops at its {name} instruction), not torch.save's "
+                f"tensors: {never}")
+    return "cannot be read as a state dict: it is not a file torch.save wrote (nor pickled tensors)"
 
 def file_stats(meta: dict) -> tuple[list[float] | None, list[float] | None]:
     """mean and std from a safetensors file's metadata (this project's model files carry them)."""

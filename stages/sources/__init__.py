@@ -26,7 +26,7 @@ from typing import Protocol
 import numpy as np
 from PIL import Image
 
-from ..errors import UserError, first_line
+from ..errors import UserError, first_line, reraise_interrupt
 from ..images import channels_first, open_resized
 from ..params import DATASETS, DataParams
 from ..prepared import CHUNK_BYTES, IMAGE_MODES, channel_histogram
@@ -98,6 +98,7 @@ class FileRows:
             try:
                 img = open_resized(paths[item], self.mode, self.size, self.resize)
             except Exception as exc:  # any damage a file can have: named, with its reason, by the writer
+                reraise_interrupt(exc)  # a Ctrl-C while decoding is not a damaged file
                 bad.append((i, first_line(exc)))
                 continue
             channels_first(img, out[i])

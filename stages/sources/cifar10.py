@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError, first_line
+from ..errors import UserError, first_line, reraise_interrupt
 
 try:  # numpy 2 moved numpy.core to numpy._core; numpy.core still resolves, with a deprecation warning
     from numpy._core.multiarray import _reconstruct
@@ -76,6 +76,7 @@ def load_batch(path: Path) -> dict:
         raise UserError(f"refusing to load {path}: {exc}; only numpy arrays, lists, strings and numbers "
                         "are read from CIFAR-10's files (replace it with the official file)") from None
     except Exception as exc:  # truncated or garbage files raise EOFError, ValueError, UnicodeDecodeError, ...
+        reraise_interrupt(exc)
         reason = first_line(exc)
         raise UserError(f"could not read cifar10 from {path}, the file is damaged: {reason}") from None
     if not isinstance(entry, dict):

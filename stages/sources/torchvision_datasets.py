@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import UserError, reraise_interrupt
 from ..params import DATASETS, DataParams
 from . import Source, array_source, cifar10, idx
 
@@ -78,6 +78,7 @@ def download(name: str, kind: TorchvisionDataset, root: Path) -> None:
         else:  # the four gzipped files from torchvision's mirrors, each checked and unpacked
             cls(root=str(root), train=True, download=True)
     except Exception as exc:  # torchvision raises RuntimeError, URLError, OSError, ...
+        reraise_interrupt(exc)  # a Ctrl-C during the download is not a network failure
         # torchvision's message for MNIST's mirrors spans lines, the reason (no network, a 404) on the last
         # ones: all of it, on one line.
         reason = " ".join(str(exc).split()) or type(exc).__name__
