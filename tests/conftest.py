@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
 
 from .helpers import run_stages, write_params
+
+# The Ctrl-C tests send SIGINT to the commands they start, which inherit an ignored SIGINT from this process. A
+# shell starts a background job (`.ci/run &`) with SIGINT ignored: Python's own handler back, so that they see it.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
