@@ -14,6 +14,7 @@ workspace holds an experiment's results.
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import time
@@ -84,8 +85,11 @@ def show_hidden_changes(root: Path) -> list[str]:
     except (OSError, subprocess.CalledProcessError):
         return []
     changed = [path for (path, blob), digest in zip(tracked, digests.split()) if blob != digest]
+    # The next whole second, not now: git compares whole seconds, and DVC's stash may have written the file
+    # and git's index in this very second, which a new mtime of now would leave looking unchanged.
+    next_second = math.floor(time.time()) + 1
     for path in changed:
-        os.utime(root / path)
+        os.utime(root / path, (next_second, next_second))
     return changed
 
 
