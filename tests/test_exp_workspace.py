@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from stages.errors import UserError
-from stages.exp_workspace import locked_params, show_hidden_changes
+from stages.exp_workspace import kept_values_hint, locked_params, show_hidden_changes
 from stages.params import params_yaml, read_params_file
 
 from .helpers import ROOT
@@ -76,29 +76,33 @@ def test_params_from_lock_command_prints_a_params_file_that_check_params_accepts
                                                            "here yet (dvc repro)"
 
 
-def test_a_refusal_under_a_workspace_exp_run_names_the_command_when_params_differ_from_the_lock(tmp_path):
+def test_a_refusal_under_a_workspace_exp_run_names_the_command_when_params_differ_from_the_lock(tmp_path,
+                                                                                                monkeypatch):
     (tmp_path / "params.yaml").write_text(params_yaml({"train": {"lr": 0.5}}))
     (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"stages": {"train": {"cmd": "x", "params": {
         "params.yaml": {"train": {"lr": 0.003}}}}}}))
-    refuse = ["python", "-m", "stages", "evaluate", "--params", "params.yaml", "--data", "data/prepared",
-              "--model", "models/model.safetensors", "--out", "metrics/evaluate"]
-
-    def refusal(cwd: Path, **env: str) -> str:
-        proc = subprocess.run(refuse, cwd=cwd, env=dict(os.environ, PYTHONPATH=str(ROOT), **env),
-                              capture_output=True, text=True)
-        assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
-        return proc.stderr.strip()
-
     hint = ("(params.yaml keeps the values `dvc exp run -S` wrote: `python -m stages params --from-lock > "
             "params.yaml` puts back those the workspace's outputs were made with)")
-    assert refusal(tmp_path, DVC_EXP_NAME="exp-1").endswith(hint)
-    assert "params.yaml keeps" not in refusal(tmp_path)  # `dvc repro`: the user's own params.yaml
+    # Through a stage's command, as DVC runs it: the refusal's one line ends with the hint.
+    proc = subprocess.run(["python", "-m", "stages", "evaluate", "--params", "params.yaml", "--data", "data/prepared",
+                           "--model", "models/model.safetensors", "--out", "metrics/evaluate"], cwd=tmp_path,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT), DVC_EXP_NAME="exp-1"), capture_output=True,
+                          text=True)
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert proc.stderr.strip().endswith(hint)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    assert kept_values_hint() == ""  # `dvc repro`: the user's own params.yaml
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-1")
+    assert kept_values_hint() == f" {hint}"
     queue_copy = tmp_path / ".dvc" / "tmp" / "exps" / "run1"
     queue_copy.mkdir(parents=True)
     for name in ("params.yaml", "dvc.lock"):
         (queue_copy / name).write_text((tmp_path / name).read_text())
-    assert "params.yaml keeps" not in refusal(queue_copy, DVC_EXP_NAME="exp-1")  # a queue's copy is thrown away
+    monkeypatch.chdir(queue_copy)
+    assert kept_values_hint() == ""  # a queue's copy is thrown away
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "params.yaml").write_text(params_yaml({"train": {"lr": 0.003}}))
-    assert "params.yaml keeps" not in refusal(tmp_path, DVC_EXP_NAME="exp-1")  # nothing to put back
+    assert kept_values_hint() == ""  # nothing to put back
     (tmp_path / "dvc.lock").unlink()
-    assert refusal(tmp_path, DVC_EXP_NAME="exp-1").endswith("`git checkout params.yaml` puts back the commit's)")
+    assert kept_values_hint().endswith("`git checkout params.yaml` puts back the commit's)")
