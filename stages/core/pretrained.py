@@ -178,14 +178,15 @@ def weights_only_refusal(exc: Exception) -> str | None:
     any other error.
 
     torch's message advises loading with weights_only=False, which would run the file's code, so it is
-    never quoted: it is recognised by its first words (torch has no exception type of its own for it),
-    and what it names is kept: the object (a GLOBAL, from a torch.save or a pickle.dump of protocols
-    1-3), or the pickle instruction its reader does not take (a plain pickle.dump of protocol 0, 4 or 5)."""
-    import pickle
+    never quoted: it is recognised by its first words (torch has no exception type of its own for it;
+    its UnpicklingError is matched by name: no pickle import here), and what it names is kept: the object
+    (a GLOBAL, from a torch.save or a pickle.dump of protocols 1-3), or the pickle instruction its reader
+    does not take (a plain pickle.dump of protocol 0, 4 or 5), named by pickletools' table of opcodes, which
+    reads and runs nothing."""
     import pickletools
 
     text = str(exc)
-    if not isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" not in text:
+    if type(exc).__name__ != "UnpicklingError" or "Weights only load failed" not in text:
         return None
     never = "such a file is never loaded, since loading it could run code"
     named = re.search(r"GLOBAL ([\w.]+)", text)
@@ -197,6 +198,7 @@ def weights_only_refusal(exc: Exception) -> str | None:
         return (f"is a plain pickle (torch's weights-only reader stops at its {name} instruction), not torch.save's "
                 f"tensors: {never}")
     return "cannot be read as a state dict: it is not a file torch.save wrote (nor pickled tensors)"
+
 
 def file_stats(meta: dict) -> tuple[list[float] | None, list[float] | None]:
     """mean and std from a safetensors file's metadata (this project's model files carry them)."""
