@@ -683,6 +683,14 @@ def test_split_folders_without_train_are_refused(tmp_path):
     assert_user_error(result, "no train/ folder")
 
 
+def write_fake_pngs(folder: Path, names: list[str]) -> list[Path]:
+    """Text files posing as PNGs, one per name, in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).write_text("not a PNG")
+    return [folder / name for name in names]
+
+
 def write_bad_images(folder: Path) -> list[Path]:
     """An empty file, a text file posing as a PNG, and a truncated JPEG."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -720,10 +728,7 @@ def test_many_unreadable_images_are_counted_and_listed_in_a_file(tmp_path):
     root = tmp_path / "photos"
     write_class(root / "dark", 40, 5)
     write_class(root / "light", 220, 5)
-    bad = []
-    for i in range(12):
-        (root / "dark" / f"bad{i:02d}.png").write_text("not a PNG")
-        bad.append(root / "dark" / f"bad{i:02d}.png")
+    bad = write_fake_pngs(root / "dark", [f"bad{i:02d}.png" for i in range(12)])
     _, result = prepare(tmp_path, dataset="imagefolder", root=str(root))
     assert_user_error(result, "cannot read 12 images", *(str(path) for path in bad[:10]), "and 2 more (all 12 in ")
     line = result.stderr.strip()
@@ -751,8 +756,7 @@ def test_data_messages_count_in_the_singular_for_one(tmp_path):
     for name in ("dark", "light"):
         write_class(root / name, LEVELS[name], 30)
     (root / "dark" / "notes.txt").write_text("not an image")
-    for i in range(MAX_WARNINGS + 1):
-        (root / "light" / f"bad{i:02d}.png").write_text("not a PNG")
+    write_fake_pngs(root / "light", [f"bad{i:02d}.png" for i in range(MAX_WARNINGS + 1)])
     _, result = prepare(tmp_path, dataset="imagefolder", root=str(root), image_size=8, skip_bad_images=True)
     assert result.exit_code == 0, result.output
     assert f"warning: ignored 1 file under {root} whose" in result.stderr
@@ -779,9 +783,7 @@ def test_a_class_whose_files_are_all_unreadable_is_refused_like_an_empty_one(tmp
     root = tmp_path / "photos"
     write_class(root / "dark", 40, 20)
     write_class(root / "light", 220, 20)
-    (root / "mid").mkdir()
-    for i in range(5):
-        (root / "mid" / f"scan{i}.png").write_text("not a PNG")
+    write_fake_pngs(root / "mid", [f"scan{i}.png" for i in range(5)])
     prepared, result = prepare(tmp_path, dataset="imagefolder", root=str(root), image_size=8, skip_bad_images=True)
     assert_user_error(result, f"no readable images in {root / 'mid'} (class mid): its 5 files were all skipped "
                               "as unreadable")
@@ -814,10 +816,7 @@ def test_skipped_files_are_warned_about_in_path_order_and_not_counted_as_decoded
     root = tmp_path / "photos"
     write_class(root / "dark", 40, 20)
     write_class(root / "light", 220, 20)
-    bad = []
-    for i in range(6):
-        bad.append(root / "dark" / f"scan{i}.png")
-        bad[-1].write_text("not a PNG")
+    bad = write_fake_pngs(root / "dark", [f"scan{i}.png" for i in range(6)])
     _, result = prepare(tmp_path, dataset="imagefolder", root=str(root), image_size=8, skip_bad_images=True)
     assert result.exit_code == 0, result.output
     named = [line.split()[4].rstrip(":") for line in result.stderr.splitlines()
